@@ -1,0 +1,55 @@
+//! 1. Lets every artifact of this package (the cdylib, tests, examples, benches) find libmlx at
+//!    run time without LD_LIBRARY_PATH: an rpath to the directory `mlx-sys` provisioned.
+//! 2. Generates `include/convoy.h` from `src/ffi` with cbindgen (see `cbindgen.toml`).
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=cbindgen.toml");
+    println!("cargo:rerun-if-changed=src/ffi");
+
+    if let Ok(lib_dir) = env::var("DEP_MLX_LIB_DIR") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+        println!("cargo:lib_dir={lib_dir}");
+    }
+    let backend = env::var("DEP_MLX_BACKEND").unwrap_or_else(|_| "cpu".into());
+    println!("cargo:rustc-env=CONVOY_MLX_BACKEND={backend}");
+    // See mlx-sys/build.rs: OpenBLAS must be a direct dependency of every binary so that
+    // libmlx's BLAS/LAPACK calls resolve there instead of the wheel's reference BLAS.
+    if let Ok(dir) = env::var("DEP_MLX_OPENBLAS_DIR") {
+        println!("cargo:rustc-link-arg=-L{dir}");
+        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed");
+        println!("cargo:rustc-link-arg=-lopenblas");
+        println!("cargo:rustc-link-arg=-Wl,--pop-state");
+        println!("cargo:openblas_dir={dir}");
+    }
+
+    let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    if crate_dir.join("src/ffi/mod.rs").exists() {
+        generate_header(&crate_dir);
+    }
+}
+
+fn generate_header(crate_dir: &std::path::Path) {
+    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+        .expect("cbindgen.toml is valid");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("convoy.h");
+    match cbindgen::Builder::new()
+        .with_crate(crate_dir)
+        .with_config(config)
+        .generate()
+    {
+        Ok(bindings) => {
+            bindings.write_to_file(&out);
+            // The committed copy is refreshed on every build; tests/header.rs fails when the
+            // committed file differs from this fresh generation.
+            let committed = crate_dir.join("include/convoy.h");
+            let fresh = std::fs::read(&out).unwrap_or_default();
+            if std::fs::read(&committed).ok().as_deref() != Some(&fresh[..]) {
+                let _ = std::fs::write(&committed, &fresh);
+            }
+        }
+        Err(e) => println!("cargo:warning=cbindgen could not generate convoy.h: {e}"),
+    }
+}

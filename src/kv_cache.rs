@@ -1,0 +1,271 @@
+//! The batch KV cache and its rebatching operations (after mlx-lm's `BatchKVCache`).
+//!
+//! Per layer, keys and values are `[B, kv_heads, capacity, head_dim]`. Columns `[0, idx)` are
+//! written; all rows share the write index `idx`, and row `r` is left-padded: its own tokens
+//! occupy columns `[left_pad[r], idx)`, so its next position is `idx - left_pad[r]`.
+//!
+//! - [`BatchKvCache::filter`] keeps a subset of rows and trims the padding columns every kept
+//!   row shares, so the per-step cost never grows with requests that already left.
+//! - [`BatchKvCache::extend`] appends another cache's rows, left-padding whichever side is
+//!   shorter so both end at the same column.
+//!
+//! Owns only MLX arrays and host bookkeeping; knows nothing of requests or models.
+use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
+use mlx_rs::ops::{concatenate_axis, zeros};
+use mlx_rs::Array;
+
+use crate::error::Result;
+use crate::model::AttentionMask;
+
+/// Capacity grows in steps of this many columns.
+const STEP: usize = 256;
+
+/// Shape parameters shared by every layer's keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A batch of per-row KV histories; see the module docs.
+pub struct BatchKvCache {
+    layout: KvLayout,
+    /// `(keys, values)` per layer; `None` until the first write.
+    data: Vec<Option<(Array, Array)>>,
+    capacity: usize,
+    idx: usize,
+    left_pad: Vec<usize>,
+}
+
+impl BatchKvCache {
+    /// An empty cache with no rows.
+    pub fn new(layout: KvLayout) -> Self {
+        Self::with_padding(layout, Vec::new())
+    }
+
+    /// A cache for `left_pad.len()` rows that will be prefilled together, row `r` with
+    /// `left_pad[r]` padding columns in front.
+    pub fn with_padding(layout: KvLayout, left_pad: Vec<usize>) -> Self {
+        Self {
+            layout,
+            data: vec![None; layout.layers],
+            capacity: 0,
+            idx: 0,
+            left_pad,
+        }
+    }
+
+    /// Number of rows.
+    pub fn batch_size(&self) -> usize {
+        self.left_pad.len()
+    }
+
+    /// Columns written (the longest row plus its padding).
+    pub fn width(&self) -> usize {
+        self.idx
+    }
+
+    /// Left padding of each row.
+    pub fn left_padding(&self) -> &[usize] {
+        &self.left_pad
+    }
+
+    /// Tokens held for row `r`.
+    pub fn row_len(&self, r: usize) -> usize {
+        self.idx - self.left_pad[r]
+    }
+
+    /// Tokens held over all rows (the memory actually used, padding excluded).
+    pub fn tokens(&self) -> usize {
+        (0..self.batch_size()).map(|r| self.row_len(r)).sum()
+    }
+
+    /// Bytes allocated for keys and values (float32), padding and spare capacity included.
+    pub fn allocated_bytes(&self) -> usize {
+        let l = &self.layout;
+        2 * l.layers * self.batch_size() * l.kv_heads * self.capacity * l.head_dim * 4
+    }
+
+    /// Position of each row's next token.
+    pub fn offsets(&self) -> Vec<i32> {
+        self.left_pad
+            .iter()
+            .map(|&p| (self.idx - p) as i32)
+            .collect()
+    }
+
+    /// The attention mask for a forward pass of `l` new tokens per row.
+    pub(crate) fn mask(&self, l: usize) -> AttentionMask {
+        let padded = self.left_pad.iter().any(|&p| p > 0);
+        if !padded {
+            return if l == 1 {
+                AttentionMask::None
+            } else {
+                AttentionMask::Causal
+            };
+        }
+        let b = self.batch_size();
+        let t = self.idx + l;
+        let mut m = vec![false; b * l * t];
+        for r in 0..b {
+            for i in 0..l {
+                let q = self.idx + i;
+                let row = &mut m[(r * l + i) * t..(r * l + i + 1) * t];
+                for (j, v) in row.iter_mut().enumerate() {
+                    // A padding query still sees itself, so no softmax row is empty (NaN).
+                    *v = (j >= self.left_pad[r] && j <= q) || j == q;
+                }
+            }
+        }
+        AttentionMask::Array(Array::from_slice(&m, &[b as i32, 1, l as i32, t as i32]))
+    }
+
+    /// Writes `[B, kv_heads, L, head_dim]` keys/values for `layer` at the current index and
+    /// returns the layer's keys and values up to the end of the new ones. Call
+    /// [`advance`](Self::advance) once all layers are written.
+    pub fn update(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        let l = k.shape()[2] as usize;
+        let end = self.idx + l;
+        if end > self.capacity {
+            self.grow(end)?;
+        }
+        let (keys, values) = self.data[layer].as_mut().expect("grown above");
+        let cols = self.idx as i32..end as i32;
+        keys.try_index_mut((.., .., cols.clone()), k)?;
+        values.try_index_mut((.., .., cols), v)?;
+        let upto = ..end as i32;
+        Ok((
+            keys.try_index((.., .., upto))?,
+            values.try_index((.., .., upto))?,
+        ))
+    }
+
+    /// Moves the write index past `l` columns written by [`update`](Self::update).
+    pub fn advance(&mut self, l: usize) {
+        self.idx += l;
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Array> {
+        let l = &self.layout;
+        Ok(zeros::<f32>(&[
+            rows as i32,
+            l.kv_heads as i32,
+            cols as i32,
+            l.head_dim as i32,
+        ])?)
+    }
+
+    fn grow(&mut self, needed: usize) -> Result<()> {
+        let new_cap = needed.div_ceil(STEP) * STEP;
+        let extra = new_cap - self.capacity;
+        let b = self.batch_size();
+        for slot in 0..self.data.len() {
+            let grown = match self.data[slot].take() {
+                None => (self.zeros(b, new_cap)?, self.zeros(b, new_cap)?),
+                Some((k, v)) => {
+                    let pad = self.zeros(b, extra)?;
+                    (
+                        concatenate_axis(&[k, pad.clone()], 2)?,
+                        concatenate_axis(&[v, pad], 2)?,
+                    )
+                }
+            };
+            self.data[slot] = Some(grown);
+        }
+        self.capacity = new_cap;
+        Ok(())
+    }
+
+    /// Keeps only `rows` (in that order) and trims padding columns shared by all of them.
+    /// Keeping no rows empties the cache.
+    pub fn filter(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            *self = Self::new(self.layout);
+            return Ok(());
+        }
+        let trim = rows.iter().map(|&r| self.left_pad[r]).min().unwrap_or(0);
+        let index = Array::from_slice(
+            &rows.iter().map(|&r| r as i32).collect::<Vec<_>>(),
+            &[rows.len() as i32],
+        );
+        for slot in self.data.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                let cut = |a: Array| -> Result<Array> {
+                    let a = a.take_axis(&index, 0)?;
+                    Ok(if trim > 0 {
+                        a.try_index((.., .., trim as i32..))?
+                    } else {
+                        a
+                    })
+                };
+                *slot = Some((cut(k)?, cut(v)?));
+            }
+        }
+        self.left_pad = rows.iter().map(|&r| self.left_pad[r] - trim).collect();
+        self.idx -= trim;
+        self.capacity -= trim.min(self.capacity);
+        Ok(())
+    }
+
+    /// Appends the rows of `other` after this cache's rows, right-aligning both so every row's
+    /// history ends at the shared write index.
+    pub fn extend(&mut self, other: BatchKvCache) -> Result<()> {
+        if other.batch_size() == 0 {
+            return Ok(());
+        }
+        if self.batch_size() == 0 {
+            *self = other;
+            return Ok(());
+        }
+        let width = self.idx.max(other.idx);
+        let (a_rows, b_rows) = (self.batch_size(), other.batch_size());
+        let mut data = Vec::with_capacity(self.data.len());
+        for layer in 0..self.data.len() {
+            let a = self.aligned(layer, width)?;
+            let b = other.aligned(layer, width)?;
+            data.push(Some((
+                concatenate_axis(&[a.0, b.0], 0)?,
+                concatenate_axis(&[a.1, b.1], 0)?,
+            )));
+        }
+        let shift_a = width - self.idx;
+        let shift_b = width - other.idx;
+        let mut left_pad: Vec<usize> = self.left_pad.iter().map(|p| p + shift_a).collect();
+        left_pad.extend(other.left_pad.iter().map(|p| p + shift_b));
+        debug_assert_eq!(left_pad.len(), a_rows + b_rows);
+        self.data = data;
+        self.left_pad = left_pad;
+        self.idx = width;
+        self.capacity = width;
+        Ok(())
+    }
+
+    /// This cache's written columns for `layer`, left-padded with zeros to `width`.
+    fn aligned(&self, layer: usize, width: usize) -> Result<(Array, Array)> {
+        let b = self.batch_size();
+        let pad = width - self.idx;
+        let (k, v) = match &self.data[layer] {
+            Some((k, v)) if self.idx > 0 => {
+                let upto = ..self.idx as i32;
+                (k.try_index((.., .., upto))?, v.try_index((.., .., upto))?)
+            }
+            _ => return Ok((self.zeros(b, width)?, self.zeros(b, width)?)),
+        };
+        if pad == 0 {
+            return Ok((k, v));
+        }
+        let z = self.zeros(b, pad)?;
+        Ok((
+            concatenate_axis(&[z.clone(), k], 2)?,
+            concatenate_axis(&[z, v], 2)?,
+        ))
+    }
+
+    /// The written keys of `layer` (`[B, kv_heads, width, head_dim]`), for tests and checks.
+    pub fn keys(&self, layer: usize) -> Option<Array> {
+        self.data[layer]
+            .as_ref()
+            .and_then(|(k, _)| k.try_index((.., .., ..self.idx as i32)).ok())
+    }
+}

@@ -1,0 +1,21 @@
+//! convoy: in-process LLM inference with continuous batching on MLX, behind a C ABI.
+//!
+//! Data flow: [`engine`] (public API, background thread) -> [`scheduler`] (what runs each
+//! step; pure CPU) -> [`runner`] (executes a step on MLX) -> [`model`] + [`kv_cache`];
+//! [`tokenizer`] turns text into ids and back; [`ffi`] is the C ABI over [`engine`].
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod runner;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use mlx_rs;
+
+/// The MLX backend this build links: "cpu", "metal" or "cuda".
+pub fn backend() -> &'static str {
+    env!("CONVOY_MLX_BACKEND")
+}
+
+/// convoy's version (the crate version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,399 @@
+//! Model architectures and weight loading.
+//!
+//! One decoder implementation covers the Llama family (Llama 2/3.x with rope scaling, SmolLM2,
+//! Mistral-style) and Qwen2 (q/k/v biases). Weights come from a GGUF file ([`gguf`]) or an
+//! MLX/Hugging Face folder ([`hf`]); both loaders translate tensor names to one canonical
+//! scheme (`embed`, `norm`, `lm_head`, `l{i}.{q,k,v,o,gate,up,down,attn_norm,ffn_norm}`).
+//!
+//! The forward pass takes a batch `[B, L]` with per-row positions (from the [`BatchKvCache`])
+//! and an optional mask, so the same code serves single-sequence generation, batched prefill
+//! and continuous-batching decode. All arrays live on the engine thread (MLX arrays are not Send).
+
+pub mod gguf;
+pub mod hf;
+mod weights;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::Array;
+
+use crate::error::{Error, Result};
+use crate::kv_cache::BatchKvCache;
+use crate::tokenizer::Tokenizer;
+pub use weights::{Embedding, Linear, WeightsPolicy};
+
+/// Which decoder variant the weights describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3.x, SmolLM2, Mistral-style decoders.
+    Llama,
+    /// Qwen2: Llama layout with biases on the q/k/v projections.
+    Qwen2,
+}
+
+impl Architecture {
+    pub(crate) fn parse(name: &str) -> Result<Self> {
+        match name {
+            "llama" | "mistral" | "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Self::Llama),
+            "qwen2" | "Qwen2ForCausalLM" => Ok(Self::Qwen2),
+            other => Err(Error::UnsupportedArchitecture(other.to_owned())),
+        }
+    }
+}
+
+/// Llama 3.x style frequency scaling of rotary embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type = "linear"`: positions divided by `factor`.
+    Linear { factor: f32 },
+    /// `rope_type = "llama3"`.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: f32,
+    },
+}
+
+/// Hyper-parameters of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    /// GGUF stores Q/K permuted for the interleaved ("traditional") rotary layout.
+    pub rope_traditional: bool,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::BadWeights(m));
+        if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return bad(format!("degenerate config: {self:?}"));
+        }
+        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Array,
+    ffn_norm: Array,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded model: weights on the MLX device plus its tokenizer and chat template.
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Embedding,
+    norm: Array,
+    lm_head: Option<Linear>,
+    layers: Vec<Layer>,
+    rope_freqs: Option<Array>,
+    rope_scale: f32,
+    quantized: bool,
+}
+
+/// A model together with the tokenizer that belongs to it.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub weights: WeightsPolicy,
+}
+
+/// Loads a model from a `.gguf` file or an MLX/Hugging Face folder.
+pub fn load(path: impl AsRef<Path>, options: LoadOptions) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    let meta = std::fs::metadata(path).map_err(|e| Error::ModelNotFound {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if meta.is_dir() {
+        hf::load(path, options)
+    } else {
+        gguf::load(path, options)
+    }
+}
+
+impl Model {
+    /// Builds the model from canonical tensors (see the module docs).
+    pub(crate) fn from_tensors(
+        config: ModelConfig,
+        mut tensors: HashMap<String, Array>,
+        group_size: i32,
+        policy: WeightsPolicy,
+    ) -> Result<Self> {
+        config.validate()?;
+        let dequantize = policy.dequantize();
+        let mut lin = |name: &str| Linear::take(&mut tensors, name, group_size, dequantize);
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("l{i}");
+            layers.push(Layer {
+                q: lin(&format!("{p}.q"))?,
+                k: lin(&format!("{p}.k"))?,
+                v: lin(&format!("{p}.v"))?,
+                o: lin(&format!("{p}.o"))?,
+                gate: lin(&format!("{p}.gate"))?,
+                up: lin(&format!("{p}.up"))?,
+                down: lin(&format!("{p}.down"))?,
+                attn_norm: Array::from_int(0),
+                ffn_norm: Array::from_int(0),
+            });
+        }
+        let lm_head = if tensors.contains_key("lm_head.weight") && !config.tie_word_embeddings {
+            Some(Linear::take(
+                &mut tensors,
+                "lm_head",
+                group_size,
+                dequantize,
+            )?)
+        } else {
+            None
+        };
+        let embed = Embedding::take(&mut tensors, "embed", group_size, dequantize)?;
+        let mut norm_of = |name: String| {
+            tensors
+                .remove(&name)
+                .ok_or_else(|| Error::BadWeights(format!("missing tensor {name}")))
+        };
+        for (i, layer) in layers.iter_mut().enumerate() {
+            layer.attn_norm = norm_of(format!("l{i}.attn_norm.weight"))?;
+            layer.ffn_norm = norm_of(format!("l{i}.ffn_norm.weight"))?;
+        }
+        let norm = norm_of("norm.weight".to_owned())?;
+
+        let head_dim = config.head_dim as i32;
+        let (rope_freqs, rope_scale) = match &config.rope_scaling {
+            None => (None, 1.0),
+            Some(RopeScaling::Linear { factor }) => (None, 1.0 / factor),
+            Some(s @ RopeScaling::Llama3 { .. }) => {
+                (Some(llama3_freqs(s, config.rope_theta, head_dim)), 1.0)
+            }
+        };
+        let quantized = layers.iter().any(|l| l.q.is_quantized());
+        let model = Self {
+            config,
+            embed,
+            norm,
+            lm_head,
+            layers,
+            rope_freqs,
+            rope_scale,
+            quantized,
+        };
+        model.check_shapes()?;
+        model.eval_weights()?;
+        Ok(model)
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (vocab, hidden) = self.embed.shape();
+        if hidden != c.hidden_size {
+            return Err(Error::BadWeights(format!(
+                "embedding width {hidden} != hidden size {}",
+                c.hidden_size
+            )));
+        }
+        if vocab < c.vocab_size {
+            return Err(Error::BadWeights(format!(
+                "embedding has {vocab} rows but the vocabulary has {} tokens",
+                c.vocab_size
+            )));
+        }
+        let q_out = self.layers[0].q.out_features();
+        if q_out != c.num_heads * c.head_dim {
+            return Err(Error::BadWeights(format!(
+                "q projection has {q_out} outputs, expected {} heads x {}",
+                c.num_heads, c.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    fn eval_weights(&self) -> Result<()> {
+        let mut all: Vec<&Array> = vec![&self.norm];
+        self.embed.collect(&mut all);
+        if let Some(h) = &self.lm_head {
+            h.collect(&mut all);
+        }
+        for l in &self.layers {
+            all.extend([&l.attn_norm, &l.ffn_norm]);
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                lin.collect(&mut all);
+            }
+        }
+        mlx_rs::transforms::eval(all)?;
+        Ok(())
+    }
+
+    /// Whether the matmul weights are kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized
+    }
+
+    /// Runs the decoder over `tokens` (`[B, L]` int32), appending keys/values to `cache`, and
+    /// returns the final hidden states of the last position of every row (`[B, hidden]`).
+    ///
+    /// Row `r` sits at position `cache.offset(r)`; rows with left padding get a mask so their
+    /// padding is never attended to.
+    pub fn forward_last(&self, tokens: &Array, cache: &mut BatchKvCache) -> Result<Array> {
+        let shape = tokens.shape();
+        let (b, l) = (shape[0], shape[1]);
+        let c = &self.config;
+        let (h, kvh, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
+        let offsets = Array::from_slice(&cache.offsets(), &[b]);
+        let mask = cache.mask(l as usize);
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        let mut x = self.embed.lookup(tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let y = fast::rms_norm(&x, Some(&layer.attn_norm), c.rms_norm_eps)?;
+            let q = layer.q.forward(&y)?;
+            let k = layer.k.forward(&y)?;
+            let v = layer.v.forward(&y)?;
+            let q = q.reshape(&[b, l, h, hd])?.transpose_axes(&[0, 2, 1, 3])?;
+            let k = k.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
+            let v = v.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
+            let q = self.rope(&q, &offsets)?;
+            let k = self.rope(&k, &offsets)?;
+            let (keys, values) = cache.update(i, &k, &v)?;
+            let attn = match &mask {
+                AttentionMask::None => {
+                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)?
+                }
+                AttentionMask::Causal => fast::scaled_dot_product_attention(
+                    &q,
+                    &keys,
+                    &values,
+                    scale,
+                    ScaledDotProductAttentionMask::Causal,
+                    None,
+                )?,
+                AttentionMask::Array(m) => {
+                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, m, None)?
+                }
+            };
+            let attn = attn
+                .transpose_axes(&[0, 2, 1, 3])?
+                .reshape(&[b, l, h * hd])?;
+            x = x.add(layer.o.forward(&attn)?)?;
+            let y = fast::rms_norm(&x, Some(&layer.ffn_norm), c.rms_norm_eps)?;
+            let g = mlx_rs::nn::silu(layer.gate.forward(&y)?)?;
+            let ff = layer.down.forward(&g.multiply(layer.up.forward(&y)?)?)?;
+            x = x.add(ff)?;
+        }
+        cache.advance(l as usize);
+        let last = x.try_index((.., l - 1, ..))?;
+        Ok(fast::rms_norm(&last, Some(&self.norm), c.rms_norm_eps)?)
+    }
+
+    /// Projects hidden states to vocabulary logits (float32).
+    pub fn logits(&self, hidden: &Array) -> Result<Array> {
+        let out = match &self.lm_head {
+            Some(head) => head.forward(hidden)?,
+            None => self.embed.as_linear(hidden)?,
+        };
+        let out = if out.dtype() != mlx_rs::Dtype::Float32 {
+            out.as_type::<f32>()?
+        } else {
+            out
+        };
+        // Some checkpoints pad the embedding beyond the tokenizer's vocabulary.
+        let v = self.config.vocab_size as i32;
+        if out.shape()[out.ndim() - 1] > v {
+            Ok(out.try_index((.., ..v))?)
+        } else {
+            Ok(out)
+        }
+    }
+
+    fn rope(&self, x: &Array, offsets: &Array) -> Result<Array> {
+        let c = &self.config;
+        let base = if self.rope_freqs.is_some() {
+            None
+        } else {
+            Some(c.rope_theta)
+        };
+        Ok(fast::rope_dynamic(
+            x,
+            c.head_dim as i32,
+            c.rope_traditional,
+            base,
+            self.rope_scale,
+            offsets,
+            self.rope_freqs.as_ref(),
+        )?)
+    }
+}
+
+/// The attention mask a forward pass needs, chosen by the cache.
+pub(crate) enum AttentionMask {
+    /// Every cached column is visible to every query (decode without padding).
+    None,
+    /// Plain causal attention (one unpadded row or equal rows).
+    Causal,
+    /// An explicit boolean mask `[B, 1, L, T]`.
+    Array(Array),
+}
+
+/// Llama 3 rope scaling: per-dimension periods passed to MLX's rope as `freqs`.
+fn llama3_freqs(s: &RopeScaling, theta: f32, dims: i32) -> Array {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: old,
+    } = *s
+    else {
+        unreachable!("called with llama3 scaling only")
+    };
+    let low_wavelen = old / low_freq_factor;
+    let high_wavelen = old / high_freq_factor;
+    let freqs: Vec<f32> = (0..dims / 2)
+        .map(|i| {
+            let f = theta.powf((2 * i) as f32 / dims as f32);
+            let wavelen = 2.0 * std::f32::consts::PI * f;
+            if wavelen > low_wavelen {
+                f * factor
+            } else if wavelen > high_wavelen {
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                f / ((1.0 - smooth) / factor + smooth)
+            } else {
+                f
+            }
+        })
+        .collect();
+    Array::from_slice(&freqs, &[dims / 2])
+}
