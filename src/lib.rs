@@ -6,7 +6,10 @@
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod request;
 pub mod runner;
+pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -308,6 +308,18 @@ impl Tokenizer {
     }
 }
 
+/// Decodes token ids to text; what [`IncrementalDecoder`] needs (lets the scheduler be tested
+/// without a model).
+pub trait TextDecoder {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String>;
+}
+
+impl TextDecoder for Tokenizer {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String> {
+        self.decode(ids)
+    }
+}
+
 /// Turns a stream of token ids into text deltas that never split a UTF-8 character.
 ///
 /// Keeps a short window of ids: decoding `window` and `window + new` and emitting the
@@ -326,9 +338,9 @@ impl IncrementalDecoder {
     }
 
     /// Adds one token and returns the text it completes (possibly empty).
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+    pub fn push(&mut self, tokenizer: &dyn TextDecoder, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
+        let text = tokenizer.decode_ids(&self.ids)?;
         if text.ends_with('\u{FFFD}') || text.len() <= self.prefix.len() {
             // An incomplete character, or a token with no text (special): hold it back.
             return Ok(String::new());
@@ -338,13 +350,13 @@ impl IncrementalDecoder {
         };
         // Keep only the last token as context for the next one.
         self.ids.drain(..self.ids.len() - 1);
-        self.prefix = tokenizer.decode(&self.ids)?;
+        self.prefix = tokenizer.decode_ids(&self.ids)?;
         Ok(delta)
     }
 
     /// Text still held back (an incomplete character at the end), lossily decoded.
-    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String> {
-        let text = tokenizer.decode(&self.ids)?;
+    pub fn flush(&mut self, tokenizer: &dyn TextDecoder) -> Result<String> {
+        let text = tokenizer.decode_ids(&self.ids)?;
         let rest = text.get(self.prefix.len()..).unwrap_or("").to_owned();
         self.ids.clear();
         self.prefix.clear();

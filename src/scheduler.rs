@@ -1,0 +1,465 @@
+//! Admission, batching policy, chunked prefill, stopping and events. Pure CPU.
+//!
+//! The scheduler decides; a [`Runner`] executes (the MLX one lives in `runner`, a fake one in
+//! the tests below). Each [`Scheduler::step`]:
+//! 1. drops cancelled requests (from the queue, the prefill group or the running batch);
+//! 2. runs one decode step for every running row, streams tokens, and removes rows that
+//!    finished, so they leave at once;
+//! 3. advances the prefill of the admitted group by one chunk (admitting a new group when
+//!    none is prefilling). A prompt is prefilled up to its last token; when the group is
+//!    done it joins the running batch and its last prompt token is the first decode input.
+//!
+//! In [`BatchMode::Static`] a group is admitted only when nothing runs, and runs to completion.
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{IncrementalDecoder, TextDecoder};
+
+/// What executes the scheduler's decisions. Row order is the scheduler's: rows appended by
+/// [`join`](Runner::join) come after existing rows.
+pub trait Runner {
+    /// Starts prefilling a group; `prompts` exclude each request's last token (may be empty).
+    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()>;
+    /// Prefills up to `max_columns` more columns of the group; true when the group is done.
+    fn prefill_step(&mut self, max_columns: usize) -> Result<bool>;
+    /// Keeps only these rows of the prefill group.
+    fn retain_prefill(&mut self, rows: &[usize]) -> Result<()>;
+    /// Appends the prefilled group to the running batch.
+    fn join(&mut self) -> Result<()>;
+    /// One decode step: `inputs[r]` is row r's next input token; returns each row's next token.
+    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>>;
+    /// Keeps only these rows of the running batch.
+    fn retain(&mut self, rows: &[usize]) -> Result<()>;
+    /// Drops all state (after an error).
+    fn reset(&mut self);
+    /// KV tokens held (running batch plus prefill group).
+    fn kv_tokens(&self) -> usize;
+    /// Time spent waiting for the device since the last call (for overhead accounting).
+    fn take_eval_time(&mut self) -> Duration;
+}
+
+/// How requests are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u32)]
+pub enum BatchMode {
+    /// Requests join and leave the running batch at every step.
+    #[default]
+    Continuous = 0,
+    /// Fixed batches that run to completion before the next one starts (like mlx-lm's
+    /// `batch_generate`); for comparison and parity tests.
+    Static = 1,
+}
+
+/// Limits and policy knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    pub mode: BatchMode,
+    /// Most rows decoding at once.
+    pub max_batch_size: usize,
+    /// Most requests waiting for admission; more are refused as busy.
+    pub max_waiting: usize,
+    /// KV tokens that may be reserved at once (prompt + max_tokens per request).
+    pub max_kv_tokens: usize,
+    /// Context length; prompts must leave room for one generated token.
+    pub max_context: usize,
+    /// Prompt columns prefilled per step.
+    pub prefill_chunk: usize,
+    /// Most requests prefilled together in one group.
+    pub max_prefill_group: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            mode: BatchMode::Continuous,
+            max_batch_size: 8,
+            max_waiting: 256,
+            max_kv_tokens: 65536,
+            max_context: 8192,
+            prefill_chunk: 512,
+            max_prefill_group: 8,
+        }
+    }
+}
+
+struct Seq {
+    id: RequestId,
+    prompt: Vec<u32>,
+    sampler: Sampler,
+    stop: StopConditions,
+    eos: Vec<u32>,
+    generated: usize,
+    next_input: u32,
+    decoder: IncrementalDecoder,
+    held_text: String,
+    cancelled: bool,
+    submitted: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Seq {
+    fn reserved(&self) -> usize {
+        self.prompt.len() + self.stop.max_tokens
+    }
+}
+
+/// Counters for engine stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub prefilling: usize,
+    pub waiting: usize,
+    pub kv_tokens: usize,
+    pub steps: u64,
+    pub tokens_generated: u64,
+    /// Seconds inside steps, and the part of it spent waiting on the device.
+    pub step_seconds: f64,
+    pub eval_seconds: f64,
+}
+
+/// See the module docs.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    waiting: VecDeque<Seq>,
+    prefilling: Vec<Seq>,
+    running: Vec<Seq>,
+    reserved: usize,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            prefilling: Vec::new(),
+            running: Vec::new(),
+            reserved: 0,
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Checks a request against the limits without queueing it.
+    pub fn check(&self, prompt_len: usize, stop: &StopConditions, sampling: &SamplingParams) -> Result<()> {
+        sampling.validate()?;
+        if stop.max_tokens == 0 {
+            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()));
+        }
+        if prompt_len == 0 {
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
+        }
+        if prompt_len >= self.cfg.max_context {
+            return Err(Error::PromptTooLong { prompt: prompt_len, context: self.cfg.max_context });
+        }
+        if prompt_len + 1 > self.cfg.max_kv_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "a prompt of {prompt_len} tokens exceeds the KV budget of {} tokens",
+                self.cfg.max_kv_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues a request. `eos` are the ids that end it (empty to ignore EOS).
+    pub fn submit(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        mut stop: StopConditions,
+        eos: Vec<u32>,
+        submitted: Instant,
+    ) -> Result<()> {
+        self.check(prompt.len(), &stop, &sampling)?;
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(Error::Busy(self.waiting.len()));
+        }
+        // The context limit and the KV budget cap what a request may generate.
+        let room = (self.cfg.max_context - prompt.len()).min(self.cfg.max_kv_tokens - prompt.len());
+        stop.max_tokens = stop.max_tokens.min(room);
+        let eos = if stop.ignore_eos { Vec::new() } else { eos };
+        self.waiting.push_back(Seq {
+            id,
+            sampler: Sampler::new(sampling, &prompt),
+            next_input: *prompt.last().expect("checked non-empty"),
+            prompt,
+            stop,
+            eos,
+            generated: 0,
+            decoder: IncrementalDecoder::new(),
+            held_text: String::new(),
+            cancelled: false,
+            submitted,
+            admitted: None,
+            first_token: None,
+        });
+        Ok(())
+    }
+
+    /// Marks a request cancelled; it leaves at the next step. False if unknown or finished.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let all = self.waiting.iter_mut().chain(self.prefilling.iter_mut()).chain(self.running.iter_mut());
+        for seq in all {
+            if seq.id == id {
+                seq.cancelled = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// True when nothing is queued, prefilling or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.prefilling.is_empty() && self.running.is_empty()
+    }
+
+    /// Requests not yet admitted.
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            running: self.running.len(),
+            prefilling: self.prefilling.len(),
+            waiting: self.waiting.len(),
+            ..self.stats
+        }
+    }
+
+    /// Runs one step (see the module docs), appending events. On a runner error the requests
+    /// it touched (running and prefilling) end with an error event, the runner is reset, and
+    /// queued requests stay queued.
+    pub fn step(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) {
+        let start = Instant::now();
+        if let Err(e) = self.try_step(runner, text, events) {
+            runner.reset();
+            self.fail_active(&e.to_string(), events);
+        }
+        self.stats.steps += 1;
+        self.stats.kv_tokens = runner.kv_tokens();
+        self.stats.step_seconds += start.elapsed().as_secs_f64();
+        self.stats.eval_seconds += runner.take_eval_time().as_secs_f64();
+    }
+
+    fn try_step(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) -> Result<()> {
+        self.reap_cancelled(runner, events)?;
+        if !self.running.is_empty() {
+            self.decode(runner, text, events)?;
+        }
+        if self.prefilling.is_empty() {
+            self.admit(runner)?;
+        }
+        if !self.prefilling.is_empty() {
+            let chunk = match self.cfg.mode {
+                BatchMode::Continuous => self.cfg.prefill_chunk.max(1),
+                BatchMode::Static => usize::MAX,
+            };
+            if runner.prefill_step(chunk)? {
+                runner.join()?;
+                self.running.append(&mut self.prefilling);
+            }
+        }
+        Ok(())
+    }
+
+    fn reap_cancelled(&mut self, runner: &mut dyn Runner, events: &mut Vec<Event>) -> Result<()> {
+        let (gone, kept): (Vec<Seq>, Vec<Seq>) = self.waiting.drain(..).partition(|s| s.cancelled);
+        self.waiting = kept.into();
+        for seq in gone {
+            self.finish(seq, FinishReason::Cancelled, None, events);
+        }
+        if self.prefilling.iter().any(|s| s.cancelled) {
+            let rows: Vec<usize> = (0..self.prefilling.len()).filter(|&r| !self.prefilling[r].cancelled).collect();
+            runner.retain_prefill(&rows)?;
+            let (gone, kept): (Vec<Seq>, Vec<Seq>) = self.prefilling.drain(..).partition(|s| s.cancelled);
+            self.prefilling = kept;
+            for seq in gone {
+                self.finish(seq, FinishReason::Cancelled, None, events);
+            }
+        }
+        if self.running.iter().any(|s| s.cancelled) {
+            let done: Vec<Option<FinishReason>> =
+                self.running.iter().map(|s| s.cancelled.then_some(FinishReason::Cancelled)).collect();
+            self.remove_rows(runner, done, events)?;
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, runner: &mut dyn Runner) -> Result<()> {
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let room = match self.cfg.mode {
+            BatchMode::Static if !self.running.is_empty() => return Ok(()),
+            BatchMode::Static => self.cfg.max_batch_size,
+            BatchMode::Continuous => {
+                (self.cfg.max_batch_size - self.running.len()).min(self.cfg.max_prefill_group)
+            }
+        };
+        while self.prefilling.len() < room {
+            let Some(next) = self.waiting.front() else { break };
+            if self.reserved + next.reserved() > self.cfg.max_kv_tokens {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            self.reserved += seq.reserved();
+            seq.admitted = Some(Instant::now());
+            self.prefilling.push(seq);
+        }
+        if self.prefilling.is_empty() {
+            return Ok(());
+        }
+        let prompts: Vec<&[u32]> = self.prefilling.iter().map(|s| &s.prompt[..s.prompt.len() - 1]).collect();
+        runner.start_prefill(&prompts)
+    }
+
+    fn decode(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) -> Result<()> {
+        let inputs: Vec<u32> = self.running.iter().map(|s| s.next_input).collect();
+        let mut samplers: Vec<&mut Sampler> = self.running.iter_mut().map(|s| &mut s.sampler).collect();
+        let tokens = runner.decode(&inputs, &mut samplers)?;
+        if tokens.len() != self.running.len() {
+            return Err(Error::EngineFailed(format!(
+                "runner returned {} tokens for {} rows",
+                tokens.len(),
+                self.running.len()
+            )));
+        }
+        let now = Instant::now();
+        let mut done = Vec::with_capacity(tokens.len());
+        for (seq, &token) in self.running.iter_mut().zip(&tokens) {
+            done.push(accept_token(seq, token, text, now, events)?);
+        }
+        self.stats.tokens_generated += tokens.len() as u64;
+        if done.iter().any(Option::is_some) {
+            self.remove_rows(runner, done, events)?;
+        }
+        Ok(())
+    }
+
+    /// Removes rows whose entry is `Some(reason)` and ends those requests.
+    fn remove_rows(&mut self, runner: &mut dyn Runner, done: Vec<Option<FinishReason>>, events: &mut Vec<Event>) -> Result<()> {
+        let keep: Vec<usize> = (0..done.len()).filter(|&r| done[r].is_none()).collect();
+        runner.retain(&keep)?;
+        let rows = std::mem::take(&mut self.running);
+        for (seq, reason) in rows.into_iter().zip(done) {
+            match reason {
+                None => self.running.push(seq),
+                Some(reason) => self.finish(seq, reason, None, events),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every request that is prefilling or running with an error.
+    pub fn fail_active(&mut self, message: &str, events: &mut Vec<Event>) {
+        let seqs: Vec<Seq> = self.prefilling.drain(..).chain(self.running.drain(..)).collect();
+        for seq in seqs {
+            self.finish(seq, FinishReason::Error, Some(message.to_owned()), events);
+        }
+    }
+
+    /// Ends every request, queued ones included (shutdown or engine failure).
+    pub fn end_all(&mut self, reason: FinishReason, message: Option<&str>, events: &mut Vec<Event>) {
+        let seqs: Vec<Seq> =
+            self.waiting.drain(..).chain(self.prefilling.drain(..)).chain(self.running.drain(..)).collect();
+        for seq in seqs {
+            self.finish(seq, reason, message.map(str::to_owned), events);
+        }
+    }
+
+    fn finish(&mut self, mut seq: Seq, reason: FinishReason, error: Option<String>, events: &mut Vec<Event>) {
+        if seq.admitted.is_some() {
+            self.reserved -= seq.reserved();
+        }
+        let now = Instant::now();
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        let mut stats = RequestStats {
+            prompt_tokens: seq.prompt.len(),
+            generated_tokens: seq.generated,
+            total_latency: secs(seq.submitted, now),
+            queue_time: seq.admitted.map_or(secs(seq.submitted, now), |a| secs(seq.submitted, a)),
+            ..Default::default()
+        };
+        if let (Some(first), Some(admitted)) = (seq.first_token, seq.admitted) {
+            stats.time_to_first_token = secs(seq.submitted, first);
+            let prefill = secs(admitted, first);
+            stats.prompt_tps = if prefill > 0.0 { seq.prompt.len() as f64 / prefill } else { 0.0 };
+            let gen = secs(first, now);
+            stats.generation_tps = if gen > 0.0 { (seq.generated - 1) as f64 / gen } else { 0.0 };
+        }
+        let text = std::mem::take(&mut seq.held_text);
+        events.push(Event::Finished { id: seq.id, reason, text, stats, error });
+    }
+}
+
+/// Streams one token of `seq`; returns the finish reason if the request is done.
+fn accept_token(
+    seq: &mut Seq,
+    token: u32,
+    text: &dyn TextDecoder,
+    now: Instant,
+    events: &mut Vec<Event>,
+) -> Result<Option<FinishReason>> {
+    seq.generated += 1;
+    seq.first_token.get_or_insert(now);
+    seq.sampler.accept(token);
+    seq.next_input = token;
+    let stop_token = seq.eos.contains(&token) || seq.stop.stop_token_ids.contains(&token);
+    let mut delta = if stop_token { String::new() } else { seq.decoder.push(text, token)? };
+    let mut reason = None;
+    let mut hit_stop_string = false;
+    if !seq.stop.stop_strings.is_empty() {
+        seq.held_text.push_str(&delta);
+        let (emit, hit) = split_at_stop(&seq.held_text, &seq.stop.stop_strings);
+        delta = seq.held_text[..emit].to_owned();
+        if hit {
+            seq.held_text.clear();
+            hit_stop_string = true;
+            reason = Some(FinishReason::Stop);
+        } else {
+            seq.held_text.drain(..emit);
+        }
+    }
+    if stop_token {
+        reason = Some(FinishReason::Stop);
+    } else if reason.is_none() && seq.generated >= seq.stop.max_tokens {
+        reason = Some(FinishReason::Length);
+    }
+    if reason.is_some() && !hit_stop_string {
+        // A trailing partial character goes out with the terminal event: no text is lost.
+        let rest = seq.decoder.flush(text)?;
+        seq.held_text.push_str(&rest);
+    }
+    events.push(Event::Token { id: seq.id, token, text: delta });
+    Ok(reason)
+}
+
+/// How much of `text` can be emitted: up to the first stop string (`true`), or all but the
+/// longest tail that could still grow into a stop string (`false`).
+fn split_at_stop(text: &str, stops: &[String]) -> (usize, bool) {
+    if let Some(pos) = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+        return (pos, true);
+    }
+    let mut emit = text.len();
+    for s in stops {
+        for (i, _) in text.char_indices() {
+            if i < emit && s.starts_with(&text[i..]) {
+                emit = i;
+                break;
+            }
+        }
+    }
+    (emit, false)
+}
+
+#[cfg(test)]
+mod tests;
