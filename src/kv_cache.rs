@@ -11,7 +11,7 @@
 //!
 //! Owns only MLX arrays and host bookkeeping; knows nothing of requests or models.
 use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
-use mlx_rs::ops::{concatenate_axis, zeros};
+use mlx_rs::ops::{concatenate, zeros};
 use mlx_rs::Array;
 
 use crate::error::Result;
@@ -166,8 +166,8 @@ impl BatchKvCache {
                 Some((k, v)) => {
                     let pad = self.zeros(b, extra)?;
                     (
-                        concatenate_axis(&[k, pad.clone()], 2)?,
-                        concatenate_axis(&[v, pad], 2)?,
+                        concatenate(&[k, pad.clone()], 2)?,
+                        concatenate(&[v, pad], 2)?,
                     )
                 }
             };
@@ -225,8 +225,8 @@ impl BatchKvCache {
             let a = self.aligned(layer, width)?;
             let b = other.aligned(layer, width)?;
             data.push(Some((
-                concatenate_axis(&[a.0, b.0], 0)?,
-                concatenate_axis(&[a.1, b.1], 0)?,
+                concatenate(&[a.0, b.0], 0)?,
+                concatenate(&[a.1, b.1], 0)?,
             )));
         }
         let shift_a = width - self.idx;
@@ -257,8 +257,8 @@ impl BatchKvCache {
         }
         let z = self.zeros(b, pad)?;
         Ok((
-            concatenate_axis(&[z.clone(), k], 2)?,
-            concatenate_axis(&[z, v], 2)?,
+            concatenate(&[z.clone(), k], 2)?,
+            concatenate(&[z, v], 2)?,
         ))
     }
 

@@ -3,6 +3,7 @@
 //! Data flow: [`engine`] (public API, background thread) -> [`scheduler`] (what runs each
 //! step; pure CPU) -> [`runner`] (executes a step on MLX) -> [`model`] + [`kv_cache`];
 //! [`tokenizer`] turns text into ids and back; [`ffi`] is the C ABI over [`engine`].
+pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
@@ -12,7 +13,12 @@ pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;
 
+pub use engine::{Completion, Engine, EngineConfig, EngineStats};
 pub use error::{Error, Result};
+pub use request::{Event, FinishReason, Prompt, Request, RequestId, RequestStats, StopConditions};
+pub use sampling::SamplingParams;
+pub use scheduler::BatchMode;
+pub use tokenizer::ChatMessage;
 pub use mlx_rs;
 
 /// The MLX backend this build links: "cpu", "metal" or "cuda".

@@ -1,9 +1,19 @@
-//! Executes model work on MLX. Everything here runs on the engine thread.
+//! Executes the scheduler's decisions on MLX: batched chunked prefill, batched decode, and
+//! sampling. Owns the model and both KV caches (the running batch and the group being
+//! prefilled). Everything here runs on the engine thread: MLX arrays are not Send.
+use std::time::{Duration, Instant};
+
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
 
 use crate::error::Result;
 use crate::kv_cache::{BatchKvCache, KvLayout};
 use crate::model::{LoadedModel, Model};
+use crate::sampling::Sampler;
+use crate::scheduler::Runner;
+
+/// Returns the MLX buffer cache to the system every this many decode steps.
+const CLEAR_CACHE_EVERY: u64 = 256;
 
 /// The KV layout a model needs.
 pub fn kv_layout(model: &Model) -> KvLayout {
@@ -14,27 +24,206 @@ pub fn kv_layout(model: &Model) -> KvLayout {
     }
 }
 
-/// Greedy decoding of one sequence: returns the generated ids, stopping after `max_tokens` or
-/// at (and including) an end-of-sequence token.
+struct PrefillGroup {
+    cache: BatchKvCache,
+    /// Left-padded prompts (without their last token), one row per request.
+    tokens: Vec<Vec<u32>>,
+    done: usize,
+}
+
+/// The MLX implementation of [`Runner`].
+pub struct MlxRunner {
+    lm: LoadedModel,
+    batch: BatchKvCache,
+    group: Option<PrefillGroup>,
+    eval_time: Duration,
+    decode_steps: u64,
+    keep_logits: bool,
+    last_logits: Option<Array>,
+}
+
+impl MlxRunner {
+    pub fn new(lm: LoadedModel) -> Self {
+        let batch = BatchKvCache::new(kv_layout(&lm.model));
+        Self {
+            lm,
+            batch,
+            group: None,
+            eval_time: Duration::ZERO,
+            decode_steps: 0,
+            keep_logits: false,
+            last_logits: None,
+        }
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.lm
+    }
+
+    /// Keep each decode step's logits for [`last_logits`](Self::last_logits) (parity tests).
+    pub fn keep_logits(&mut self, keep: bool) {
+        self.keep_logits = keep;
+    }
+
+    /// The `[B, vocab]` logits of the last decode step, if kept.
+    pub fn last_logits(&self) -> Option<&Array> {
+        self.last_logits.as_ref()
+    }
+
+    /// The running batch's cache (for inspection).
+    pub fn batch_cache(&self) -> &BatchKvCache {
+        &self.batch
+    }
+
+    fn timed_eval(&mut self, arrays: &[&Array]) -> Result<()> {
+        let start = Instant::now();
+        mlx_rs::transforms::eval(arrays.iter().copied())?;
+        self.eval_time += start.elapsed();
+        Ok(())
+    }
+}
+
+fn token_matrix(rows: &[&[u32]]) -> Array {
+    let width = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<i32> = rows.iter().flat_map(|r| r.iter().map(|&t| t as i32)).collect();
+    Array::from_slice(&flat, &[rows.len() as i32, width as i32])
+}
+
+impl Runner for MlxRunner {
+    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let left_pad: Vec<usize> = prompts.iter().map(|p| len - p.len()).collect();
+        // Padding ids are never attended to (masked); 0 is a valid id for any vocabulary.
+        let tokens = prompts
+            .iter()
+            .map(|p| std::iter::repeat_n(0, len - p.len()).chain(p.iter().copied()).collect())
+            .collect();
+        let cache = BatchKvCache::with_padding(kv_layout(&self.lm.model), left_pad);
+        self.group = Some(PrefillGroup { cache, tokens, done: 0 });
+        Ok(())
+    }
+
+    fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
+        let Some(group) = self.group.as_mut() else { return Ok(true) };
+        let len = group.tokens.first().map_or(0, Vec::len);
+        if group.done < len {
+            let end = len.min(group.done.saturating_add(max_columns.max(1)));
+            let rows: Vec<&[u32]> = group.tokens.iter().map(|t| &t[group.done..end]).collect();
+            let input = token_matrix(&rows);
+            let hidden = self.lm.model.forward_last(&input, &mut group.cache)?;
+            group.done = end;
+            // The hidden state depends on every layer's cache write, so this evaluates them.
+            self.timed_eval(&[&hidden])?;
+        }
+        let group = self.group.as_ref().expect("checked above");
+        Ok(group.done == group.tokens.first().map_or(0, Vec::len))
+    }
+
+    fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(group) = self.group.as_mut() else { return Ok(()) };
+        let before = group.cache.width();
+        group.cache.filter(rows)?;
+        // Filtering trims padding columns every kept row shares: drop them from the tokens too.
+        let trimmed = before - group.cache.width();
+        group.tokens = rows.iter().map(|&r| group.tokens[r][trimmed..].to_vec()).collect();
+        group.done -= trimmed;
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<()> {
+        if let Some(group) = self.group.take() {
+            self.batch.extend(group.cache)?;
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+        let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
+        let input = token_matrix(&column);
+        let hidden = self.lm.model.forward_last(&input, &mut self.batch)?;
+        let logits = self.lm.model.logits(&hidden)?;
+        let greedy = argmax_axis(&logits, -1, None)?;
+        let sampled_rows: Vec<usize> =
+            (0..samplers.len()).filter(|&r| !samplers[r].params().is_plain_greedy()).collect();
+        let host_logits = if sampled_rows.is_empty() {
+            self.timed_eval(&[&greedy])?;
+            None
+        } else {
+            let idx: Vec<i32> = sampled_rows.iter().map(|&r| r as i32).collect();
+            let rows = logits.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?;
+            self.timed_eval(&[&greedy, &rows])?;
+            Some(rows)
+        };
+        let mut tokens: Vec<u32> = greedy.as_slice::<u32>().to_vec();
+        if let Some(rows) = host_logits {
+            let vocab = rows.shape()[1] as usize;
+            let flat = rows.as_slice::<f32>();
+            for (k, &r) in sampled_rows.iter().enumerate() {
+                let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
+                tokens[r] = samplers[r].sample(&mut row);
+            }
+        }
+        if self.keep_logits {
+            self.last_logits = Some(logits);
+        }
+        self.decode_steps += 1;
+        if self.decode_steps % CLEAR_CACHE_EVERY == 0 {
+            mlx_rs::memory::clear_cache()?;
+        }
+        Ok(tokens)
+    }
+
+    fn retain(&mut self, rows: &[usize]) -> Result<()> {
+        self.batch.filter(rows)
+    }
+
+    fn reset(&mut self) {
+        self.batch = BatchKvCache::new(kv_layout(&self.lm.model));
+        self.group = None;
+        self.last_logits = None;
+        let _ = mlx_rs::memory::clear_cache();
+    }
+
+    fn kv_tokens(&self) -> usize {
+        self.batch.tokens() + self.group.as_ref().map_or(0, |g| g.cache.tokens())
+    }
+
+    fn take_eval_time(&mut self) -> Duration {
+        std::mem::take(&mut self.eval_time)
+    }
+}
+
+/// Greedy decoding of one sequence without the engine: returns the generated ids, stopping
+/// after `max_tokens` or at (and including) an end-of-sequence token.
 pub fn generate_greedy(lm: &LoadedModel, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
+    Ok(generate_greedy_with_logits(lm, prompt, max_tokens, false)?.0)
+}
+
+/// Like [`generate_greedy`], also returning each step's logits (`[vocab]` float32) when asked.
+pub fn generate_greedy_with_logits(
+    lm: &LoadedModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    keep_logits: bool,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
     let model = &lm.model;
-    let mut cache = BatchKvCache::new(kv_layout(model));
-    cache = BatchKvCache::with_padding(kv_layout(model), vec![0]);
-    let _ = &mut cache;
-    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let mut input = Array::from_slice(&ids, &[1, ids.len() as i32]);
-    let mut out = Vec::new();
+    let mut cache = BatchKvCache::with_padding(kv_layout(model), vec![0]);
+    let mut input = token_matrix(&[prompt]);
+    let (mut out, mut all_logits) = (Vec::new(), Vec::new());
     while out.len() < max_tokens {
-        let h = model.forward_last(&input, &mut cache)?;
-        let logits = model.logits(&h)?;
-        let next = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)?;
-        next.eval()?;
-        let tok = next.as_slice::<u32>()[0];
-        out.push(tok);
-        if lm.tokenizer.eos_ids().contains(&tok) {
+        let hidden = model.forward_last(&input, &mut cache)?;
+        let logits = model.logits(&hidden)?;
+        let next = argmax_axis(&logits, -1, None)?;
+        mlx_rs::transforms::eval([&next, &logits])?;
+        let token = next.as_slice::<u32>()[0];
+        if keep_logits {
+            all_logits.push(logits.try_index(0)?.as_slice::<f32>().to_vec());
+        }
+        out.push(token);
+        if lm.tokenizer.eos_ids().contains(&token) {
             break;
         }
-        input = Array::from_slice(&[tok as i32], &[1, 1]);
+        input = token_matrix(&[&[token]]);
     }
-    Ok(out)
+    Ok((out, all_logits))
 }

@@ -121,7 +121,8 @@ pub struct Model {
 /// A model together with the tokenizer that belongs to it.
 pub struct LoadedModel {
     pub model: Model,
-    pub tokenizer: Tokenizer,
+    /// Shared with the host side of the engine (tokenizing happens on callers' threads).
+    pub tokenizer: std::sync::Arc<Tokenizer>,
 }
 
 /// Options for [`load`].
