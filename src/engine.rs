@@ -91,7 +91,13 @@ pub struct EngineStats {
 }
 
 enum Command {
-    Submit { id: RequestId, prompt: Vec<u32>, request: Request, events: Sender<Event>, at: Instant },
+    Submit {
+        id: RequestId,
+        prompt: Vec<u32>,
+        request: Request,
+        events: Sender<Event>,
+        at: Instant,
+    },
     Cancel(RequestId),
     Shutdown,
 }
@@ -147,7 +153,9 @@ impl Engine {
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(Error::EngineFailed("the engine thread died while loading".into()));
+                return Err(Error::EngineFailed(
+                    "the engine thread died while loading".into(),
+                ));
             }
         };
         let mut sched = config.scheduler.clone();
@@ -204,7 +212,11 @@ impl Engine {
         self.check_alive()?;
         let prompt = self.prompt_tokens(&request.prompt)?;
         // Same checks the scheduler makes, answered here without a round trip.
-        Scheduler::new(self.config.clone()).check(prompt.len(), &request.stop, &request.sampling)?;
+        Scheduler::new(self.config.clone()).check(
+            prompt.len(),
+            &request.stop,
+            &request.sampling,
+        )?;
         let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
         if queued >= self.config.max_waiting {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -213,7 +225,13 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel::unbounded();
         self.lock_streams().insert(id, rx);
-        let cmd = Command::Submit { id, prompt, request, events: tx, at: Instant::now() };
+        let cmd = Command::Submit {
+            id,
+            prompt,
+            request,
+            events: tx,
+            at: Instant::now(),
+        };
         if self.commands.send(cmd).is_err() {
             self.lock_streams().remove(&id);
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -230,7 +248,11 @@ impl Engine {
     /// Waits up to `timeout` for the request's next event. `Ok(None)` on timeout. After the
     /// terminal event has been returned, the id is unknown (`UnknownRequest`).
     pub fn poll(&self, id: RequestId, timeout: Duration) -> Result<Option<Event>> {
-        let rx = self.lock_streams().get(&id).cloned().ok_or(Error::UnknownRequest(id))?;
+        let rx = self
+            .lock_streams()
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownRequest(id))?;
         let event = match rx.recv_timeout(timeout) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => return Ok(None),
@@ -240,7 +262,11 @@ impl Engine {
                 reason: FinishReason::Error,
                 text: String::new(),
                 stats: RequestStats::default(),
-                error: Some(self.check_alive().err().map_or("engine stopped".into(), |e| e.to_string())),
+                error: Some(
+                    self.check_alive()
+                        .err()
+                        .map_or("engine stopped".into(), |e| e.to_string()),
+                ),
             },
         };
         if matches!(event, Event::Finished { .. }) {
@@ -256,7 +282,9 @@ impl Engine {
         if !self.lock_streams().contains_key(&id) {
             return Err(Error::UnknownRequest(id));
         }
-        self.commands.send(Command::Cancel(id)).map_err(|_| Error::ShutDown)
+        self.commands
+            .send(Command::Cancel(id))
+            .map_err(|_| Error::ShutDown)
     }
 
     /// A snapshot of the engine's counters.
@@ -274,7 +302,13 @@ impl Engine {
                     c.tokens.push(token);
                     c.text.push_str(&text);
                 }
-                Some(Event::Finished { reason, text, stats, error, .. }) => {
+                Some(Event::Finished {
+                    reason,
+                    text,
+                    stats,
+                    error,
+                    ..
+                }) => {
                     c.text.push_str(&text);
                     if let (FinishReason::Error, Some(e)) = (reason, &error) {
                         return Err(Error::EngineFailed(e.clone()));
@@ -339,7 +373,9 @@ impl Loop {
     fn deliver(&mut self, events: Vec<Event>) {
         for e in events {
             let id = e.request_id();
-            let Some(tx) = self.senders.get(&id) else { continue };
+            let Some(tx) = self.senders.get(&id) else {
+                continue;
+            };
             let _ = tx.send(e.clone());
             if let Event::Finished { reason, stats, .. } = &e {
                 self.senders.remove(&id);
@@ -354,9 +390,18 @@ impl Loop {
     /// Applies one command; returns false on shutdown.
     fn command(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Submit { id, prompt, request, events, at } => {
+            Command::Submit {
+                id,
+                prompt,
+                request,
+                events,
+                at,
+            } => {
                 let eos = self.runner.model().tokenizer.eos_ids().to_vec();
-                match self.sched.submit(id, prompt, request.sampling, request.stop, eos, at) {
+                match self
+                    .sched
+                    .submit(id, prompt, request.sampling, request.stop, eos, at)
+                {
                     Ok(()) => {
                         self.senders.insert(id, events);
                     }
@@ -426,7 +471,8 @@ impl Loop {
             }
             let waiting_before = self.sched.waiting_len();
             let mut events = Vec::new();
-            self.sched.step(&mut self.runner, &*self.tokenizer, &mut events);
+            self.sched
+                .step(&mut self.runner, &*self.tokenizer, &mut events);
             let left = waiting_before.saturating_sub(self.sched.waiting_len());
             self.shared.queued.fetch_sub(left, Ordering::SeqCst);
             self.deliver(events);
@@ -442,7 +488,14 @@ fn engine_thread(
     ready: Sender<Result<(Arc<Tokenizer>, usize)>>,
     shared: Arc<Shared>,
 ) {
-    let loaded = catch_unwind(|| model::load(&path, LoadOptions { weights: config.weights }));
+    let loaded = catch_unwind(|| {
+        model::load(
+            &path,
+            LoadOptions {
+                weights: config.weights,
+            },
+        )
+    });
     let lm = match loaded {
         Ok(Ok(lm)) => lm,
         Ok(Err(e)) => {
@@ -450,7 +503,9 @@ fn engine_thread(
             return;
         }
         Err(_) => {
-            let _ = ready.send(Err(Error::EngineFailed("panic while loading the model".into())));
+            let _ = ready.send(Err(Error::EngineFailed(
+                "panic while loading the model".into(),
+            )));
             return;
         }
     };
@@ -471,7 +526,9 @@ fn engine_thread(
     let outcome = catch_unwind(AssertUnwindSafe(|| state.run(&commands)));
     let mut events = Vec::new();
     match outcome {
-        Ok(()) => state.sched.end_all(FinishReason::Cancelled, None, &mut events),
+        Ok(()) => state
+            .sched
+            .end_all(FinishReason::Cancelled, None, &mut events),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -480,7 +537,9 @@ fn engine_thread(
                 .unwrap_or_else(|| "unknown panic".into());
             let msg = format!("engine thread panicked: {msg}");
             *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-            state.sched.end_all(FinishReason::Error, Some(&msg), &mut events);
+            state
+                .sched
+                .end_all(FinishReason::Error, Some(&msg), &mut events);
         }
     }
     state.deliver(events);

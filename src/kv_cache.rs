@@ -73,7 +73,7 @@ impl BatchKvCache {
 
     /// Tokens held for row `r`.
     pub fn row_len(&self, r: usize) -> usize {
-        self.idx - self.left_pad[r]
+        self.idx.saturating_sub(self.left_pad[r])
     }
 
     /// Tokens held over all rows (the memory actually used, padding excluded).
@@ -87,11 +87,12 @@ impl BatchKvCache {
         2 * l.layers * self.batch_size() * l.kv_heads * self.capacity * l.head_dim * 4
     }
 
-    /// Position of each row's next token.
+    /// Position of each row's next token. Negative while a row's next column is still
+    /// padding (a group being prefilled): its real tokens then land at positions 0, 1, ...
     pub fn offsets(&self) -> Vec<i32> {
         self.left_pad
             .iter()
-            .map(|&p| (self.idx - p) as i32)
+            .map(|&p| self.idx as i32 - p as i32)
             .collect()
     }
 
@@ -256,10 +257,7 @@ impl BatchKvCache {
             return Ok((k, v));
         }
         let z = self.zeros(b, pad)?;
-        Ok((
-            concatenate(&[z.clone(), k], 2)?,
-            concatenate(&[z, v], 2)?,
-        ))
+        Ok((concatenate(&[z.clone(), k], 2)?, concatenate(&[z, v], 2)?))
     }
 
     /// The written keys of `layer` (`[B, kv_heads, width, head_dim]`), for tests and checks.

@@ -15,11 +15,11 @@ pub mod tokenizer;
 
 pub use engine::{Completion, Engine, EngineConfig, EngineStats};
 pub use error::{Error, Result};
+pub use mlx_rs;
 pub use request::{Event, FinishReason, Prompt, Request, RequestId, RequestStats, StopConditions};
 pub use sampling::SamplingParams;
 pub use scheduler::BatchMode;
 pub use tokenizer::ChatMessage;
-pub use mlx_rs;
 
 /// The MLX backend this build links: "cpu", "metal" or "cuda".
 pub fn backend() -> &'static str {

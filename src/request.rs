@@ -31,7 +31,12 @@ pub struct StopConditions {
 
 impl Default for StopConditions {
     fn default() -> Self {
-        Self { max_tokens: 256, ignore_eos: false, stop_token_ids: Vec::new(), stop_strings: Vec::new() }
+        Self {
+            max_tokens: 256,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+        }
     }
 }
 
@@ -46,7 +51,11 @@ pub struct Request {
 impl Request {
     /// A greedy request for `prompt` with default limits.
     pub fn new(prompt: Prompt) -> Self {
-        Self { prompt, sampling: SamplingParams::default(), stop: StopConditions::default() }
+        Self {
+            prompt,
+            sampling: SamplingParams::default(),
+            stop: StopConditions::default(),
+        }
     }
 
     /// Sets `max_tokens`.
@@ -103,7 +112,11 @@ pub struct RequestStats {
 pub enum Event {
     /// One generated token, with the text it completes (may be empty while a multi-byte
     /// character or a possible stop string is held back).
-    Token { id: RequestId, token: u32, text: String },
+    Token {
+        id: RequestId,
+        token: u32,
+        text: String,
+    },
     /// The request ended; always the last event of a request, exactly once.
     Finished {
         id: RequestId,

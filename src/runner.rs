@@ -85,7 +85,10 @@ impl MlxRunner {
 
 fn token_matrix(rows: &[&[u32]]) -> Array {
     let width = rows.first().map_or(0, |r| r.len());
-    let flat: Vec<i32> = rows.iter().flat_map(|r| r.iter().map(|&t| t as i32)).collect();
+    let flat: Vec<i32> = rows
+        .iter()
+        .flat_map(|r| r.iter().map(|&t| t as i32))
+        .collect();
     Array::from_slice(&flat, &[rows.len() as i32, width as i32])
 }
 
@@ -96,15 +99,25 @@ impl Runner for MlxRunner {
         // Padding ids are never attended to (masked); 0 is a valid id for any vocabulary.
         let tokens = prompts
             .iter()
-            .map(|p| std::iter::repeat_n(0, len - p.len()).chain(p.iter().copied()).collect())
+            .map(|p| {
+                std::iter::repeat_n(0, len - p.len())
+                    .chain(p.iter().copied())
+                    .collect()
+            })
             .collect();
         let cache = BatchKvCache::with_padding(kv_layout(&self.lm.model), left_pad);
-        self.group = Some(PrefillGroup { cache, tokens, done: 0 });
+        self.group = Some(PrefillGroup {
+            cache,
+            tokens,
+            done: 0,
+        });
         Ok(())
     }
 
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
-        let Some(group) = self.group.as_mut() else { return Ok(true) };
+        let Some(group) = self.group.as_mut() else {
+            return Ok(true);
+        };
         let len = group.tokens.first().map_or(0, Vec::len);
         if group.done < len {
             let end = len.min(group.done.saturating_add(max_columns.max(1)));
@@ -120,12 +133,17 @@ impl Runner for MlxRunner {
     }
 
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
-        let Some(group) = self.group.as_mut() else { return Ok(()) };
+        let Some(group) = self.group.as_mut() else {
+            return Ok(());
+        };
         let before = group.cache.width();
         group.cache.filter(rows)?;
         // Filtering trims padding columns every kept row shares: drop them from the tokens too.
         let trimmed = before - group.cache.width();
-        group.tokens = rows.iter().map(|&r| group.tokens[r][trimmed..].to_vec()).collect();
+        group.tokens = rows
+            .iter()
+            .map(|&r| group.tokens[r][trimmed..].to_vec())
+            .collect();
         group.done -= trimmed;
         Ok(())
     }
@@ -143,8 +161,9 @@ impl Runner for MlxRunner {
         let hidden = self.lm.model.forward_last(&input, &mut self.batch)?;
         let logits = self.lm.model.logits(&hidden)?;
         let greedy = argmax_axis(&logits, -1, None)?;
-        let sampled_rows: Vec<usize> =
-            (0..samplers.len()).filter(|&r| !samplers[r].params().is_plain_greedy()).collect();
+        let sampled_rows: Vec<usize> = (0..samplers.len())
+            .filter(|&r| !samplers[r].params().is_plain_greedy())
+            .collect();
         let host_logits = if sampled_rows.is_empty() {
             self.timed_eval(&[&greedy])?;
             None

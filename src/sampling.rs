@@ -81,7 +81,9 @@ impl SamplingParams {
 
     /// Whether any penalty is active.
     pub fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 
     /// Greedy with no penalties: the argmax can be taken on the device.
@@ -108,7 +110,11 @@ impl Sampler {
                 .unwrap_or(0)
         });
         let start = prompt.len().saturating_sub(PENALTY_WINDOW);
-        Self { params, rng: ChaCha8Rng::seed_from_u64(seed), recent: prompt[start..].iter().copied().collect() }
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            recent: prompt[start..].iter().copied().collect(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -184,9 +190,15 @@ impl Sampler {
             *counts.entry(t).or_default() += 1;
         }
         for (&t, &c) in &counts {
-            let Some(l) = logits.get_mut(t as usize) else { continue };
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
             if p.repetition_penalty != 1.0 {
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
             *l -= p.presence_penalty + p.frequency_penalty * c as f32;
         }
@@ -209,7 +221,10 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams { seed: Some(7), ..Default::default() };
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
         f(&mut p);
         p
     }
@@ -222,7 +237,13 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let mut s = Sampler::new(params(|p| { p.temperature = 5.0; p.top_k = 1 }), &[]);
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 5.0;
+                p.top_k = 1
+            }),
+            &[],
+        );
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 2.9]), 1);
         }
@@ -231,18 +252,38 @@ mod tests {
     #[test]
     fn same_seed_same_draws_and_top_p_limits_support() {
         let run = || {
-            let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.top_p = 0.9 }), &[]);
-            (0..200).map(|_| s.sample(&mut [2.0, 2.0, 2.0, -10.0, -10.0])).collect::<Vec<_>>()
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.top_p = 0.9
+                }),
+                &[],
+            );
+            (0..200)
+                .map(|_| s.sample(&mut [2.0, 2.0, 2.0, -10.0, -10.0]))
+                .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
-        assert!(a.iter().all(|&t| t < 3), "top-p must drop the unlikely tail");
-        assert!((0..3).all(|t| a.contains(&t)), "all three likely tokens are drawn");
+        assert!(
+            a.iter().all(|&t| t < 3),
+            "top-p must drop the unlikely tail"
+        );
+        assert!(
+            (0..3).all(|t| a.contains(&t)),
+            "all three likely tokens are drawn"
+        );
     }
 
     #[test]
     fn min_p_drops_unlikely_tokens() {
-        let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.min_p = 0.5 }), &[]);
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1.0;
+                p.min_p = 0.5
+            }),
+            &[],
+        );
         for _ in 0..100 {
             // exp(-1) ~ 0.37 < 0.5 of the best: token 1 is never drawn.
             assert_eq!(s.sample(&mut [1.0, 0.0]), 0);

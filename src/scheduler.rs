@@ -148,16 +148,26 @@ impl Scheduler {
     }
 
     /// Checks a request against the limits without queueing it.
-    pub fn check(&self, prompt_len: usize, stop: &StopConditions, sampling: &SamplingParams) -> Result<()> {
+    pub fn check(
+        &self,
+        prompt_len: usize,
+        stop: &StopConditions,
+        sampling: &SamplingParams,
+    ) -> Result<()> {
         sampling.validate()?;
         if stop.max_tokens == 0 {
-            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if prompt_len == 0 {
             return Err(Error::InvalidArgument("the prompt is empty".into()));
         }
         if prompt_len >= self.cfg.max_context {
-            return Err(Error::PromptTooLong { prompt: prompt_len, context: self.cfg.max_context });
+            return Err(Error::PromptTooLong {
+                prompt: prompt_len,
+                context: self.cfg.max_context,
+            });
         }
         if prompt_len + 1 > self.cfg.max_kv_tokens {
             return Err(Error::InvalidArgument(format!(
@@ -206,7 +216,11 @@ impl Scheduler {
 
     /// Marks a request cancelled; it leaves at the next step. False if unknown or finished.
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        let all = self.waiting.iter_mut().chain(self.prefilling.iter_mut()).chain(self.running.iter_mut());
+        let all = self
+            .waiting
+            .iter_mut()
+            .chain(self.prefilling.iter_mut())
+            .chain(self.running.iter_mut());
         for seq in all {
             if seq.id == id {
                 seq.cancelled = true;
@@ -238,7 +252,12 @@ impl Scheduler {
     /// Runs one step (see the module docs), appending events. On a runner error the requests
     /// it touched (running and prefilling) end with an error event, the runner is reset, and
     /// queued requests stay queued.
-    pub fn step(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) {
+    pub fn step(
+        &mut self,
+        runner: &mut dyn Runner,
+        text: &dyn TextDecoder,
+        events: &mut Vec<Event>,
+    ) {
         let start = Instant::now();
         if let Err(e) = self.try_step(runner, text, events) {
             runner.reset();
@@ -250,7 +269,12 @@ impl Scheduler {
         self.stats.eval_seconds += runner.take_eval_time().as_secs_f64();
     }
 
-    fn try_step(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) -> Result<()> {
+    fn try_step(
+        &mut self,
+        runner: &mut dyn Runner,
+        text: &dyn TextDecoder,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
         self.reap_cancelled(runner, events)?;
         if !self.running.is_empty() {
             self.decode(runner, text, events)?;
@@ -278,17 +302,23 @@ impl Scheduler {
             self.finish(seq, FinishReason::Cancelled, None, events);
         }
         if self.prefilling.iter().any(|s| s.cancelled) {
-            let rows: Vec<usize> = (0..self.prefilling.len()).filter(|&r| !self.prefilling[r].cancelled).collect();
+            let rows: Vec<usize> = (0..self.prefilling.len())
+                .filter(|&r| !self.prefilling[r].cancelled)
+                .collect();
             runner.retain_prefill(&rows)?;
-            let (gone, kept): (Vec<Seq>, Vec<Seq>) = self.prefilling.drain(..).partition(|s| s.cancelled);
+            let (gone, kept): (Vec<Seq>, Vec<Seq>) =
+                self.prefilling.drain(..).partition(|s| s.cancelled);
             self.prefilling = kept;
             for seq in gone {
                 self.finish(seq, FinishReason::Cancelled, None, events);
             }
         }
         if self.running.iter().any(|s| s.cancelled) {
-            let done: Vec<Option<FinishReason>> =
-                self.running.iter().map(|s| s.cancelled.then_some(FinishReason::Cancelled)).collect();
+            let done: Vec<Option<FinishReason>> = self
+                .running
+                .iter()
+                .map(|s| s.cancelled.then_some(FinishReason::Cancelled))
+                .collect();
             self.remove_rows(runner, done, events)?;
         }
         Ok(())
@@ -306,7 +336,9 @@ impl Scheduler {
             }
         };
         while self.prefilling.len() < room {
-            let Some(next) = self.waiting.front() else { break };
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
             if self.reserved + next.reserved() > self.cfg.max_kv_tokens {
                 break;
             }
@@ -318,13 +350,23 @@ impl Scheduler {
         if self.prefilling.is_empty() {
             return Ok(());
         }
-        let prompts: Vec<&[u32]> = self.prefilling.iter().map(|s| &s.prompt[..s.prompt.len() - 1]).collect();
+        let prompts: Vec<&[u32]> = self
+            .prefilling
+            .iter()
+            .map(|s| &s.prompt[..s.prompt.len() - 1])
+            .collect();
         runner.start_prefill(&prompts)
     }
 
-    fn decode(&mut self, runner: &mut dyn Runner, text: &dyn TextDecoder, events: &mut Vec<Event>) -> Result<()> {
+    fn decode(
+        &mut self,
+        runner: &mut dyn Runner,
+        text: &dyn TextDecoder,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
         let inputs: Vec<u32> = self.running.iter().map(|s| s.next_input).collect();
-        let mut samplers: Vec<&mut Sampler> = self.running.iter_mut().map(|s| &mut s.sampler).collect();
+        let mut samplers: Vec<&mut Sampler> =
+            self.running.iter_mut().map(|s| &mut s.sampler).collect();
         let tokens = runner.decode(&inputs, &mut samplers)?;
         if tokens.len() != self.running.len() {
             return Err(Error::EngineFailed(format!(
@@ -346,7 +388,12 @@ impl Scheduler {
     }
 
     /// Removes rows whose entry is `Some(reason)` and ends those requests.
-    fn remove_rows(&mut self, runner: &mut dyn Runner, done: Vec<Option<FinishReason>>, events: &mut Vec<Event>) -> Result<()> {
+    fn remove_rows(
+        &mut self,
+        runner: &mut dyn Runner,
+        done: Vec<Option<FinishReason>>,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
         let keep: Vec<usize> = (0..done.len()).filter(|&r| done[r].is_none()).collect();
         runner.retain(&keep)?;
         let rows = std::mem::take(&mut self.running);
@@ -361,22 +408,41 @@ impl Scheduler {
 
     /// Ends every request that is prefilling or running with an error.
     pub fn fail_active(&mut self, message: &str, events: &mut Vec<Event>) {
-        let seqs: Vec<Seq> = self.prefilling.drain(..).chain(self.running.drain(..)).collect();
+        let seqs: Vec<Seq> = self
+            .prefilling
+            .drain(..)
+            .chain(self.running.drain(..))
+            .collect();
         for seq in seqs {
             self.finish(seq, FinishReason::Error, Some(message.to_owned()), events);
         }
     }
 
     /// Ends every request, queued ones included (shutdown or engine failure).
-    pub fn end_all(&mut self, reason: FinishReason, message: Option<&str>, events: &mut Vec<Event>) {
-        let seqs: Vec<Seq> =
-            self.waiting.drain(..).chain(self.prefilling.drain(..)).chain(self.running.drain(..)).collect();
+    pub fn end_all(
+        &mut self,
+        reason: FinishReason,
+        message: Option<&str>,
+        events: &mut Vec<Event>,
+    ) {
+        let seqs: Vec<Seq> = self
+            .waiting
+            .drain(..)
+            .chain(self.prefilling.drain(..))
+            .chain(self.running.drain(..))
+            .collect();
         for seq in seqs {
             self.finish(seq, reason, message.map(str::to_owned), events);
         }
     }
 
-    fn finish(&mut self, mut seq: Seq, reason: FinishReason, error: Option<String>, events: &mut Vec<Event>) {
+    fn finish(
+        &mut self,
+        mut seq: Seq,
+        reason: FinishReason,
+        error: Option<String>,
+        events: &mut Vec<Event>,
+    ) {
         if seq.admitted.is_some() {
             self.reserved -= seq.reserved();
         }
@@ -386,18 +452,34 @@ impl Scheduler {
             prompt_tokens: seq.prompt.len(),
             generated_tokens: seq.generated,
             total_latency: secs(seq.submitted, now),
-            queue_time: seq.admitted.map_or(secs(seq.submitted, now), |a| secs(seq.submitted, a)),
+            queue_time: seq
+                .admitted
+                .map_or(secs(seq.submitted, now), |a| secs(seq.submitted, a)),
             ..Default::default()
         };
         if let (Some(first), Some(admitted)) = (seq.first_token, seq.admitted) {
             stats.time_to_first_token = secs(seq.submitted, first);
             let prefill = secs(admitted, first);
-            stats.prompt_tps = if prefill > 0.0 { seq.prompt.len() as f64 / prefill } else { 0.0 };
+            stats.prompt_tps = if prefill > 0.0 {
+                seq.prompt.len() as f64 / prefill
+            } else {
+                0.0
+            };
             let gen = secs(first, now);
-            stats.generation_tps = if gen > 0.0 { (seq.generated - 1) as f64 / gen } else { 0.0 };
+            stats.generation_tps = if gen > 0.0 {
+                (seq.generated - 1) as f64 / gen
+            } else {
+                0.0
+            };
         }
         let text = std::mem::take(&mut seq.held_text);
-        events.push(Event::Finished { id: seq.id, reason, text, stats, error });
+        events.push(Event::Finished {
+            id: seq.id,
+            reason,
+            text,
+            stats,
+            error,
+        });
     }
 }
 
@@ -414,7 +496,11 @@ fn accept_token(
     seq.sampler.accept(token);
     seq.next_input = token;
     let stop_token = seq.eos.contains(&token) || seq.stop.stop_token_ids.contains(&token);
-    let mut delta = if stop_token { String::new() } else { seq.decoder.push(text, token)? };
+    let mut delta = if stop_token {
+        String::new()
+    } else {
+        seq.decoder.push(text, token)?
+    };
     let mut reason = None;
     let mut hit_stop_string = false;
     if !seq.stop.stop_strings.is_empty() {
@@ -439,14 +525,23 @@ fn accept_token(
         let rest = seq.decoder.flush(text)?;
         seq.held_text.push_str(&rest);
     }
-    events.push(Event::Token { id: seq.id, token, text: delta });
+    events.push(Event::Token {
+        id: seq.id,
+        token,
+        text: delta,
+    });
     Ok(reason)
 }
 
 /// How much of `text` can be emitted: up to the first stop string (`true`), or all but the
 /// longest tail that could still grow into a stop string (`false`).
 fn split_at_stop(text: &str, stops: &[String]) -> (usize, bool) {
-    if let Some(pos) = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+    if let Some(pos) = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    {
         return (pos, true);
     }
     let mut emit = text.len();

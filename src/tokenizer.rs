@@ -58,7 +58,10 @@ impl Tokenizer {
         };
         let number = |key: &str| -> Result<Option<i64>> {
             match file.get_metadata_array(key) {
-                Ok(Some(a)) => Ok(Some(a.try_item_cast::<i64>().map_err(|e| Error::Mlx(e.to_string()))?)),
+                Ok(Some(a)) => Ok(Some(
+                    a.try_item_cast::<i64>()
+                        .map_err(|e| Error::Mlx(e.to_string()))?,
+                )),
                 Ok(None) => Ok(None),
                 Err(e) => Err(corrupt(format!("{key}: {e}"))),
             }
@@ -113,7 +116,11 @@ impl Tokenizer {
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
         let add_bos = match file.get_metadata_array("tokenizer.ggml.add_bos_token") {
-            Ok(Some(a)) => a.try_item_cast::<i32>().map_err(|e| Error::Mlx(e.to_string()))? != 0,
+            Ok(Some(a)) => {
+                a.try_item_cast::<i32>()
+                    .map_err(|e| Error::Mlx(e.to_string()))?
+                    != 0
+            }
             _ => false,
         };
         let template = crate::model::gguf::meta_string(file, "tokenizer.chat_template")?;

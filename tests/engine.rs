@@ -37,7 +37,11 @@ fn reference() -> &'static Vec<(Vec<u32>, Vec<u32>)> {
 }
 
 fn engine(mode: BatchMode, batch: usize) -> Engine {
-    Engine::new(model_path(), EngineConfig::default().mode(mode).max_batch_size(batch)).unwrap()
+    Engine::new(
+        model_path(),
+        EngineConfig::default().mode(mode).max_batch_size(batch),
+    )
+    .unwrap()
 }
 
 fn request(ids: &[u32], max_tokens: usize) -> Request {
@@ -49,14 +53,23 @@ fn request(ids: &[u32], max_tokens: usize) -> Request {
 fn drain(e: &Engine, id: u64) -> (Vec<u32>, String, FinishReason) {
     let (mut toks, mut text) = (Vec::new(), String::new());
     loop {
-        match e.poll(id, Duration::from_secs(120)).unwrap().expect("no event within 120 s") {
+        match e
+            .poll(id, Duration::from_secs(120))
+            .unwrap()
+            .expect("no event within 120 s")
+        {
             Event::Token { token, text: t, .. } => {
                 toks.push(token);
                 text.push_str(&t);
             }
-            Event::Finished { reason, text: t, .. } => {
+            Event::Finished {
+                reason, text: t, ..
+            } => {
                 text.push_str(&t);
-                assert!(matches!(e.poll(id, Duration::ZERO), Err(Error::UnknownRequest(_))));
+                assert!(matches!(
+                    e.poll(id, Duration::ZERO),
+                    Err(Error::UnknownRequest(_))
+                ));
                 return (toks, text, reason);
             }
         }
@@ -66,13 +79,17 @@ fn drain(e: &Engine, id: u64) -> (Vec<u32>, String, FinishReason) {
 #[test]
 fn known_answer_through_the_engine() {
     let e = engine(BatchMode::Continuous, 4);
-    let c = e.generate(Request::new(Prompt::Chat(chat(QUESTIONS[0]))).max_tokens(20)).unwrap();
+    let c = e
+        .generate(Request::new(Prompt::Chat(chat(QUESTIONS[0]))).max_tokens(20))
+        .unwrap();
     assert_eq!(c.tokens, PARIS_ANSWER);
     assert_eq!(c.text, "The capital of France is Paris.");
     assert_eq!(c.reason, Some(FinishReason::Stop));
     assert_eq!(c.stats.prompt_tokens, 37);
     assert_eq!(c.stats.generated_tokens, 8);
-    assert!(c.stats.time_to_first_token > 0.0 && c.stats.total_latency >= c.stats.time_to_first_token);
+    assert!(
+        c.stats.time_to_first_token > 0.0 && c.stats.total_latency >= c.stats.time_to_first_token
+    );
 }
 
 #[test]
@@ -90,7 +107,10 @@ fn static_and_continuous_match_single_sequence() {
         }
         for (k, id) in ids.into_iter().enumerate() {
             let (toks, _, _) = drain(&e, id);
-            assert_eq!(toks, reference[k].1, "{mode:?}: prompt {k} differs from its single-sequence output");
+            assert_eq!(
+                toks, reference[k].1,
+                "{mode:?}: prompt {k} differs from its single-sequence output"
+            );
         }
     }
 }
@@ -101,9 +121,15 @@ fn second_round_after_the_batch_drained() {
     let reference = reference();
     let e = engine(BatchMode::Continuous, 4);
     for round in 0..2 {
-        let ids: Vec<u64> = (0..3).map(|k| e.submit(request(&reference[k + round].0, 4)).unwrap()).collect();
+        let ids: Vec<u64> = (0..3)
+            .map(|k| e.submit(request(&reference[k + round].0, 4)).unwrap())
+            .collect();
         for (k, id) in ids.into_iter().enumerate() {
-            assert_eq!(drain(&e, id).0, reference[k + round].1[..4], "round {round}");
+            assert_eq!(
+                drain(&e, id).0,
+                reference[k + round].1[..4],
+                "round {round}"
+            );
         }
         assert_eq!(e.stats().running, 0);
     }
@@ -118,12 +144,22 @@ fn second_round_after_the_batch_drained() {
 #[test]
 fn seeded_sampling_is_independent_of_batch_companions() {
     let reference = reference();
-    let sampling = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, min_p: 0.02, repetition_penalty: 1.1, seed: Some(42), ..Default::default() };
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.02,
+        repetition_penalty: 1.1,
+        seed: Some(42),
+        ..Default::default()
+    };
     let mut req = request(&reference[3].0, 10);
     req.sampling = sampling;
     let e = engine(BatchMode::Continuous, 4);
     let alone = e.generate(req.clone()).unwrap().tokens;
-    let others: Vec<u64> = (0..3).map(|k| e.submit(request(&reference[k].0, 10)).unwrap()).collect();
+    let others: Vec<u64> = (0..3)
+        .map(|k| e.submit(request(&reference[k].0, 10)).unwrap())
+        .collect();
     let id = e.submit(req).unwrap();
     let together = drain(&e, id).0;
     for o in others {
@@ -144,24 +180,43 @@ fn stop_strings_and_stop_tokens() {
     req.stop.stop_token_ids = vec![4649];
     let c = e.generate(req).unwrap();
     assert_eq!(c.tokens, PARIS_ANSWER[..4]);
-    let req = Request { stop: StopConditions { max_tokens: 3, ..Default::default() }, ..Request::new(Prompt::Chat(chat(QUESTIONS[0]))) };
+    let req = Request {
+        stop: StopConditions {
+            max_tokens: 3,
+            ..Default::default()
+        },
+        ..Request::new(Prompt::Chat(chat(QUESTIONS[0])))
+    };
     let c = e.generate(req).unwrap();
     assert_eq!((c.tokens.len(), c.reason), (3, Some(FinishReason::Length)));
 }
 
 #[test]
 fn cancel_during_prefill_and_decode() {
+    let short = reference()[1].0.clone();
     let e = Engine::new(
         model_path(),
-        EngineConfig { scheduler: convoy::scheduler::SchedulerConfig { prefill_chunk: 8, ..Default::default() }, ..Default::default() },
+        EngineConfig {
+            scheduler: convoy::scheduler::SchedulerConfig {
+                prefill_chunk: 8,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     )
     .unwrap();
     let long: String = QUESTIONS.join(" ").repeat(3);
-    let in_prefill = e.submit(Request::new(Prompt::Text(long)).max_tokens(50)).unwrap();
-    let decoding = e.submit(request(&reference()[1].0, 200)).unwrap();
-    // Let the short one start streaming, then cancel both.
+    let decoding = e.submit(request(&short, 200)).unwrap();
     let first = e.poll(decoding, Duration::from_secs(60)).unwrap();
-    assert!(matches!(first, Some(Event::Token { .. })));
+    assert!(
+        matches!(first, Some(Event::Token { .. })),
+        "the short request is decoding"
+    );
+    // The long prompt needs ~40 chunks of 8 tokens: cancel it while it is prefilling.
+    let in_prefill = e
+        .submit(Request::new(Prompt::Text(long)).max_tokens(50))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     e.cancel(in_prefill).unwrap();
     e.cancel(decoding).unwrap();
     let (toks, _, reason) = drain(&e, in_prefill);
@@ -182,9 +237,18 @@ fn limits_busy_and_bad_requests() {
     let e = Engine::new(model_path(), cfg).unwrap();
     assert_eq!(e.context_length(), 64);
     let too_long = Request::new(Prompt::Tokens(vec![5; 64]));
-    assert!(matches!(e.submit(too_long), Err(Error::PromptTooLong { .. })));
-    assert!(matches!(e.submit(Request::new(Prompt::Tokens(vec![])) ), Err(Error::InvalidArgument(_))));
-    assert!(matches!(e.submit(Request::new(Prompt::Tokens(vec![49152]))), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        e.submit(too_long),
+        Err(Error::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        e.submit(Request::new(Prompt::Tokens(vec![]))),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        e.submit(Request::new(Prompt::Tokens(vec![49152]))),
+        Err(Error::InvalidArgument(_))
+    ));
     let mut nan = Request::new(Prompt::Text("hi".into()));
     nan.sampling.temperature = f32::NAN;
     assert!(matches!(e.submit(nan), Err(Error::InvalidArgument(_))));
@@ -209,26 +273,47 @@ fn limits_busy_and_bad_requests() {
 #[test]
 fn drop_with_requests_in_flight_returns_quickly() {
     let e = engine(BatchMode::Continuous, 4);
-    let ids: Vec<u64> = (0..6).map(|k| e.submit(request(&reference()[k].0, 500)).unwrap()).collect();
+    let ids: Vec<u64> = (0..6)
+        .map(|k| e.submit(request(&reference()[k].0, 500)).unwrap())
+        .collect();
     let _ = e.poll(ids[0], Duration::from_secs(60)).unwrap();
     let start = Instant::now();
     drop(e);
-    assert!(start.elapsed() < Duration::from_secs(10), "drop took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "drop took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
 fn request_log_lines() {
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
-    let cfg = EngineConfig { log: Some(Arc::new(move |l: &str| sink.lock().unwrap().push(l.to_owned()))), ..Default::default() };
+    let cfg = EngineConfig {
+        log: Some(Arc::new(move |l: &str| {
+            sink.lock().unwrap().push(l.to_owned())
+        })),
+        ..Default::default()
+    };
     let e = Engine::new(model_path(), cfg).unwrap();
-    let id = e.submit(Request::new(Prompt::Chat(chat(QUESTIONS[0]))).max_tokens(20)).unwrap();
+    let id = e
+        .submit(Request::new(Prompt::Chat(chat(QUESTIONS[0]))).max_tokens(20))
+        .unwrap();
     drain(&e, id);
     drop(e);
     let lines = lines.lock().unwrap();
     assert_eq!(lines.len(), 1);
     let l = &lines[0];
-    for key in ["request_id=", "prompt_tps=", "generation_tps=", "total_tps=", "total_tokens=45", "latency_ms=", "finish_reason=stop"] {
+    for key in [
+        "request_id=",
+        "prompt_tps=",
+        "generation_tps=",
+        "total_tps=",
+        "total_tokens=45",
+        "latency_ms=",
+        "finish_reason=stop",
+    ] {
         assert!(l.contains(key), "{key} missing in {l}");
     }
 }
@@ -248,11 +333,16 @@ fn many_threads_with_random_cancels() {
                     // A deterministic "random" third of requests is cancelled.
                     let cancel = (t * 31 + i * 17) % 3 == 0;
                     if cancel {
-                        let _ = e.poll(id, Duration::from_millis((i as u64 % 4) * 50)).unwrap();
+                        let _ = e
+                            .poll(id, Duration::from_millis((i as u64 % 4) * 50))
+                            .unwrap();
                         let _ = e.cancel(id);
                     }
                     let (toks, _, reason) = drain(&e, id);
-                    results.lock().unwrap().insert((t, i), (k, cancel, toks, reason));
+                    results
+                        .lock()
+                        .unwrap()
+                        .insert((t, i), (k, cancel, toks, reason));
                 }
             })
         })
@@ -266,7 +356,11 @@ fn many_threads_with_random_cancels() {
         match reason {
             FinishReason::Cancelled => assert!(cancel),
             FinishReason::Error => panic!("request {t}/{i} failed"),
-            _ => assert_eq!(toks[..], reference[*k].1[..toks.len().min(6)], "request {t}/{i} (prompt {k})"),
+            _ => assert_eq!(
+                toks[..],
+                reference[*k].1[..toks.len().min(6)],
+                "request {t}/{i} (prompt {k})"
+            ),
         }
         if !cancel {
             assert_eq!(toks.len(), reference[*k].1.len().min(6));

@@ -34,7 +34,10 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let num = |key: &str| -> Result<Option<f64>> {
         let key = format!("{arch_name}.{key}");
         match file.get_metadata_array(&key) {
-            Ok(Some(a)) => Ok(Some(a.try_item_cast::<f64>().map_err(|e| Error::Mlx(e.to_string()))?)),
+            Ok(Some(a)) => Ok(Some(
+                a.try_item_cast::<f64>()
+                    .map_err(|e| Error::Mlx(e.to_string()))?,
+            )),
             Ok(None) => Ok(None),
             Err(e) => Err(corrupt(path, format!("{key}: {e}"))),
         }
@@ -72,7 +75,10 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     }
     let model = Model::from_tensors(config, tensors, GGUF_GROUP_SIZE, options.weights)?;
     tokenizer.check_fits(&model.config)?;
-    Ok(LoadedModel { model, tokenizer: std::sync::Arc::new(tokenizer) })
+    Ok(LoadedModel {
+        model,
+        tokenizer: std::sync::Arc::new(tokenizer),
+    })
 }
 
 fn corrupt(path: &Path, reason: String) -> Error {

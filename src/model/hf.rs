@@ -45,7 +45,10 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
         tensors.remove("lm_head.weight");
     }
     let model = Model::from_tensors(config, tensors, group_size, options.weights)?;
-    Ok(LoadedModel { model, tokenizer: std::sync::Arc::new(tokenizer) })
+    Ok(LoadedModel {
+        model,
+        tokenizer: std::sync::Arc::new(tokenizer),
+    })
 }
 
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -92,7 +92,10 @@ impl Runner for FakeRunner {
 struct Letters;
 impl TextDecoder for Letters {
     fn decode_ids(&self, ids: &[u32]) -> Result<String> {
-        Ok(ids.iter().map(|&t| (b'a' + (t % 26) as u8) as char).collect())
+        Ok(ids
+            .iter()
+            .map(|&t| (b'a' + (t % 26) as u8) as char)
+            .collect())
     }
 }
 
@@ -115,7 +118,14 @@ impl Harness {
         }
     }
     fn submit(&mut self, id: RequestId, prompt: Vec<u32>, stop: StopConditions) -> Result<()> {
-        self.sched.submit(id, prompt, SamplingParams::default(), stop, vec![2], Instant::now())
+        self.sched.submit(
+            id,
+            prompt,
+            SamplingParams::default(),
+            stop,
+            vec![2],
+            Instant::now(),
+        )
     }
     fn step(&mut self) {
         let mut events = Vec::new();
@@ -123,11 +133,16 @@ impl Harness {
         for e in events {
             match e {
                 Event::Token { id, token, text } => {
-                    assert!(!self.finished.contains_key(&id), "token after the terminal event");
+                    assert!(
+                        !self.finished.contains_key(&id),
+                        "token after the terminal event"
+                    );
                     self.tokens.entry(id).or_default().push(token);
                     self.text.entry(id).or_default().push_str(&text);
                 }
-                Event::Finished { id, reason, text, .. } => {
+                Event::Finished {
+                    id, reason, text, ..
+                } => {
                     self.text.entry(id).or_default().push_str(&text);
                     let n = self.finished.get(&id).map_or(0, |f| f.1);
                     self.finished.insert(id, (reason, n + 1));
@@ -147,16 +162,25 @@ impl Harness {
 }
 
 fn limit(n: usize) -> StopConditions {
-    StopConditions { max_tokens: n, ..Default::default() }
+    StopConditions {
+        max_tokens: n,
+        ..Default::default()
+    }
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| 3 + (seed * 13 + i * 5) % 90).collect()
+    (0..len as u32)
+        .map(|i| 3 + (seed * 13 + i * 5) % 90)
+        .collect()
 }
 
 #[test]
 fn more_requests_than_slots_each_get_their_own_tokens() {
-    let mut h = Harness::new(SchedulerConfig { max_batch_size: 3, prefill_chunk: 4, ..Default::default() });
+    let mut h = Harness::new(SchedulerConfig {
+        max_batch_size: 3,
+        prefill_chunk: 4,
+        ..Default::default()
+    });
     let mut expected = HashMap::new();
     for id in 1..=10u64 {
         let p = prompt(id as u32, 1 + (id as usize * 7) % 23);
@@ -168,7 +192,10 @@ fn more_requests_than_slots_each_get_their_own_tokens() {
     }
     h.run();
     assert!(h.runner.max_rows_seen <= 3);
-    assert!(h.runner.joins_while_running > 0, "continuous mode joins mid-decode");
+    assert!(
+        h.runner.joins_while_running > 0,
+        "continuous mode joins mid-decode"
+    );
     for id in 1..=10u64 {
         assert_eq!(h.tokens[&id], expected[&id], "request {id}");
         assert_eq!(h.finished[&id], (FinishReason::Length, 1));
@@ -177,20 +204,36 @@ fn more_requests_than_slots_each_get_their_own_tokens() {
 
 #[test]
 fn static_mode_never_joins_a_running_batch() {
-    let mut h = Harness::new(SchedulerConfig { mode: BatchMode::Static, max_batch_size: 4, ..Default::default() });
+    let mut h = Harness::new(SchedulerConfig {
+        mode: BatchMode::Static,
+        max_batch_size: 4,
+        ..Default::default()
+    });
     for id in 1..=9u64 {
-        h.submit(id, prompt(id as u32, 5 + id as usize), limit(2 + id as usize % 4)).unwrap();
+        h.submit(
+            id,
+            prompt(id as u32, 5 + id as usize),
+            limit(2 + id as usize % 4),
+        )
+        .unwrap();
     }
     h.run();
     assert_eq!(h.runner.joins_while_running, 0);
     for id in 1..=9u64 {
-        assert_eq!(h.tokens[&id], alone(&prompt(id as u32, 5 + id as usize), 2 + id as usize % 4));
+        assert_eq!(
+            h.tokens[&id],
+            alone(&prompt(id as u32, 5 + id as usize), 2 + id as usize % 4)
+        );
     }
 }
 
 #[test]
 fn cancel_while_waiting_prefilling_and_running() {
-    let mut h = Harness::new(SchedulerConfig { max_batch_size: 2, prefill_chunk: 2, ..Default::default() });
+    let mut h = Harness::new(SchedulerConfig {
+        max_batch_size: 2,
+        prefill_chunk: 2,
+        ..Default::default()
+    });
     h.submit(1, prompt(1, 3), limit(50)).unwrap();
     h.submit(2, prompt(2, 40), limit(50)).unwrap();
     h.submit(3, prompt(3, 3), limit(50)).unwrap();
@@ -222,7 +265,11 @@ fn stop_string_across_tokens_is_not_emitted() {
     let full: String = Letters.decode_ids(&alone(&p, 12)).unwrap();
     let stop = full[5..8].to_owned();
     let mut h = Harness::new(SchedulerConfig::default());
-    let cond = StopConditions { max_tokens: 12, stop_strings: vec![stop.clone()], ..Default::default() };
+    let cond = StopConditions {
+        max_tokens: 12,
+        stop_strings: vec![stop.clone()],
+        ..Default::default()
+    };
     h.submit(1, p, cond).unwrap();
     h.run();
     let first = full.find(&stop).unwrap();
@@ -235,7 +282,11 @@ fn eos_and_stop_tokens_end_with_stop() {
     let p = prompt(6, 4);
     let out = alone(&p, 6);
     let mut h = Harness::new(SchedulerConfig::default());
-    let cond = StopConditions { max_tokens: 6, stop_token_ids: vec![out[2]], ..Default::default() };
+    let cond = StopConditions {
+        max_tokens: 6,
+        stop_token_ids: vec![out[2]],
+        ..Default::default()
+    };
     h.submit(1, p, cond).unwrap();
     h.run();
     let first = out.iter().position(|&t| t == out[2]).unwrap();
@@ -245,13 +296,29 @@ fn eos_and_stop_tokens_end_with_stop() {
 
 #[test]
 fn limits_are_enforced_at_submit() {
-    let mut h = Harness::new(SchedulerConfig { max_waiting: 2, max_context: 16, ..Default::default() });
-    assert!(matches!(h.submit(1, prompt(1, 16), limit(1)), Err(Error::PromptTooLong { .. })));
-    assert!(matches!(h.submit(1, vec![], limit(1)), Err(Error::InvalidArgument(_))));
-    assert!(matches!(h.submit(1, prompt(1, 2), limit(0)), Err(Error::InvalidArgument(_))));
+    let mut h = Harness::new(SchedulerConfig {
+        max_waiting: 2,
+        max_context: 16,
+        ..Default::default()
+    });
+    assert!(matches!(
+        h.submit(1, prompt(1, 16), limit(1)),
+        Err(Error::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        h.submit(1, vec![], limit(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        h.submit(1, prompt(1, 2), limit(0)),
+        Err(Error::InvalidArgument(_))
+    ));
     h.submit(1, prompt(1, 4), limit(100)).unwrap();
     h.submit(2, prompt(2, 4), limit(3)).unwrap();
-    assert!(matches!(h.submit(3, prompt(3, 4), limit(3)), Err(Error::Busy(2))));
+    assert!(matches!(
+        h.submit(3, prompt(3, 4), limit(3)),
+        Err(Error::Busy(2))
+    ));
     h.run();
     // The context caps generation: 16 - 4 prompt tokens.
     assert_eq!(h.tokens[&1].len(), 12);
@@ -260,19 +327,29 @@ fn limits_are_enforced_at_submit() {
 
 #[test]
 fn kv_budget_limits_admission() {
-    let mut h = Harness::new(SchedulerConfig { max_kv_tokens: 20, ..Default::default() });
+    let mut h = Harness::new(SchedulerConfig {
+        max_kv_tokens: 20,
+        ..Default::default()
+    });
     h.submit(1, prompt(1, 5), limit(10)).unwrap();
     h.submit(2, prompt(2, 5), limit(10)).unwrap();
     h.step();
     h.step();
-    assert_eq!(h.sched.stats().running + h.sched.stats().prefilling, 1, "second waits for budget");
+    assert_eq!(
+        h.sched.stats().running + h.sched.stats().prefilling,
+        1,
+        "second waits for budget"
+    );
     h.run();
     assert_eq!(h.tokens[&2], alone(&prompt(2, 5), 10));
 }
 
 #[test]
 fn runner_failure_fails_active_requests_once_and_queue_survives() {
-    let mut h = Harness::new(SchedulerConfig { max_batch_size: 1, ..Default::default() });
+    let mut h = Harness::new(SchedulerConfig {
+        max_batch_size: 1,
+        ..Default::default()
+    });
     h.submit(1, prompt(1, 3), limit(5)).unwrap();
     h.submit(2, prompt(2, 3), limit(5)).unwrap();
     h.step();

@@ -21,14 +21,21 @@ pub fn model_path() -> PathBuf {
         return p.into();
     }
     let p = cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "test model missing at {}: run `make model` (or `make test`)", p.display());
+    assert!(
+        p.is_file(),
+        "test model missing at {}: run `make model` (or `make test`)",
+        p.display()
+    );
     p
 }
 
 pub const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 pub fn chat(user: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage::new("system", SYSTEM), ChatMessage::new("user", user)]
+    vec![
+        ChatMessage::new("system", SYSTEM),
+        ChatMessage::new("user", user),
+    ]
 }
 
 /// Known answer from shared/docs/test-model.md.
