@@ -8,10 +8,13 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-changed=src/ffi");
+    println!("cargo:rerun-if-env-changed=CONVOY_UPDATE_HEADER");
 
     if let Ok(lib_dir) = env::var("DEP_MLX_LIB_DIR") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
         println!("cargo:lib_dir={lib_dir}");
+        // Tests that compile C programs link libmlx from here.
+        println!("cargo:rustc-env=CONVOY_MLX_LIB_DIR={lib_dir}");
     }
     let backend = env::var("DEP_MLX_BACKEND").unwrap_or_else(|_| "cpu".into());
     println!("cargo:rustc-env=CONVOY_MLX_BACKEND={backend}");
@@ -23,6 +26,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-lopenblas");
         println!("cargo:rustc-link-arg=-Wl,--pop-state");
         println!("cargo:openblas_dir={dir}");
+        println!("cargo:rustc-env=CONVOY_OPENBLAS_DIR={dir}");
     }
 
     let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -32,8 +36,17 @@ fn main() {
 }
 
 fn generate_header(crate_dir: &std::path::Path) {
-    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+    let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
         .expect("cbindgen.toml is valid");
+    // Version macros always equal the crate version (and so convoy_version()).
+    let version = env::var("CARGO_PKG_VERSION").unwrap();
+    let part = |k: &str| env::var(k).unwrap();
+    config.after_includes = Some(format!(
+        "\n#define CONVOY_VERSION \"{version}\"\n#define CONVOY_VERSION_MAJOR {}\n#define CONVOY_VERSION_MINOR {}\n#define CONVOY_VERSION_PATCH {}\n",
+        part("CARGO_PKG_VERSION_MAJOR"),
+        part("CARGO_PKG_VERSION_MINOR"),
+        part("CARGO_PKG_VERSION_PATCH")
+    ));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("convoy.h");
     match cbindgen::Builder::new()
         .with_crate(crate_dir)
@@ -42,12 +55,15 @@ fn generate_header(crate_dir: &std::path::Path) {
     {
         Ok(bindings) => {
             bindings.write_to_file(&out);
-            // The committed copy is refreshed on every build; tests/header.rs fails when the
-            // committed file differs from this fresh generation.
+            println!("cargo:rustc-env=OUT_DIR_HEADER={}", out.display());
+            // The committed copy is written only when missing or on request
+            // (`make header` sets CONVOY_UPDATE_HEADER=1); tests/c_api.rs fails when it
+            // differs from this fresh generation, so a stale header cannot go unnoticed.
             let committed = crate_dir.join("include/convoy.h");
-            let fresh = std::fs::read(&out).unwrap_or_default();
-            if std::fs::read(&committed).ok().as_deref() != Some(&fresh[..]) {
-                let _ = std::fs::write(&committed, &fresh);
+            if !committed.exists() || env::var_os("CONVOY_UPDATE_HEADER").is_some() {
+                let fresh = std::fs::read(&out).unwrap_or_default();
+                let _ = std::fs::create_dir_all(crate_dir.join("include"));
+                let _ = std::fs::write(&committed, fresh);
             }
         }
         Err(e) => println!("cargo:warning=cbindgen could not generate convoy.h: {e}"),

@@ -5,6 +5,7 @@
 //! [`tokenizer`] turns text into ids and back; [`ffi`] is the C ABI over [`engine`].
 pub mod engine;
 pub mod error;
+pub mod ffi;
 pub mod kv_cache;
 pub mod model;
 pub mod request;

@@ -1,0 +1,237 @@
+//! The C ABI (prefix `convoy_`). Thin: argument checks, conversions and a panic boundary
+//! around one call into the safe API in [`crate::engine`]. `include/convoy.h` is generated
+//! from this module by cbindgen (see build.rs and cbindgen.toml).
+//!
+//! Conventions (after rustls-ffi and sqlite3):
+//! - every fallible function returns a `convoy_status`; out-params are written only on
+//!   `CONVOY_STATUS_OK`; details of the last failure on this thread are available from
+//!   `convoy_last_error_message`;
+//! - `const convoy_engine *` parameters may be used from many threads at once;
+//!   `convoy_engine *` (destroy) needs exclusive access;
+//! - no panic crosses the boundary: it becomes `CONVOY_STATUS_PANIC`.
+#![allow(non_camel_case_types)]
+#![allow(clippy::missing_safety_doc)]
+
+mod engine;
+mod types;
+
+pub use engine::*;
+pub use types::*;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::error::Error;
+
+/// Status codes. Values are stable and never reused.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_status {
+    /// Success.
+    Ok = 0,
+    /// `convoy_engine_poll`: no event arrived within the timeout (not an error).
+    Timeout = 1,
+    /// A required pointer argument was NULL.
+    NullPointer = 2,
+    /// A string argument was not valid UTF-8.
+    InvalidUtf8 = 3,
+    /// An argument or parameter value is out of range.
+    InvalidArgument = 4,
+    /// The model path does not exist or cannot be read.
+    ModelNotFound = 5,
+    /// The model file is corrupt or truncated.
+    CorruptModel = 6,
+    /// The model's architecture or quantization is not supported.
+    UnsupportedModel = 7,
+    /// The tokenizer failed or does not match the model.
+    TokenizerError = 8,
+    /// The chat template failed to render.
+    TemplateError = 9,
+    /// The waiting queue is full; try again later.
+    Busy = 10,
+    /// The prompt does not fit in the context window.
+    PromptTooLong = 11,
+    /// No live request has this id (never submitted, or its terminal event was polled).
+    UnknownRequest = 12,
+    /// The engine failed (a panic or unrecoverable error on its thread); destroy it.
+    EngineFailed = 13,
+    /// The engine is shutting down.
+    ShutDown = 14,
+    /// MLX reported an error.
+    MlxError = 15,
+    /// A panic was caught at the API boundary (a bug in convoy).
+    Panic = 16,
+    /// An I/O error.
+    IoError = 17,
+}
+
+impl From<&Error> for convoy_status {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::ModelNotFound { .. } => Self::ModelNotFound,
+            Error::CorruptModel { .. } | Error::BadWeights(_) => Self::CorruptModel,
+            Error::UnsupportedArchitecture(_) | Error::UnsupportedQuantization(_) => {
+                Self::UnsupportedModel
+            }
+            Error::TokenizerMismatch(_) | Error::Tokenizer(_) => Self::TokenizerError,
+            Error::Template(_) => Self::TemplateError,
+            Error::Mlx(_) => Self::MlxError,
+            Error::InvalidArgument(_) => Self::InvalidArgument,
+            Error::Busy(_) => Self::Busy,
+            Error::PromptTooLong { .. } => Self::PromptTooLong,
+            Error::UnknownRequest(_) => Self::UnknownRequest,
+            Error::EngineFailed(_) => Self::EngineFailed,
+            Error::ShutDown => Self::ShutDown,
+            Error::Io { .. } => Self::IoError,
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// An FFI failure: a status plus the message stored for `convoy_last_error_message`.
+pub(crate) struct Failure(convoy_status, String);
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure((&e).into(), e.to_string())
+    }
+}
+
+pub(crate) fn fail(status: convoy_status, message: impl Into<String>) -> Failure {
+    Failure(status, message.into())
+}
+
+/// Runs `body` inside the panic boundary and turns its outcome into a status.
+pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> convoy_status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => {
+            set_last_error("");
+            convoy_status::Ok
+        }
+        Ok(Err(Failure(status, message))) => {
+            set_last_error(&message);
+            status
+        }
+        Err(_) => {
+            set_last_error("internal panic caught at the convoy API boundary");
+            convoy_status::Panic
+        }
+    }
+}
+
+/// Dereferences a pointer argument or fails with `NullPointer` naming it.
+pub(crate) unsafe fn arg<'a, T>(ptr: *const T, name: &str) -> Result<&'a T, Failure> {
+    ptr.as_ref()
+        .ok_or_else(|| fail(convoy_status::NullPointer, format!("{name} is NULL")))
+}
+
+/// Borrows a NUL-terminated UTF-8 string argument.
+pub(crate) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    if ptr.is_null() {
+        return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
+    }
+    CStr::from_ptr(ptr).to_str().map_err(|e| {
+        fail(
+            convoy_status::InvalidUtf8,
+            format!("{name} is not valid UTF-8: {e}"),
+        )
+    })
+}
+
+/// Borrows `len` elements at `ptr` (NULL allowed only when `len` is 0).
+pub(crate) unsafe fn slice_arg<'a, T>(
+    ptr: *const T,
+    len: usize,
+    name: &str,
+) -> Result<&'a [T], Failure> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(fail(
+            convoy_status::NullPointer,
+            format!("{name} is NULL but its length is {len}"),
+        ));
+    }
+    if len > (isize::MAX as usize) / std::mem::size_of::<T>().max(1) {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            format!("{name}: absurd length {len}"),
+        ));
+    }
+    Ok(std::slice::from_raw_parts(ptr, len))
+}
+
+/// Static text for a status code (never NULL; unknown values give "unknown status").
+#[no_mangle]
+pub extern "C" fn convoy_status_str(status: u32) -> *const c_char {
+    let s: &'static CStr = match status {
+        0 => c"ok",
+        1 => c"timed out waiting for an event",
+        2 => c"a required pointer argument was NULL",
+        3 => c"a string argument was not valid UTF-8",
+        4 => c"invalid argument",
+        5 => c"model not found",
+        6 => c"model file is corrupt or truncated",
+        7 => c"unsupported model architecture or quantization",
+        8 => c"tokenizer error",
+        9 => c"chat template error",
+        10 => c"engine busy: the waiting queue is full",
+        11 => c"prompt too long for the context window",
+        12 => c"unknown request id",
+        13 => c"engine failed",
+        14 => c"engine is shut down",
+        15 => c"MLX error",
+        16 => c"internal panic caught at the API boundary",
+        17 => c"I/O error",
+        _ => c"unknown status",
+    };
+    s.as_ptr()
+}
+
+/// Copies the message of the last failed convoy call on this thread into `buf` (always
+/// NUL-terminated when `len > 0`, truncated if needed) and returns the message's full length
+/// in bytes, excluding the NUL, like `snprintf`. An empty message means the last call
+/// succeeded. `buf` may be NULL when `len` is 0 (to ask for the length). Never fails.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    catch_unwind(|| {
+        LAST_ERROR.with(|e| {
+            let msg = e.borrow();
+            let bytes = msg.as_bytes();
+            if !buf.is_null() && len > 0 {
+                let n = bytes.len().min(len - 1);
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+                *buf.add(n) = 0;
+            }
+            bytes.len()
+        })
+    })
+    .unwrap_or(0)
+}
+
+/// The library version, e.g. "0.1.0" (static storage; equals `CONVOY_VERSION` in the header
+/// the library was built with).
+#[no_mangle]
+pub extern "C" fn convoy_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The MLX backend compiled in: "cpu", "metal" or "cuda" (static storage).
+#[no_mangle]
+pub extern "C" fn convoy_backend() -> *const c_char {
+    match crate::backend() {
+        "metal" => c"metal".as_ptr(),
+        "cuda" => c"cuda".as_ptr(),
+        _ => c"cpu".as_ptr(),
+    }
+}

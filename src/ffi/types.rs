@@ -1,0 +1,370 @@
+//! Plain C structs and enums of the API, and their conversions to the safe types.
+use std::ffi::{c_char, c_void};
+
+use super::{fail, slice_arg, str_arg, Failure};
+use crate::engine::{EngineConfig, EngineStats};
+use crate::model::WeightsPolicy;
+use crate::request::{FinishReason, RequestStats, StopConditions};
+use crate::sampling::SamplingParams;
+use crate::scheduler::{BatchMode, SchedulerConfig};
+
+/// How requests are batched.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_batch_mode {
+    /// Requests join and leave the running batch at every step (the default).
+    Continuous = 0,
+    /// Fixed batches that run to completion (for comparison).
+    Static = 1,
+}
+
+/// What to do with quantized weights.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_weights {
+    /// Dequantize on the CPU backend, keep quantized on Metal/CUDA (the default).
+    Auto = 0,
+    /// Always dequantize to float32.
+    Dequantize = 1,
+    /// Always keep quantized weights quantized.
+    KeepQuantized = 2,
+}
+
+/// Receives one line per finished request, on the engine thread. `line` is valid only during
+/// the call. Must not call back into convoy for the same engine and should return quickly.
+pub type convoy_log_callback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, line: *const c_char)>;
+
+/// Engine configuration. Fill with `convoy_engine_config_init` first, then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_engine_config {
+    /// A `convoy_batch_mode` value. Default CONVOY_BATCH_MODE_CONTINUOUS.
+    pub mode: u32,
+    /// A `convoy_weights` value. Default CONVOY_WEIGHTS_AUTO.
+    pub weights: u32,
+    /// Most requests decoding at once (1..=1024). Default 8.
+    pub max_batch_size: u32,
+    /// Most requests waiting for admission before submit answers BUSY. Default 256.
+    pub max_waiting: u32,
+    /// KV tokens that may be reserved at once (prompt + max_tokens per request). Default 65536.
+    pub max_kv_tokens: u32,
+    /// Context length limit; 0 means the model's own. Default 0.
+    pub max_context: u32,
+    /// Prompt tokens prefilled per step, interleaved with decode steps. Default 512.
+    pub prefill_chunk: u32,
+    /// Called once per finished request with a log line; NULL for none.
+    pub log_callback: convoy_log_callback,
+    /// Passed to `log_callback` as is.
+    pub log_user_data: *mut c_void,
+}
+
+/// Sampling and stopping parameters of one request. Fill with `convoy_request_params_init`
+/// (greedy, 256 tokens) first, then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_request_params {
+    /// Most tokens to generate (>= 1).
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: u32,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+    /// 1 disables.
+    pub repetition_penalty: f32,
+    /// 0 disables.
+    pub presence_penalty: f32,
+    /// 0 disables.
+    pub frequency_penalty: f32,
+    /// Use `seed` for sampling (reproducible output); otherwise a clock seed.
+    pub has_seed: bool,
+    pub seed: u64,
+    /// Do not stop at end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Extra token ids that stop generation; may be NULL when `n_stop_token_ids` is 0.
+    pub stop_token_ids: *const u32,
+    pub n_stop_token_ids: usize,
+    /// NUL-terminated UTF-8 stop strings; may be NULL when `n_stop_strings` is 0. The stop
+    /// string itself is not emitted.
+    pub stop_strings: *const *const c_char,
+    pub n_stop_strings: usize,
+}
+
+/// One chat message for `convoy_engine_submit_chat`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_chat_message {
+    /// "system", "user" or "assistant" (NUL-terminated UTF-8).
+    pub role: *const c_char,
+    /// NUL-terminated UTF-8.
+    pub content: *const c_char,
+}
+
+/// Kind of an event returned by `convoy_engine_poll`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_event_kind {
+    /// A generated token (`token`, `text`).
+    Token = 1,
+    /// The request ended (`finish_reason`, `stats`, `text` holds any last text); the last
+    /// event of every request, delivered exactly once.
+    Finished = 2,
+}
+
+/// Why a request ended.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_finish_reason {
+    /// Not finished (token events).
+    None = 0,
+    /// max_tokens or the context limit.
+    Length = 1,
+    /// End of sequence, a stop token or a stop string.
+    Stop = 2,
+    /// Cancelled by `convoy_engine_cancel` or engine destruction.
+    Cancelled = 3,
+    /// The engine failed while running the request (see `error`).
+    Error = 4,
+}
+
+/// Per-request statistics (in the FINISHED event).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct convoy_request_stats {
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    /// Seconds from submit to the first generated token.
+    pub time_to_first_token: f64,
+    /// Seconds waiting before admission.
+    pub queue_time: f64,
+    pub prompt_tokens_per_second: f64,
+    pub generation_tokens_per_second: f64,
+    /// Seconds from submit to the end.
+    pub total_latency: f64,
+}
+
+/// An event of one request.
+///
+/// `text` and `error` point to thread-local storage owned by convoy: valid until the next
+/// `convoy_engine_poll` call on the same thread. Copy them to keep them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_event {
+    pub kind: convoy_event_kind,
+    pub request_id: u64,
+    /// The token id (TOKEN events).
+    pub token: u32,
+    /// UTF-8 text this event adds to the output, NUL-terminated (never NULL; may be empty
+    /// while a multi-byte character or a possible stop string is held back).
+    pub text: *const c_char,
+    /// Length of `text` in bytes.
+    pub text_len: usize,
+    pub finish_reason: convoy_finish_reason,
+    pub stats: convoy_request_stats,
+    /// Error message for `CONVOY_FINISH_REASON_ERROR`, else an empty string (never NULL).
+    pub error: *const c_char,
+}
+
+/// Engine-wide counters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct convoy_engine_stats {
+    /// Requests prefilling or decoding.
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_tokens: u64,
+    pub steps: u64,
+    pub tokens_generated: u64,
+    pub requests_finished: u64,
+    /// Seconds inside engine steps, and the part spent waiting on MLX evaluation.
+    pub step_seconds: f64,
+    pub eval_seconds: f64,
+    pub peak_memory_bytes: u64,
+}
+
+impl Default for convoy_engine_config {
+    fn default() -> Self {
+        let s = SchedulerConfig::default();
+        Self {
+            mode: convoy_batch_mode::Continuous as u32,
+            weights: convoy_weights::Auto as u32,
+            max_batch_size: s.max_batch_size as u32,
+            max_waiting: s.max_waiting as u32,
+            max_kv_tokens: s.max_kv_tokens as u32,
+            max_context: 0,
+            prefill_chunk: s.prefill_chunk as u32,
+            log_callback: None,
+            log_user_data: std::ptr::null_mut(),
+        }
+    }
+}
+
+impl Default for convoy_request_params {
+    fn default() -> Self {
+        let s = SamplingParams::default();
+        Self {
+            max_tokens: StopConditions::default().max_tokens as u32,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            has_seed: false,
+            seed: 0,
+            ignore_eos: false,
+            stop_token_ids: std::ptr::null(),
+            n_stop_token_ids: 0,
+            stop_strings: std::ptr::null(),
+            n_stop_strings: 0,
+        }
+    }
+}
+
+/// The log callback and its user data, made sendable to the engine thread.
+struct LogTarget(
+    unsafe extern "C" fn(*mut c_void, *const c_char),
+    *mut c_void,
+);
+// SAFETY: the header documents that the callback is invoked on the engine thread with the
+// caller's user data; making that safe is the caller's contract, as with any C callback.
+unsafe impl Send for LogTarget {}
+unsafe impl Sync for LogTarget {}
+
+impl LogTarget {
+    fn call(&self, line: &str) {
+        let c = std::ffi::CString::new(line.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: see above; `c` outlives the call.
+        unsafe { (self.0)(self.1, c.as_ptr()) }
+    }
+}
+
+impl convoy_engine_config {
+    pub(crate) fn to_engine_config(&self) -> Result<EngineConfig, Failure> {
+        let mode = match self.mode {
+            0 => BatchMode::Continuous,
+            1 => BatchMode::Static,
+            m => {
+                return Err(fail(
+                    super::convoy_status::InvalidArgument,
+                    format!("unknown batch mode {m}"),
+                ))
+            }
+        };
+        let weights = match self.weights {
+            0 => WeightsPolicy::Auto,
+            1 => WeightsPolicy::Dequantize,
+            2 => WeightsPolicy::KeepQuantized,
+            w => {
+                return Err(fail(
+                    super::convoy_status::InvalidArgument,
+                    format!("unknown weights policy {w}"),
+                ))
+            }
+        };
+        let log = self.log_callback.map(|cb| {
+            let target = LogTarget(cb, self.log_user_data);
+            std::sync::Arc::new(move |line: &str| target.call(line)) as crate::engine::LogCallback
+        });
+        let mut scheduler = SchedulerConfig {
+            mode,
+            max_batch_size: self.max_batch_size as usize,
+            max_waiting: self.max_waiting as usize,
+            max_kv_tokens: self.max_kv_tokens as usize,
+            prefill_chunk: self.prefill_chunk as usize,
+            ..SchedulerConfig::default()
+        };
+        if self.max_context > 0 {
+            scheduler.max_context = self.max_context as usize;
+        } else {
+            scheduler.max_context = usize::MAX;
+        }
+        Ok(EngineConfig {
+            scheduler,
+            weights,
+            log,
+        })
+    }
+}
+
+impl convoy_request_params {
+    pub(crate) unsafe fn to_parts(&self) -> Result<(SamplingParams, StopConditions), Failure> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.has_seed.then_some(self.seed),
+        };
+        let ids = slice_arg(
+            self.stop_token_ids,
+            self.n_stop_token_ids,
+            "params->stop_token_ids",
+        )?;
+        let strings = slice_arg(
+            self.stop_strings,
+            self.n_stop_strings,
+            "params->stop_strings",
+        )?;
+        let stop_strings = strings
+            .iter()
+            .map(|&s| str_arg(s, "a stop string").map(str::to_owned))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stop = StopConditions {
+            max_tokens: self.max_tokens as usize,
+            ignore_eos: self.ignore_eos,
+            stop_token_ids: ids.to_vec(),
+            stop_strings,
+        };
+        Ok((sampling, stop))
+    }
+}
+
+impl From<FinishReason> for convoy_finish_reason {
+    fn from(r: FinishReason) -> Self {
+        match r {
+            FinishReason::Length => Self::Length,
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Cancelled => Self::Cancelled,
+            FinishReason::Error => Self::Error,
+        }
+    }
+}
+
+impl From<&RequestStats> for convoy_request_stats {
+    fn from(s: &RequestStats) -> Self {
+        Self {
+            prompt_tokens: s.prompt_tokens as u32,
+            generated_tokens: s.generated_tokens as u32,
+            time_to_first_token: s.time_to_first_token,
+            queue_time: s.queue_time,
+            prompt_tokens_per_second: s.prompt_tps,
+            generation_tokens_per_second: s.generation_tps,
+            total_latency: s.total_latency,
+        }
+    }
+}
+
+impl From<EngineStats> for convoy_engine_stats {
+    fn from(s: EngineStats) -> Self {
+        Self {
+            running: s.running as u32,
+            waiting: s.waiting as u32,
+            kv_tokens: s.kv_tokens as u64,
+            steps: s.steps,
+            tokens_generated: s.tokens_generated,
+            requests_finished: s.requests_finished,
+            step_seconds: s.step_seconds,
+            eval_seconds: s.eval_seconds,
+            peak_memory_bytes: s.peak_memory_bytes,
+        }
+    }
+}

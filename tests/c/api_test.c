@@ -1,0 +1,208 @@
+/* Exercises the C API through the generated header only. Compiled as C11 and as C++17 with
+ * warnings as errors, linked against the shared and the static library (tests/c_api.rs).
+ * Exit code 0 = all checks passed; prints "N passed, M failed". */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "convoy.h"
+
+static int passed = 0, failed = 0;
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (cond) {                                                       \
+      passed++;                                                       \
+    } else {                                                          \
+      failed++;                                                       \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                 \
+  } while (0)
+
+static const char *SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+typedef struct {
+  int tokens;
+  int finished;
+  convoy_finish_reason reason;
+  uint32_t generated; /* from the FINISHED event's stats */
+  char text[2048];
+} outcome;
+
+/* Polls until FINISHED; counts events. Returns the last poll status. */
+static convoy_status drain(const convoy_engine *e, uint64_t id, outcome *o) {
+  memset(o, 0, sizeof *o);
+  for (int spins = 0; spins < 600; spins++) {
+    convoy_event ev;
+    convoy_status st = convoy_engine_poll(e, id, 1000, &ev);
+    if (st == CONVOY_STATUS_TIMEOUT) continue;
+    if (st != CONVOY_STATUS_OK) return st;
+    CHECK(ev.request_id == id);
+    CHECK(ev.text != NULL && ev.error != NULL && strlen(ev.text) == ev.text_len);
+    strncat(o->text, ev.text, sizeof(o->text) - strlen(o->text) - 1);
+    if (ev.kind == CONVOY_EVENT_KIND_TOKEN) o->tokens++;
+    if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
+      o->finished++;
+      o->reason = ev.finish_reason;
+      o->generated = ev.stats.generated_tokens;
+      /* Exactly one terminal event: the id is unknown afterwards. */
+      CHECK(convoy_engine_poll(e, id, 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
+      CHECK(convoy_engine_cancel(e, id) == CONVOY_STATUS_UNKNOWN_REQUEST);
+      return CONVOY_STATUS_OK;
+    }
+  }
+  return CONVOY_STATUS_TIMEOUT;
+}
+
+static void test_without_engine(void) {
+  CHECK(strcmp(convoy_version(), CONVOY_VERSION) == 0);
+  CHECK(strcmp(convoy_status_str(CONVOY_STATUS_BUSY), "engine busy: the waiting queue is full") == 0);
+  CHECK(strcmp(convoy_status_str(9999), "unknown status") == 0);
+  convoy_engine *e = (convoy_engine *)0x1;
+  CHECK(convoy_engine_create(NULL, NULL, &e) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(e == (convoy_engine *)0x1); /* out-param untouched on failure */
+  char msg[256];
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "model_path") != NULL);
+  CHECK(convoy_engine_create("/nonexistent/model.gguf", NULL, &e) == CONVOY_STATUS_MODEL_NOT_FOUND);
+  const char bad_utf8[] = {'/', 't', 'm', 'p', '/', (char)0xff, (char)0xfe, 0};
+  CHECK(convoy_engine_create(bad_utf8, NULL, &e) == CONVOY_STATUS_INVALID_UTF8);
+  CHECK(convoy_engine_create("x", NULL, NULL) == CONVOY_STATUS_NULL_POINTER);
+  convoy_engine_config cfg;
+  CHECK(convoy_engine_config_init(&cfg) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_config_init(NULL) == CONVOY_STATUS_NULL_POINTER);
+  cfg.mode = 99;
+  CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
+  convoy_engine_config_init(&cfg);
+  cfg.max_batch_size = 0;
+  CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
+  /* Calls on a NULL engine. */
+  uint64_t id;
+  convoy_event ev;
+  convoy_engine_stats stats;
+  CHECK(convoy_engine_submit_text(NULL, "hi", NULL, &id) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_poll(NULL, 1, 0, &ev) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_cancel(NULL, 1) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_get_stats(NULL, &stats) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_context_length(NULL) == 0);
+  convoy_engine_destroy(NULL); /* harmless */
+  convoy_last_error_message(NULL, 0);
+}
+
+static void test_engine(const char *model, int full) {
+  convoy_engine_config cfg;
+  convoy_engine_config_init(&cfg);
+  cfg.max_batch_size = 2;
+  cfg.max_waiting = 3;
+  cfg.prefill_chunk = 8;
+  convoy_engine *e = NULL;
+  convoy_status st = convoy_engine_create(model, &cfg, &e);
+  CHECK(st == CONVOY_STATUS_OK && e != NULL);
+  if (st != CONVOY_STATUS_OK) {
+    char msg[512];
+    convoy_last_error_message(msg, sizeof msg);
+    fprintf(stderr, "create failed: %s\n", msg);
+    return;
+  }
+  CHECK(convoy_engine_context_length(e) == 8192);
+
+  /* Garbage arguments. */
+  uint64_t id = 0;
+  convoy_event ev;
+  const char bad_utf8[] = {'h', (char)0xc3, 0};
+  CHECK(convoy_engine_submit_text(e, bad_utf8, NULL, &id) == CONVOY_STATUS_INVALID_UTF8);
+  CHECK(convoy_engine_submit_text(e, NULL, NULL, &id) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_submit_text(e, "hi", NULL, NULL) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_submit_tokens(e, NULL, 3, NULL, &id) == CONVOY_STATUS_NULL_POINTER);
+  uint32_t huge_token = 4000000000u;
+  CHECK(convoy_engine_submit_tokens(e, &huge_token, 1, NULL, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(convoy_engine_submit_chat(e, NULL, 0, NULL, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  convoy_request_params p;
+  convoy_request_params_init(&p);
+  p.top_p = -3.0f;
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  convoy_request_params_init(&p);
+  p.max_tokens = 0;
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  convoy_request_params_init(&p);
+  p.n_stop_strings = 2; /* with a NULL array */
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_poll(e, 123456, 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
+  CHECK(convoy_engine_poll(e, 1, 0, NULL) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_cancel(e, 123456) == CONVOY_STATUS_UNKNOWN_REQUEST);
+
+  /* The known answer, with a stop string in another request. */
+  convoy_chat_message chat[2] = {{"system", SYSTEM}, {"user", "What is the capital of France?"}};
+  convoy_request_params_init(&p);
+  p.max_tokens = 20;
+  outcome o;
+  CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
+  CHECK(drain(e, id, &o) == CONVOY_STATUS_OK);
+  CHECK(o.finished == 1 && o.reason == CONVOY_FINISH_REASON_STOP && o.tokens == 8 && o.generated == 8);
+  CHECK(strcmp(o.text, "The capital of France is Paris.") == 0);
+  const char *stops[1] = {"France is"};
+  p.stop_strings = stops;
+  p.n_stop_strings = 1;
+  CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
+  CHECK(drain(e, id, &o) == CONVOY_STATUS_OK);
+  CHECK(strcmp(o.text, "The capital of ") == 0 && o.reason == CONVOY_FINISH_REASON_STOP);
+
+  /* Cancel during decode. */
+  convoy_request_params_init(&p);
+  p.max_tokens = 400;
+  p.ignore_eos = true;
+  uint64_t decoding;
+  CHECK(convoy_engine_submit_text(e, "Tell me a long story.", &p, &decoding) == CONVOY_STATUS_OK);
+  do {
+    st = convoy_engine_poll(e, decoding, 1000, &ev);
+  } while (st == CONVOY_STATUS_TIMEOUT);
+  CHECK(st == CONVOY_STATUS_OK && ev.kind == CONVOY_EVENT_KIND_TOKEN);
+
+  /* Cancel during prefill: a long prompt in chunks of 8 tokens. */
+  char long_prompt[4096] = "";
+  for (int i = 0; i < 40; i++) strcat(long_prompt, "The quick brown fox jumps over the lazy dog. ");
+  uint64_t prefilling;
+  CHECK(convoy_engine_submit_text(e, long_prompt, &p, &prefilling) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_cancel(e, prefilling) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_cancel(e, decoding) == CONVOY_STATUS_OK);
+  CHECK(drain(e, prefilling, &o) == CONVOY_STATUS_OK);
+  CHECK(o.finished == 1 && o.reason == CONVOY_FINISH_REASON_CANCELLED && o.tokens == 0);
+  CHECK(drain(e, decoding, &o) == CONVOY_STATUS_OK);
+  /* One token was polled before drain. */
+  CHECK(o.finished == 1 && o.reason == CONVOY_FINISH_REASON_CANCELLED && o.tokens < 399 && o.generated == (uint32_t)o.tokens + 1);
+
+  convoy_engine_stats stats;
+  CHECK(convoy_engine_get_stats(e, &stats) == CONVOY_STATUS_OK);
+  CHECK(stats.tokens_generated > 0 && stats.steps > 0 && stats.requests_finished == 4);
+
+  if (full) {
+    /* Busy when the queue is full: 2 rows decode, 3 may wait, the rest are refused. */
+    uint64_t ids[12];
+    int accepted = 0, busy = 0;
+    convoy_request_params_init(&p);
+    p.max_tokens = 24;
+    p.ignore_eos = true;
+    for (int i = 0; i < 12; i++) {
+      st = convoy_engine_submit_text(e, "Count from one to ten.", &p, &ids[accepted]);
+      if (st == CONVOY_STATUS_OK) accepted++;
+      else if (st == CONVOY_STATUS_BUSY) busy++;
+    }
+    CHECK(busy > 0 && accepted + busy == 12);
+    for (int i = 0; i < accepted; i++) {
+      CHECK(drain(e, ids[i], &o) == CONVOY_STATUS_OK);
+      CHECK(o.finished == 1 && o.tokens == 24 && o.generated == 24 && o.reason == CONVOY_FINISH_REASON_LENGTH);
+    }
+  }
+
+  /* Destroy with requests in flight. */
+  for (int i = 0; i < 3; i++) convoy_engine_submit_text(e, "Write a poem.", &p, &id);
+  convoy_engine_destroy(e);
+}
+
+int main(int argc, char **argv) {
+  const char *model = argc > 1 ? argv[1] : getenv("CONVOY_MODEL");
+  int full = argc > 2 && strcmp(argv[2], "full") == 0;
+  test_without_engine();
+  if (model) test_engine(model, full);
+  else fprintf(stderr, "no model given: engine checks skipped\n");
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 && model ? 0 : 1;
+}
