@@ -232,6 +232,11 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer as `tokenizer.json` text (e.g. to write a model folder).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+
     /// Number of token ids, including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

