@@ -267,3 +267,204 @@ impl BatchKvCache {
             .and_then(|(k, _)| k.try_index((.., .., ..self.idx as i32)).ok())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYOUT: KvLayout = KvLayout {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 3,
+    };
+
+    /// Keys/values for `rows` rows of `len` tokens: value = tag * 1000 + position (+0.5 for
+    /// values), so every cell says which row and position it belongs to.
+    fn kv(tags: &[usize], start: &[usize], len: usize) -> (Array, Array) {
+        let (h, d) = (LAYOUT.kv_heads, LAYOUT.head_dim);
+        let mut k = Vec::new();
+        for (r, &tag) in tags.iter().enumerate() {
+            for _ in 0..h {
+                for t in 0..len {
+                    for _ in 0..d {
+                        k.push((tag * 1000 + start[r] + t) as f32);
+                    }
+                }
+            }
+        }
+        let shape = [tags.len() as i32, h as i32, len as i32, d as i32];
+        let keys = Array::from_slice(&k, &shape);
+        let values = keys.add(Array::from_f32(0.5)).unwrap();
+        (keys, values)
+    }
+
+    /// Appends `len` tokens to every row (rows continue their own positions).
+    fn write(cache: &mut BatchKvCache, tags: &[usize], len: usize) {
+        let start: Vec<usize> = (0..tags.len()).map(|r| cache.row_len(r)).collect();
+        let (k, v) = kv(tags, &start, len);
+        for layer in 0..LAYOUT.layers {
+            let (keys, values) = cache.update(layer, &k, &v).unwrap();
+            assert_eq!(
+                keys.shape(),
+                &[tags.len() as i32, 2, (cache.width() + len) as i32, 3]
+            );
+            assert_eq!(values.shape(), keys.shape());
+        }
+        cache.advance(len);
+    }
+
+    /// Checks shapes and that row r holds exactly tag[r]'s positions 0..row_len after its
+    /// padding.
+    fn check(cache: &BatchKvCache, tags: &[usize]) {
+        assert_eq!(cache.batch_size(), tags.len());
+        if tags.is_empty() {
+            assert_eq!(cache.width(), 0);
+            return;
+        }
+        let keys = cache.keys(1).expect("written");
+        let w = cache.width();
+        assert_eq!(keys.shape(), &[tags.len() as i32, 2, w as i32, 3]);
+        // A column slice is a strided view: copy it to read it as one slice.
+        let keys = keys.multiply(Array::from_f32(1.0)).unwrap();
+        keys.eval().unwrap();
+        let flat = keys.as_slice::<f32>();
+        for (r, &tag) in tags.iter().enumerate() {
+            let pad = cache.left_padding()[r];
+            assert!(pad <= w);
+            for t in pad..w {
+                let cell = flat[((r * 2 + 1) * w + t) * 3];
+                assert_eq!(cell, (tag * 1000 + t - pad) as f32, "row {r} column {t}");
+            }
+        }
+        assert_eq!(
+            cache.offsets(),
+            (0..tags.len())
+                .map(|r| cache.row_len(r) as i32)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    fn group(tags: &[usize], lens: &[usize]) -> BatchKvCache {
+        // Prefill a left-padded group like the runner does: padding columns get written too,
+        // then their contents are overwritten to carry the row's real positions.
+        let width = *lens.iter().max().unwrap();
+        let mut c = BatchKvCache::with_padding(LAYOUT, lens.iter().map(|l| width - l).collect());
+        let (h, d) = (LAYOUT.kv_heads, LAYOUT.head_dim);
+        let mut k = Vec::new();
+        for (r, &tag) in tags.iter().enumerate() {
+            for _ in 0..h {
+                for t in 0..width {
+                    let pos = t as i64 - (width - lens[r]) as i64;
+                    for _ in 0..d {
+                        k.push(if pos < 0 {
+                            -1.0
+                        } else {
+                            (tag * 1000) as f32 + pos as f32
+                        });
+                    }
+                }
+            }
+        }
+        let keys = Array::from_slice(&k, &[tags.len() as i32, h as i32, width as i32, d as i32]);
+        for layer in 0..LAYOUT.layers {
+            c.update(layer, &keys, &keys).unwrap();
+        }
+        c.advance(width);
+        c
+    }
+
+    #[test]
+    fn join_leave_join_again() {
+        let mut c = BatchKvCache::new(LAYOUT);
+        c.extend(group(&[1, 2], &[3, 5])).unwrap();
+        check(&c, &[1, 2]);
+        write(&mut c, &[1, 2], 1);
+        check(&c, &[1, 2]);
+        c.extend(group(&[3], &[9])).unwrap();
+        check(&c, &[1, 2, 3]);
+        write(&mut c, &[1, 2, 3], 2);
+        check(&c, &[1, 2, 3]);
+        // Row 2 (tag 3, the longest) leaves: shared padding is trimmed.
+        c.filter(&[0, 1]).unwrap();
+        check(&c, &[1, 2]);
+        assert_eq!(c.width(), 8, "width shrinks to the longest remaining row");
+        c.extend(group(&[4], &[2])).unwrap();
+        write(&mut c, &[1, 2, 4], 1);
+        check(&c, &[1, 2, 4]);
+        assert_eq!(c.tokens(), 7 + 9 + 3);
+    }
+
+    #[test]
+    fn leave_down_to_empty_then_join_into_empty() {
+        let mut c = BatchKvCache::new(LAYOUT);
+        c.extend(group(&[1], &[4])).unwrap();
+        write(&mut c, &[1], 3);
+        c.filter(&[]).unwrap();
+        check(&c, &[]);
+        assert_eq!(c.tokens(), 0);
+        assert_eq!(c.allocated_bytes(), 0);
+        c.filter(&[]).unwrap();
+        check(&c, &[]);
+        // Second round after the cache emptied (a bug others shipped).
+        c.extend(group(&[5, 6], &[2, 7])).unwrap();
+        write(&mut c, &[5, 6], 1);
+        check(&c, &[5, 6]);
+    }
+
+    #[test]
+    fn finish_and_join_on_the_same_step() {
+        let mut c = BatchKvCache::new(LAYOUT);
+        c.extend(group(&[1, 2, 3], &[4, 6, 2])).unwrap();
+        write(&mut c, &[1, 2, 3], 1);
+        c.filter(&[0, 2]).unwrap();
+        c.extend(group(&[7], &[5])).unwrap();
+        check(&c, &[1, 3, 7]);
+        write(&mut c, &[1, 3, 7], 1);
+        check(&c, &[1, 3, 7]);
+    }
+
+    #[test]
+    fn very_different_lengths_and_growth_past_capacity() {
+        let mut c = BatchKvCache::new(LAYOUT);
+        c.extend(group(&[1], &[300])).unwrap();
+        c.extend(group(&[2], &[1])).unwrap();
+        check(&c, &[1, 2]);
+        assert_eq!(c.left_padding(), &[0, 299]);
+        write(&mut c, &[1, 2], 260);
+        check(&c, &[1, 2]);
+        // The long row leaves: the short one keeps only its own 261 columns.
+        c.filter(&[1]).unwrap();
+        check(&c, &[2]);
+        assert_eq!(c.width(), 261);
+    }
+
+    #[test]
+    fn one_token_prompts_join_with_empty_history() {
+        let mut c = BatchKvCache::new(LAYOUT);
+        c.extend(group(&[1], &[3])).unwrap();
+        // A group whose rows have no prefilled tokens (prompt of one token).
+        c.extend(BatchKvCache::with_padding(LAYOUT, vec![0]))
+            .unwrap();
+        assert_eq!(c.left_padding(), &[0, 3]);
+        write(&mut c, &[1, 2], 1);
+        check(&c, &[1, 2]);
+    }
+
+    #[test]
+    fn mask_hides_padding_and_future() {
+        let c = group(&[1, 2], &[1, 3]);
+        let AttentionMask::Array(m) = c.mask(2) else {
+            panic!("padded rows need a mask")
+        };
+        assert_eq!(m.shape(), &[2, 1, 2, 5]);
+        let m = m.as_slice::<bool>().to_vec();
+        // Row 0 (pad 2), query at column 3: sees columns 2..=3.
+        assert_eq!(&m[0..5], &[false, false, true, true, false]);
+        // Row 1 (no padding), query at column 4: sees everything.
+        assert_eq!(&m[15..20], &[true, true, true, true, true]);
+        assert!(matches!(
+            BatchKvCache::new(LAYOUT).mask(1),
+            AttentionMask::None
+        ));
+    }
+}

@@ -3,7 +3,7 @@
 //! prefilled). Everything here runs on the engine thread: MLX arrays are not Send.
 use std::time::{Duration, Instant};
 
-use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::ops::indexing::argmax_axis;
 use mlx_rs::Array;
 
 use crate::error::Result;
@@ -81,6 +81,12 @@ impl MlxRunner {
         self.eval_time += start.elapsed();
         Ok(())
     }
+}
+
+/// An evaluated array's data on the host (an error, not a panic, if it is not contiguous).
+fn host_slice<T: mlx_rs::ArrayElement>(a: &Array) -> Result<&[T]> {
+    a.try_as_slice::<T>()
+        .map_err(|e| crate::Error::Mlx(format!("reading results: {e}")))
 }
 
 fn token_matrix(rows: &[&[u32]]) -> Array {
@@ -173,10 +179,10 @@ impl Runner for MlxRunner {
             self.timed_eval(&[&greedy, &rows])?;
             Some(rows)
         };
-        let mut tokens: Vec<u32> = greedy.as_slice::<u32>().to_vec();
+        let mut tokens: Vec<u32> = host_slice::<u32>(&greedy)?.to_vec();
         if let Some(rows) = host_logits {
             let vocab = rows.shape()[1] as usize;
-            let flat = rows.as_slice::<f32>();
+            let flat = host_slice::<f32>(&rows)?;
             for (k, &r) in sampled_rows.iter().enumerate() {
                 let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
                 tokens[r] = samplers[r].sample(&mut row);
@@ -234,9 +240,9 @@ pub fn generate_greedy_with_logits(
         let logits = model.logits(&hidden)?;
         let next = argmax_axis(&logits, -1, None)?;
         mlx_rs::transforms::eval([&next, &logits])?;
-        let token = next.as_slice::<u32>()[0];
+        let token = host_slice::<u32>(&next)?[0];
         if keep_logits {
-            all_logits.push(logits.try_index(0)?.as_slice::<f32>().to_vec());
+            all_logits.push(host_slice::<f32>(&logits)?.to_vec());
         }
         out.push(token);
         if lm.tokenizer.eos_ids().contains(&token) {
