@@ -1,0 +1,723 @@
+//! convoy-bench: continuous vs static batching, side by side, with the method of the pull
+//! request convoy grew from (n requests, at most c in flight, the next submitted when one
+//! finishes, fixed prompt and generation lengths, EOS ignored), plus a Poisson arrival mode
+//! and a batch-1 prefill/decode benchmark of the weight paths.
+//!
+//! Writes a table to stdout, JSON lines to `<out>/results.jsonl` and a plot to
+//! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use convoy::model::{self, LoadOptions, WeightsPolicy};
+use convoy::{BatchMode, Engine, EngineConfig, Event, Prompt, Request, StopConditions};
+use serde_json::json;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Benchmark convoy: continuous vs static batching on one model")]
+struct Args {
+    /// Model (.gguf or folder); default: the bundled test model in the cache.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output folder for results.jsonl and bench.png.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Requests per run.
+    #[arg(long, default_value_t = 8)]
+    n: usize,
+    /// Prompt tokens per request (distinct real text).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens generated per request (EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Concurrency levels (most requests in flight).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    concurrency: Vec<usize>,
+    /// Modes to run.
+    #[arg(long, value_delimiter = ',', default_value = "static,continuous")]
+    modes: Vec<String>,
+    /// Also run the Poisson arrival mode at this rate (requests per second).
+    #[arg(long)]
+    arrival_rate: Option<f64>,
+    /// Goodput SLOs for the arrival mode: TTFT and mean inter-token latency, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    slo_ttft: f64,
+    #[arg(long, default_value_t = 0.5)]
+    slo_itl: f64,
+    /// Also run the batch-1 prefill/decode benchmark (float32 vs quantized weights, OpenBLAS
+    /// vs MLX's reference BLAS).
+    #[arg(long)]
+    single: bool,
+    /// Weights policy for the batching runs: auto, dequantize, quantized.
+    #[arg(long, default_value = "auto")]
+    weights: String,
+    /// Tiny run for tests: checks the output is sane and exits non-zero if not.
+    #[arg(long)]
+    smoke: bool,
+    /// Internal: run only the batch-1 benchmark for the dequantized path under this label.
+    #[arg(long, hide = true)]
+    single_only: Option<String>,
+}
+
+fn default_model() -> PathBuf {
+    let cache = std::env::var_os("CONVOY_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|d| PathBuf::from(d).join("convoy"))
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/convoy")
+                })
+        });
+    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn weights(s: &str) -> WeightsPolicy {
+    match s {
+        "dequantize" => WeightsPolicy::Dequantize,
+        "quantized" => WeightsPolicy::KeepQuantized,
+        _ => WeightsPolicy::Auto,
+    }
+}
+
+/// Varied real English text; prompts are distinct windows of its tokens.
+const CORPUS: &str = "The history of navigation is a story of people learning to read the sky and the sea. \
+Early sailors watched the stars, the flight of birds and the color of the water to guess where land lay. \
+The magnetic compass arrived in Europe in the twelfth century and changed long voyages for good. \
+Bread is one of the oldest prepared foods; flour, water, salt and yeast become a loaf after kneading, rising and baking. \
+In mathematics a prime number has exactly two divisors, one and itself, and there are infinitely many of them. \
+Photosynthesis lets plants turn light, water and carbon dioxide into sugar and oxygen inside their chloroplasts. \
+A symphony orchestra usually groups its players into strings, woodwinds, brass and percussion. \
+The first programmable computers filled whole rooms and were built from relays and vacuum tubes. \
+Volcanoes form where molten rock reaches the surface, often along the edges of tectonic plates. \
+Honeybees communicate the direction and distance of flowers to their hive mates with a waggle dance. \
+Rivers carve valleys over millions of years, carrying sand and silt down to deltas at the coast. \
+A good night's sleep helps memory, mood and the immune system, while chronic lack of sleep harms them. \
+Chess began in India around the sixth century and reached Europe through Persia and the Arab world. \
+The speed of light in a vacuum is about three hundred thousand kilometres per second. \
+Cities grew around markets, harbors and crossroads, where trade brought people and ideas together. \
+Glaciers store most of the fresh water on Earth, and their melting raises the level of the oceans. \
+Writing systems developed independently in Mesopotamia, Egypt, China and Mesoamerica. \
+Vaccines train the immune system to recognize a germ without causing the disease itself. \
+The violin has four strings tuned in fifths and is played with a bow strung with horsehair. \
+Deserts cover about a third of the land surface and can be hot like the Sahara or cold like Antarctica.";
+
+fn prompts(engine: &Engine, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let mut corpus = engine
+        .tokenizer()
+        .encode(CORPUS, false)
+        .expect("encode corpus");
+    while corpus.len() < len * 2 + n * 7 {
+        let again = corpus.clone();
+        corpus.extend(again);
+    }
+    let step = ((corpus.len() - len) / n.max(1)).max(1);
+    (0..n)
+        .map(|i| corpus[(i * step) % (corpus.len() - len)..][..len].to_vec())
+        .collect()
+}
+
+#[derive(Debug, Default, Clone)]
+struct Trace {
+    submitted: Option<Instant>,
+    tokens: Vec<Instant>,
+    finished: Option<Instant>,
+}
+
+fn run_request(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Trace {
+    let mut req = Request::new(Prompt::Tokens(prompt));
+    req.stop = StopConditions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut t = Trace::default();
+    let id = loop {
+        match engine.submit(req.clone()) {
+            Ok(id) => break id,
+            Err(convoy::Error::Busy(_)) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("submit failed: {e}"),
+        }
+    };
+    t.submitted = Some(Instant::now());
+    loop {
+        match engine.poll(id, Duration::from_secs(600)).expect("poll") {
+            Some(Event::Token { .. }) => t.tokens.push(Instant::now()),
+            Some(Event::Finished { error, .. }) => {
+                assert!(error.is_none(), "request failed: {error:?}");
+                t.finished = Some(Instant::now());
+                return t;
+            }
+            None => panic!("no event in 600 s"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RunResult {
+    mode: &'static str,
+    concurrency: usize,
+    wall: f64,
+    generated: usize,
+    ttft_stream: Vec<f64>,
+    /// The seed's static TTFT: when the caller got the batch back (static does not stream
+    /// for mlx-lm's batch_generate). For continuous runs this equals the streamed TTFT.
+    ttft_return: Vec<f64>,
+    itl: Vec<f64>,
+    mean_itl_per_request: Vec<f64>,
+    peak_mlx_bytes: u64,
+    step_seconds: f64,
+    eval_seconds: f64,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = (p / 100.0 * (s.len() - 1) as f64).round() as usize;
+    s[rank.min(s.len() - 1)]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn summarize(
+    mode: &'static str,
+    c: usize,
+    engine: &Engine,
+    traces: &[Trace],
+    wall: f64,
+    static_mode: bool,
+) -> RunResult {
+    let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+    let mut r = RunResult {
+        mode,
+        concurrency: c,
+        wall,
+        generated: traces.iter().map(|t| t.tokens.len()).sum(),
+        ttft_stream: Vec::new(),
+        ttft_return: Vec::new(),
+        itl: Vec::new(),
+        mean_itl_per_request: Vec::new(),
+        peak_mlx_bytes: engine.stats().peak_memory_bytes,
+        step_seconds: engine.stats().step_seconds,
+        eval_seconds: engine.stats().eval_seconds,
+    };
+    for t in traces {
+        let sub = t.submitted.expect("submitted");
+        let first = t.tokens.first().copied().unwrap_or(sub);
+        r.ttft_stream.push(secs(sub, first));
+        r.ttft_return.push(if static_mode {
+            secs(sub, t.finished.expect("finished"))
+        } else {
+            secs(sub, first)
+        });
+        let gaps: Vec<f64> = t.tokens.windows(2).map(|w| secs(w[0], w[1])).collect();
+        r.mean_itl_per_request.push(mean(&gaps));
+        r.itl.extend(gaps);
+    }
+    r
+}
+
+fn engine_for(args: &Args, model: &Path, mode: BatchMode, batch: usize) -> Engine {
+    let mut cfg = EngineConfig::default().mode(mode).max_batch_size(batch);
+    cfg.weights = weights(&args.weights);
+    Engine::new(model, cfg)
+        .unwrap_or_else(|e| panic!("cannot create the engine on {}: {e}", model.display()))
+}
+
+/// n requests, at most c in flight: c client threads each take the next request when theirs
+/// finishes.
+fn closed_loop(args: &Args, model: &Path, mode: BatchMode, c: usize) -> RunResult {
+    let engine = Arc::new(engine_for(args, model, mode, c));
+    let prompts = Arc::new(prompts(&engine, args.n, args.prompt_len));
+    let next = Arc::new(AtomicUsize::new(0));
+    let traces = Arc::new(Mutex::new(vec![Trace::default(); args.n]));
+    let start = Instant::now();
+    let clients: Vec<_> = (0..c)
+        .map(|_| {
+            let (engine, prompts, next, traces) = (
+                engine.clone(),
+                prompts.clone(),
+                next.clone(),
+                traces.clone(),
+            );
+            let max_tokens = args.max_tokens;
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= prompts.len() {
+                    return;
+                }
+                let t = run_request(&engine, prompts[i].clone(), max_tokens);
+                traces.lock().unwrap()[i] = t;
+            })
+        })
+        .collect();
+    for h in clients {
+        h.join().expect("client thread");
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let traces = traces.lock().unwrap().clone();
+    let name = if mode == BatchMode::Static {
+        "static"
+    } else {
+        "continuous"
+    };
+    summarize(name, c, &engine, &traces, wall, mode == BatchMode::Static)
+}
+
+/// Requests arrive as a Poisson process at `rate` per second (like vLLM's serving benchmark).
+fn poisson(args: &Args, model: &Path, mode: BatchMode, rate: f64) -> RunResult {
+    let batch = args.concurrency.iter().copied().max().unwrap_or(8);
+    let engine = Arc::new(engine_for(args, model, mode, batch));
+    let prompts = prompts(&engine, args.n, args.prompt_len);
+    // Exponential inter-arrival times from a fixed-seed xorshift, so runs are comparable.
+    let mut state = 0x9E3779B97F4A7C15u64;
+    let mut at = 0.0;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for p in prompts {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+        at += -(1.0 - u).ln() / rate;
+        let due = start + Duration::from_secs_f64(at);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let engine = engine.clone();
+        let max_tokens = args.max_tokens;
+        handles.push(std::thread::spawn(move || {
+            run_request(&engine, p, max_tokens)
+        }));
+    }
+    let traces: Vec<Trace> = handles
+        .into_iter()
+        .map(|h| h.join().expect("request thread"))
+        .collect();
+    let wall = start.elapsed().as_secs_f64();
+    let name = if mode == BatchMode::Static {
+        "static"
+    } else {
+        "continuous"
+    };
+    summarize(
+        name,
+        batch,
+        &engine,
+        &traces,
+        wall,
+        mode == BatchMode::Static,
+    )
+}
+
+fn max_rss_bytes() -> u64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        (u.ru_maxrss as u64) * if cfg!(target_os = "macos") { 1 } else { 1024 }
+    }
+}
+
+fn result_json(r: &RunResult, extra: serde_json::Value) -> serde_json::Value {
+    let mut v = json!({
+        "bench": "closed_loop",
+        "mode": r.mode,
+        "concurrency": r.concurrency,
+        "wall_s": r.wall,
+        "generated_tokens": r.generated,
+        "throughput_tok_s": r.generated as f64 / r.wall,
+        "ttft_stream_mean_s": mean(&r.ttft_stream),
+        "ttft_stream_p50_s": percentile(&r.ttft_stream, 50.0),
+        "ttft_stream_p95_s": percentile(&r.ttft_stream, 95.0),
+        "ttft_seed_mean_s": mean(&r.ttft_return),
+        "ttft_seed_p50_s": percentile(&r.ttft_return, 50.0),
+        "ttft_seed_p95_s": percentile(&r.ttft_return, 95.0),
+        "itl_mean_s": mean(&r.itl),
+        "itl_p95_s": percentile(&r.itl, 95.0),
+        "peak_mlx_memory_bytes": r.peak_mlx_bytes,
+        "engine_step_s": r.step_seconds,
+        "engine_eval_s": r.eval_seconds,
+        "engine_overhead_share": if r.step_seconds > 0.0 { (r.step_seconds - r.eval_seconds) / r.step_seconds } else { 0.0 },
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    v
+}
+
+/// Batch-1 prefill and decode speed of one weights policy (issue: first benchmark).
+fn single(
+    model: &Path,
+    policy: WeightsPolicy,
+    prompt_len: usize,
+    label: &str,
+) -> serde_json::Value {
+    let lm = model::load(model, LoadOptions { weights: policy }).expect("load model");
+    let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
+    corpus.truncate(prompt_len);
+    let layout = convoy::runner::kv_layout(&lm.model);
+    let run_prefill = || {
+        let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout, vec![0]);
+        let ids: Vec<i32> = corpus.iter().map(|&t| t as i32).collect();
+        let input = convoy::mlx_rs::Array::from_slice(&ids, &[1, ids.len() as i32]);
+        let t = Instant::now();
+        let h = lm.model.forward_last(&input, &mut cache).unwrap();
+        let logits = lm.model.logits(&h).unwrap();
+        logits.eval().unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    run_prefill(); // warm-up
+    let prefill = (0..3).map(|_| run_prefill()).fold(f64::MAX, f64::min);
+    let decode_tokens = 32;
+    let t = Instant::now();
+    let out = convoy::runner::generate_greedy(&lm, &corpus[..8], decode_tokens + 1).unwrap();
+    let total = t.elapsed().as_secs_f64();
+    let decode_tps = (out.len() as f64 - 1.0) / (total - 0.0).max(1e-9);
+    json!({
+        "bench": "single",
+        "weights": if lm.model.is_quantized() { "quantized (MLX affine)" } else { "float32 (dequantized)" },
+        "blas": label,
+        "prompt_tokens": corpus.len(),
+        "prefill_tok_s": corpus.len() as f64 / prefill,
+        "decode_tok_s": decode_tps,
+    })
+}
+
+/// The same batch-1 float32 benchmark with MLX's bundled reference BLAS preloaded over
+/// OpenBLAS, in a child process.
+fn single_reference_blas(args: &Args, model: &Path) -> Option<serde_json::Value> {
+    let mlx_lib = PathBuf::from(option_env!("CONVOY_MLX_LIB_DIR")?);
+    let libs = mlx_lib.join("../../mlx_cpu.libs");
+    let blas = std::fs::read_dir(&libs)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libblas"))
+        })?;
+    let out = std::process::Command::new(std::env::current_exe().ok()?)
+        .env("LD_PRELOAD", &blas)
+        .args(["--single-only", "MLX reference BLAS", "--model"])
+        .arg(model)
+        .args(["--prompt-len", &args.prompt_len.to_string()])
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .to_owned();
+    serde_json::from_str(&line).ok()
+}
+
+fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let font = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+        "/Library/Fonts/Arial.ttf",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read(p).ok())
+    .ok_or("no TTF font found (Debian: apt-get install fonts-dejavu-core)")?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| "bad font")?;
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(600);
+    let cs: Vec<usize> = {
+        let mut v: Vec<usize> = results.iter().map(|r| r.concurrency).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let max_c = *cs.last().unwrap_or(&1) as f64;
+    type Metric = fn(&RunResult) -> f64;
+    let panels: [(
+        &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+        &str,
+        &str,
+        Metric,
+        Metric,
+    ); 2] = [
+        (
+            &left,
+            "Aggregate throughput",
+            "tokens/s",
+            |r| r.generated as f64 / r.wall,
+            |r| r.generated as f64 / r.wall,
+        ),
+        (
+            &right,
+            "Time to first token (mean)",
+            "seconds",
+            |r| mean(&r.ttft_return),
+            |r| mean(&r.ttft_stream),
+        ),
+    ];
+    for (area, title, unit, seed_metric, stream_metric) in panels {
+        let ymax = results
+            .iter()
+            .map(|r| seed_metric(r).max(stream_metric(r)))
+            .fold(0.0, f64::max)
+            * 1.15
+            + 1e-9;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.5..max_c + 0.5, 0.0..ymax)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrency")
+            .y_desc(unit)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let series: Vec<(&str, RGBColor, Metric)> = vec![
+            ("static (batch returned)", RED, seed_metric),
+            (
+                "static (first streamed token)",
+                RGBColor(255, 160, 160),
+                stream_metric,
+            ),
+            ("continuous", BLUE, stream_metric),
+        ];
+        for (label, color, metric) in series {
+            let mode = if label.starts_with("static") {
+                "static"
+            } else {
+                "continuous"
+            };
+            if title.starts_with("Aggregate") && label.contains("streamed") {
+                continue;
+            }
+            let pts: Vec<(f64, f64)> = results
+                .iter()
+                .filter(|r| r.mode == mode)
+                .map(|r| (r.concurrency as f64, metric(r)))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let name = if title.starts_with("Aggregate") {
+                mode.to_string()
+            } else {
+                label.to_string()
+            };
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+fn main() {
+    let args = Args::parse();
+    let model = args.model.clone().unwrap_or_else(default_model);
+    if let Some(label) = &args.single_only {
+        println!(
+            "{}",
+            single(&model, WeightsPolicy::Dequantize, args.prompt_len, label)
+        );
+        return;
+    }
+    std::fs::create_dir_all(&args.out).expect("create the output folder");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let machine = json!({
+        "backend": convoy::backend(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "n": args.n, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    });
+    println!(
+        "convoy-bench: model {} | backend {} | n={} prompt_len={} max_tokens={}",
+        model.display(),
+        convoy::backend(),
+        args.n,
+        args.prompt_len,
+        args.max_tokens
+    );
+
+    if args.single {
+        println!(
+            "\nbatch-1 prefill/decode ({} prompt tokens):",
+            args.prompt_len
+        );
+        let mut rows = vec![
+            single(
+                &model,
+                WeightsPolicy::Dequantize,
+                args.prompt_len,
+                "OpenBLAS",
+            ),
+            single(&model, WeightsPolicy::KeepQuantized, args.prompt_len, "n/a"),
+        ];
+        if convoy::backend() == "cpu" {
+            rows.extend(single_reference_blas(&args, &model));
+        }
+        for r in rows {
+            println!(
+                "  {:<24} blas {:<20} prefill {:>8.1} tok/s   decode {:>6.1} tok/s",
+                r["weights"].as_str().unwrap_or(""),
+                r["blas"].as_str().unwrap_or(""),
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0)
+            );
+            lines.push(r);
+        }
+    }
+
+    let mut results = Vec::new();
+    for mode_name in &args.modes {
+        let mode = if mode_name == "static" {
+            BatchMode::Static
+        } else {
+            BatchMode::Continuous
+        };
+        for &c in &args.concurrency {
+            let r = closed_loop(&args, &model, mode, c);
+            results.push(r);
+        }
+    }
+    println!(
+        "\n{:<11} {:>3} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
+        "mode",
+        "c",
+        "tok/s",
+        "wall s",
+        "TTFT seed",
+        "TTFT str",
+        "TTFT p50",
+        "TTFT p95",
+        "ITL mean",
+        "ITL p95",
+        "overhd%",
+        "MLX MB"
+    );
+    for r in &results {
+        let j = result_json(r, json!({}));
+        println!(
+            "{:<11} {:>3} {:>9.1} {:>8.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.4} {:>8.4} {:>8.2} {:>9.1}",
+            r.mode, r.concurrency, j["throughput_tok_s"].as_f64().unwrap(), r.wall, mean(&r.ttft_return), mean(&r.ttft_stream),
+            percentile(&r.ttft_stream, 50.0), percentile(&r.ttft_stream, 95.0), mean(&r.itl), percentile(&r.itl, 95.0),
+            j["engine_overhead_share"].as_f64().unwrap() * 100.0, r.peak_mlx_bytes as f64 / 1e6
+        );
+        lines.push(result_json(r, machine.clone()));
+    }
+    let mut ratios = Vec::new();
+    for &c in &args.concurrency {
+        let find = |m: &str| results.iter().find(|r| r.mode == m && r.concurrency == c);
+        if let (Some(s), Some(k)) = (find("static"), find("continuous")) {
+            let tput = |r: &RunResult| r.generated as f64 / r.wall;
+            let v = json!({
+                "bench": "ratio", "concurrency": c,
+                "throughput_continuous_over_static": tput(k) / tput(s),
+                "ttft_static_seed_over_continuous": mean(&s.ttft_return) / mean(&k.ttft_stream),
+                "ttft_static_stream_over_continuous": mean(&s.ttft_stream) / mean(&k.ttft_stream),
+            });
+            ratios.push(v);
+        }
+    }
+    if !ratios.is_empty() {
+        println!("\n  c  throughput cont/static  TTFT static(seed)/cont  TTFT static(stream)/cont");
+        for v in &ratios {
+            println!(
+                "{:>3} {:>23.3} {:>23.2} {:>25.2}",
+                v["concurrency"],
+                v["throughput_continuous_over_static"].as_f64().unwrap(),
+                v["ttft_static_seed_over_continuous"].as_f64().unwrap(),
+                v["ttft_static_stream_over_continuous"].as_f64().unwrap()
+            );
+        }
+        lines.extend(ratios);
+    }
+
+    if let Some(rate) = args.arrival_rate {
+        println!(
+            "\nPoisson arrivals at {rate} req/s (SLO: TTFT <= {} s, mean ITL <= {} s):",
+            args.slo_ttft, args.slo_itl
+        );
+        for mode_name in &args.modes {
+            let mode = if mode_name == "static" {
+                BatchMode::Static
+            } else {
+                BatchMode::Continuous
+            };
+            let r = poisson(&args, &model, mode, rate);
+            let good = r
+                .ttft_return
+                .iter()
+                .zip(&r.mean_itl_per_request)
+                .filter(|(t, i)| **t <= args.slo_ttft && **i <= args.slo_itl)
+                .count();
+            let v = result_json(
+                &r,
+                json!({"bench": "poisson", "rate": rate, "goodput_req_s": good as f64 / r.wall, "slo_met": good, "ttft_p99_s": percentile(&r.ttft_return, 99.0), "itl_p50_s": percentile(&r.itl, 50.0)}),
+            );
+            println!(
+                "  {:<11} TTFT p50 {:.3} p95 {:.3} p99 {:.3} s | ITL p50 {:.4} p95 {:.4} s | {:.1} tok/s | goodput {:.3} req/s ({good}/{})",
+                r.mode, percentile(&r.ttft_return, 50.0), percentile(&r.ttft_return, 95.0), percentile(&r.ttft_return, 99.0),
+                percentile(&r.itl, 50.0), percentile(&r.itl, 95.0), r.generated as f64 / r.wall, good as f64 / r.wall, args.n
+            );
+            lines.push(v);
+        }
+    }
+    println!("\nprocess peak RSS: {:.1} MB", max_rss_bytes() as f64 / 1e6);
+
+    let jsonl = args.out.join("results.jsonl");
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&jsonl, text).expect("write results.jsonl");
+    println!("wrote {}", jsonl.display());
+    let png = args.out.join("bench.png");
+    match plot(&png, &results) {
+        Ok(()) => println!("wrote {}", png.display()),
+        Err(e) => eprintln!("plot skipped: {e}"),
+    }
+
+    if args.smoke {
+        let expect = args.n * args.max_tokens;
+        let ok = results.iter().all(|r| {
+            r.generated == expect && r.wall > 0.0 && r.ttft_stream.iter().all(|t| *t > 0.0)
+        }) && std::fs::metadata(&png)
+            .map(|m| m.len() > 1000)
+            .unwrap_or(false)
+            && lines.iter().all(|l| l["bench"].is_string());
+        println!("smoke check: {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            std::process::exit(1);
+        }
+    }
+}
