@@ -18,6 +18,7 @@ demo: setup
 
 # Unit tests, integration tests on the real model, C API tests, and a tiny benchmark run.
 test: setup
+	$(CARGO) build --workspace --lib --bins   # the C tests link libconvoy.so / libconvoy.a
 	$(CARGO) test --workspace
 	$(MAKE) bench-smoke
 

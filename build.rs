@@ -22,6 +22,8 @@ fn main() {
     // libmlx's BLAS/LAPACK calls resolve there instead of the wheel's reference BLAS.
     if let Ok(dir) = env::var("DEP_MLX_OPENBLAS_DIR") {
         println!("cargo:rustc-link-arg=-L{dir}");
+        // Load the same OpenBLAS build at run time, not whatever the system default is.
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed");
         println!("cargo:rustc-link-arg=-lopenblas");
         println!("cargo:rustc-link-arg=-Wl,--pop-state");

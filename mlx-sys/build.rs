@@ -335,7 +335,11 @@ fn link_openblas() {
         "{}-linux-gnu",
         env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default()
     );
+    // The OpenMP build first: the pthread build's thread pool is not safe when several
+    // threads call BLAS at once (several engines in one process), and Debian's 0.3.21 can
+    // hang joining its workers at process exit.
     let candidates = [
+        format!("/usr/lib/{multiarch}/openblas-openmp"),
         format!("/usr/lib/{multiarch}/openblas-pthread"),
         format!("/usr/lib/{multiarch}"),
         "/usr/lib64".to_owned(),
@@ -352,7 +356,7 @@ fn link_openblas() {
             println!("cargo:openblas_dir={dir}");
         }
         None => println!(
-            "cargo:warning=OpenBLAS not found (Debian: apt-get install libopenblas-dev); \
+            "cargo:warning=OpenBLAS not found (Debian: apt-get install libopenblas-openmp-dev); \
              float32 matmuls will use MLX's bundled reference BLAS and be much slower"
         ),
     }

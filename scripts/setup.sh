@@ -39,8 +39,13 @@ install_system_packages() {
   fi
   local arch
   arch="$(uname -m)"
-  if [[ ! -e "/usr/lib/$arch-linux-gnu/libopenblas.so" && ! -e /usr/lib64/libopenblas.so ]]; then
-    missing+=(libopenblas-dev)
+  # The OpenMP build of OpenBLAS (see mlx-sys/build.rs for why not the pthread one).
+  if [[ ! -e "/usr/lib/$arch-linux-gnu/openblas-openmp/libopenblas.so" ]] && command -v apt-get >/dev/null; then
+    missing+=(libopenblas-openmp-dev)
+  fi
+  # The benchmark's plot needs a TTF font.
+  if [[ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] && command -v apt-get >/dev/null; then
+    missing+=(fonts-dejavu-core)
   fi
   if ((${#missing[@]} == 0)); then
     return

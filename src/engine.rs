@@ -99,7 +99,20 @@ enum Command {
         at: Instant,
     },
     Cancel(RequestId),
+    Fault(Fault),
     Shutdown,
+}
+
+/// Failures the tests inject to check the engine's failure paths (see
+/// [`Engine::inject_fault`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Behave as if MLX failed during a step: running requests end with an error event and
+    /// the engine goes on serving.
+    StepError,
+    /// Panic on the engine thread: the engine enters its failed state.
+    Panic,
 }
 
 struct Shared {
@@ -287,6 +300,14 @@ impl Engine {
             .map_err(|_| Error::ShutDown)
     }
 
+    /// Test hook: injects a failure on the engine thread at the next step boundary.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) -> Result<()> {
+        self.commands
+            .send(Command::Fault(fault))
+            .map_err(|_| Error::ShutDown)
+    }
+
     /// A snapshot of the engine's counters.
     pub fn stats(&self) -> EngineStats {
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
@@ -420,6 +441,15 @@ impl Loop {
             Command::Cancel(id) => {
                 self.sched.cancel(id);
             }
+            Command::Fault(Fault::StepError) => {
+                use crate::scheduler::Runner;
+                self.runner.reset();
+                let mut events = Vec::new();
+                self.sched
+                    .fail_active("MLX error: injected step failure", &mut events);
+                self.deliver(events);
+            }
+            Command::Fault(Fault::Panic) => panic!("injected engine-thread panic"),
             Command::Shutdown => return false,
         }
         true

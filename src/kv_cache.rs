@@ -147,6 +147,15 @@ impl BatchKvCache {
         self.idx += l;
     }
 
+    /// Forgets the last `n` written columns (a speculative step that will not be used).
+    pub fn rollback(&mut self, n: usize) {
+        let n = n.min(self.idx);
+        self.idx -= n;
+        for p in self.left_pad.iter_mut() {
+            *p = (*p).min(self.idx);
+        }
+    }
+
     fn zeros(&self, rows: usize, cols: usize) -> Result<Array> {
         let l = &self.layout;
         Ok(zeros::<f32>(&[

@@ -24,6 +24,13 @@ pub fn kv_layout(model: &Model) -> KvLayout {
     }
 }
 
+/// A decode step queued on the device before the previous step's tokens were handed to the
+/// scheduler (decode-ahead): its inputs are the previous step's greedy tokens, still on device.
+struct Pending {
+    tokens: Array,
+    logits: Array,
+}
+
 struct PrefillGroup {
     cache: BatchKvCache,
     /// Left-padded prompts (without their last token), one row per request.
@@ -40,6 +47,8 @@ pub struct MlxRunner {
     decode_steps: u64,
     keep_logits: bool,
     last_logits: Option<Array>,
+    pipeline: bool,
+    pending: Option<Pending>,
 }
 
 impl MlxRunner {
@@ -53,6 +62,30 @@ impl MlxRunner {
             decode_steps: 0,
             keep_logits: false,
             last_logits: None,
+            pipeline: true,
+            pending: None,
+        }
+    }
+
+    /// Decode-ahead (on by default): when every row decodes greedily, the next step is queued
+    /// on the device before this step's tokens go back to the scheduler, so host work
+    /// (streaming, detokenizing, events) overlaps device work.
+    pub fn set_pipelining(&mut self, on: bool) {
+        self.pipeline = on;
+    }
+
+    /// Builds one decode step's graph; returns (greedy tokens `[B]`, logits `[B, vocab]`).
+    fn decode_graph(&mut self, input: &Array) -> Result<(Array, Array)> {
+        let hidden = self.lm.model.forward_last(input, &mut self.batch)?;
+        let logits = self.lm.model.logits(&hidden)?;
+        let greedy = argmax_axis(&logits, -1, None)?;
+        Ok((greedy, logits))
+    }
+
+    /// Forgets a queued step (its cache column is dropped).
+    fn discard_pending(&mut self) {
+        if self.pending.take().is_some() {
+            self.batch.rollback(1);
         }
     }
 
@@ -156,17 +189,22 @@ impl Runner for MlxRunner {
 
     fn join(&mut self) -> Result<()> {
         if let Some(group) = self.group.take() {
+            // The joining rows have no queued step: drop it for everyone (one wasted step).
+            self.discard_pending();
             self.batch.extend(group.cache)?;
         }
         Ok(())
     }
 
     fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
-        let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
-        let input = token_matrix(&column);
-        let hidden = self.lm.model.forward_last(&input, &mut self.batch)?;
-        let logits = self.lm.model.logits(&hidden)?;
-        let greedy = argmax_axis(&logits, -1, None)?;
+        let (greedy, logits) = match self.pending.take() {
+            // Queued last step with exactly these inputs (the rows' greedy tokens).
+            Some(p) => (p.tokens, p.logits),
+            None => {
+                let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
+                self.decode_graph(&token_matrix(&column))?
+            }
+        };
         let sampled_rows: Vec<usize> = (0..samplers.len())
             .filter(|&r| !samplers[r].params().is_plain_greedy())
             .collect();
@@ -187,6 +225,15 @@ impl Runner for MlxRunner {
                 let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
                 tokens[r] = samplers[r].sample(&mut row);
             }
+        } else if self.pipeline {
+            // Every row is greedy, so the next inputs are `greedy` itself: queue that step now.
+            let next_input = greedy.reshape(&[tokens.len() as i32, 1])?;
+            let (next_tokens, next_logits) = self.decode_graph(&next_input)?;
+            mlx_rs::transforms::async_eval([&next_tokens])?;
+            self.pending = Some(Pending {
+                tokens: next_tokens,
+                logits: next_logits,
+            });
         }
         if self.keep_logits {
             self.last_logits = Some(logits);
@@ -199,6 +246,19 @@ impl Runner for MlxRunner {
     }
 
     fn retain(&mut self, rows: &[usize]) -> Result<()> {
+        // A queued step stays valid for the rows that remain: keep their part of it.
+        if let Some(p) = self.pending.take() {
+            if !rows.is_empty() {
+                let idx = Array::from_slice(
+                    &rows.iter().map(|&r| r as i32).collect::<Vec<_>>(),
+                    &[rows.len() as i32],
+                );
+                self.pending = Some(Pending {
+                    tokens: p.tokens.take_axis(&idx, 0)?,
+                    logits: p.logits.take_axis(&idx, 0)?,
+                });
+            }
+        }
         self.batch.filter(rows)
     }
 
@@ -206,6 +266,7 @@ impl Runner for MlxRunner {
         self.batch = BatchKvCache::new(kv_layout(&self.lm.model));
         self.group = None;
         self.last_logits = None;
+        self.pending = None;
         let _ = mlx_rs::memory::clear_cache();
     }
 

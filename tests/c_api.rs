@@ -18,6 +18,13 @@ fn lib_dir() -> PathBuf {
 
 fn compile(compiler: &str, std: &str, src: &Path, out: &Path, static_link: bool) {
     let lib = lib_dir();
+    for name in ["libconvoy.a", "libconvoy.so"] {
+        assert!(
+            lib.join(name).exists(),
+            "{} is missing: `cargo test` builds only the rlib; run `cargo build --lib` first (make test does)",
+            lib.join(name).display()
+        );
+    }
     let mlx = env!("CONVOY_MLX_LIB_DIR");
     let mut cmd = Command::new(compiler);
     cmd.args([std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-g"])
@@ -29,7 +36,9 @@ fn compile(compiler: &str, std: &str, src: &Path, out: &Path, static_link: bool)
     if static_link {
         cmd.arg(lib.join("libconvoy.a"));
         if let Some(blas) = option_env!("CONVOY_OPENBLAS_DIR") {
-            cmd.arg(format!("-L{blas}")).arg("-lopenblas");
+            cmd.arg(format!("-L{blas}"))
+                .arg("-lopenblas")
+                .arg(format!("-Wl,-rpath,{blas}"));
         }
         cmd.arg(format!("-L{mlx}"))
             .args(["-lmlx", "-lstdc++", "-lm", "-ldl", "-lpthread"]);

@@ -370,3 +370,103 @@ fn many_threads_with_random_cancels() {
     eprintln!("concurrency: {s:?}");
     assert_eq!((s.running, s.waiting), (0, 0));
 }
+
+#[test]
+fn batched_logits_match_single_sequence_logits() {
+    use convoy::runner::{generate_greedy_with_logits, MlxRunner};
+    use convoy::sampling::Sampler;
+    use convoy::scheduler::Runner;
+    const TOL: f32 = 2e-3;
+    let lm = model::load(model_path(), LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = [0usize, 3, 1]
+        .iter()
+        .map(|&k| lm.tokenizer.encode_chat(&chat(QUESTIONS[k])).unwrap())
+        .collect();
+    let steps = 6;
+    let refs: Vec<(Vec<u32>, Vec<Vec<f32>>)> = prompts
+        .iter()
+        .map(|p| generate_greedy_with_logits(&lm, p, steps, true).unwrap())
+        .collect();
+    let mut runner = MlxRunner::new(lm);
+    runner.keep_logits(true);
+    let mut samplers: Vec<Sampler> = prompts
+        .iter()
+        .map(|p| Sampler::new(Default::default(), p))
+        .collect();
+    // rows: (prompt index, step, next input)
+    let mut rows: Vec<(usize, usize, u32)> = Vec::new();
+    let mut max_diff = 0f32;
+    let mut decode = |runner: &mut MlxRunner, rows: &mut Vec<(usize, usize, u32)>| {
+        let inputs: Vec<u32> = rows.iter().map(|r| r.2).collect();
+        let mut s: Vec<&mut Sampler> = samplers.iter_mut().take(rows.len()).collect();
+        let toks = runner.decode(&inputs, &mut s).unwrap();
+        let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
+        let vocab = logits.len() / rows.len();
+        for (r, row) in rows.iter_mut().enumerate() {
+            let (k, step) = (row.0, row.1);
+            let reference = &refs[k].1[step];
+            let diff = logits[r * vocab..(r + 1) * vocab]
+                .iter()
+                .zip(reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            max_diff = max_diff.max(diff);
+            assert!(
+                diff < TOL,
+                "prompt {k} step {step}: max |logit diff| {diff}"
+            );
+            assert_eq!(toks[r], refs[k].0[step], "prompt {k} step {step}");
+            *row = (k, step + 1, toks[r]);
+        }
+    };
+    let tail = |p: &Vec<u32>| p[..p.len() - 1].to_vec();
+    runner.start_prefill(&[&tail(&prompts[0])]).unwrap();
+    assert!(runner.prefill_step(1 << 20).unwrap());
+    runner.join().unwrap();
+    rows.push((0, 0, *prompts[0].last().unwrap()));
+    decode(&mut runner, &mut rows);
+    // Two prompts of different lengths prefill as one left-padded group, in chunks, while row
+    // 0 keeps decoding; then they join mid-decode.
+    runner
+        .start_prefill(&[&tail(&prompts[1]), &tail(&prompts[2])])
+        .unwrap();
+    while !runner.prefill_step(16).unwrap() {
+        decode(&mut runner, &mut rows);
+    }
+    runner.join().unwrap();
+    rows.push((1, 0, *prompts[1].last().unwrap()));
+    rows.push((2, 0, *prompts[2].last().unwrap()));
+    while rows.iter().all(|r| r.1 < steps) {
+        decode(&mut runner, &mut rows);
+    }
+    eprintln!("max |logit difference| batched vs single: {max_diff:e} (tolerance {TOL:e})");
+}
+
+#[test]
+fn failures_on_the_engine_thread_end_requests_and_never_hang() {
+    use convoy::engine::Fault;
+    let e = engine(BatchMode::Continuous, 4);
+    let a = e.submit(request(&reference()[0].0, 200)).unwrap();
+    let b = e.submit(request(&reference()[1].0, 200)).unwrap();
+    assert!(matches!(
+        e.poll(a, Duration::from_secs(60)).unwrap(),
+        Some(Event::Token { .. })
+    ));
+    // An MLX error in a step: the running requests fail, the engine keeps serving.
+    e.inject_fault(Fault::StepError).unwrap();
+    assert_eq!(drain(&e, a).2, FinishReason::Error);
+    assert_eq!(drain(&e, b).2, FinishReason::Error);
+    let c = e
+        .generate(Request::new(Prompt::Chat(chat(QUESTIONS[0]))).max_tokens(20))
+        .unwrap();
+    assert_eq!(c.tokens, PARIS_ANSWER);
+    // A panic on the engine thread: in-flight requests end with an error, and every later
+    // call says the engine failed.
+    let d = e.submit(request(&reference()[2].0, 200)).unwrap();
+    e.inject_fault(Fault::Panic).unwrap();
+    let (_, _, reason) = drain(&e, d);
+    assert_eq!(reason, FinishReason::Error);
+    assert!(
+        matches!(e.submit(request(&reference()[0].0, 4)), Err(Error::EngineFailed(m)) if m.contains("panic"))
+    );
+}
