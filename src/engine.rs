@@ -391,7 +391,14 @@ struct Loop {
 }
 
 impl Loop {
+    /// Sends events to their requests. Stats are published first, so a caller that has seen
+    /// a terminal event also sees it counted.
     fn deliver(&mut self, events: Vec<Event>) {
+        self.finished += events
+            .iter()
+            .filter(|e| matches!(e, Event::Finished { .. }))
+            .count() as u64;
+        self.publish_stats();
         for e in events {
             let id = e.request_id();
             let Some(tx) = self.senders.get(&id) else {
@@ -400,7 +407,6 @@ impl Loop {
             let _ = tx.send(e.clone());
             if let Event::Finished { reason, stats, .. } = &e {
                 self.senders.remove(&id);
-                self.finished += 1;
                 if let Some(log) = &self.log {
                     log(&log_line(id, *reason, stats));
                 }
@@ -506,7 +512,6 @@ impl Loop {
             let left = waiting_before.saturating_sub(self.sched.waiting_len());
             self.shared.queued.fetch_sub(left, Ordering::SeqCst);
             self.deliver(events);
-            self.publish_stats();
         }
     }
 }

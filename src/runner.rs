@@ -82,6 +82,19 @@ impl MlxRunner {
         Ok((greedy, logits))
     }
 
+    /// Waits for all queued device work. MLX runs it on a stream thread that outlives this
+    /// thread's MLX state, so the engine thread must not exit (or drop the model) with work in
+    /// flight: that is a use-after-free in MLX.
+    pub fn synchronize(&mut self) {
+        if let Some(p) = &self.pending {
+            let _ = p.tokens.eval();
+        }
+        // SAFETY: plain FFI call without arguments; waits for this thread's default stream.
+        unsafe {
+            mlx_sys::mlx_synchronize_default();
+        }
+    }
+
     /// Forgets a queued step (its cache column is dropped).
     fn discard_pending(&mut self) {
         if self.pending.take().is_some() {
@@ -263,6 +276,7 @@ impl Runner for MlxRunner {
     }
 
     fn reset(&mut self) {
+        self.synchronize();
         self.batch = BatchKvCache::new(kv_layout(&self.lm.model));
         self.group = None;
         self.last_logits = None;
@@ -276,6 +290,12 @@ impl Runner for MlxRunner {
 
     fn take_eval_time(&mut self) -> Duration {
         std::mem::take(&mut self.eval_time)
+    }
+}
+
+impl Drop for MlxRunner {
+    fn drop(&mut self) {
+        self.synchronize();
     }
 }
 
