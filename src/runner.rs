@@ -252,7 +252,7 @@ impl Runner for MlxRunner {
             self.last_logits = Some(logits);
         }
         self.decode_steps += 1;
-        if self.decode_steps % CLEAR_CACHE_EVERY == 0 {
+        if self.decode_steps.is_multiple_of(CLEAR_CACHE_EVERY) {
             mlx_rs::memory::clear_cache()?;
         }
         Ok(tokens)

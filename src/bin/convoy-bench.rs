@@ -447,13 +447,9 @@ fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
     };
     let max_c = *cs.last().unwrap_or(&1) as f64;
     type Metric = fn(&RunResult) -> f64;
-    let panels: [(
-        &DrawingArea<BitMapBackend, plotters::coord::Shift>,
-        &str,
-        &str,
-        Metric,
-        Metric,
-    ); 2] = [
+    type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+    type Panel<'a, 'b> = (&'b Area<'a>, &'static str, &'static str, Metric, Metric);
+    let panels: [Panel; 2] = [
         (
             &left,
             "Aggregate throughput",

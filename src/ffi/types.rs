@@ -245,7 +245,7 @@ impl LogTarget {
 }
 
 impl convoy_engine_config {
-    pub(crate) fn to_engine_config(&self) -> Result<EngineConfig, Failure> {
+    pub(crate) fn to_engine_config(self) -> Result<EngineConfig, Failure> {
         let mode = match self.mode {
             0 => BatchMode::Continuous,
             1 => BatchMode::Static,
@@ -293,7 +293,7 @@ impl convoy_engine_config {
 }
 
 impl convoy_request_params {
-    pub(crate) unsafe fn to_parts(&self) -> Result<(SamplingParams, StopConditions), Failure> {
+    pub(crate) unsafe fn to_parts(self) -> Result<(SamplingParams, StopConditions), Failure> {
         let sampling = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
