@@ -20,14 +20,15 @@ demo: setup
 test: setup
 	$(CARGO) build --workspace --lib --bins   # the C tests link libconvoy.so / libconvoy.a
 	$(CARGO) test --workspace
-	$(MAKE) bench-smoke
+	target/debug/convoy-bench $(SMOKE_ARGS)
 
 bench: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --out bench-results
 
+# The benchmark once at a tiny size: proves it runs and writes sane output.
+SMOKE_ARGS = --model $(MODEL) --out target/bench-smoke --n 2 --max-tokens 4 --prompt-len 16 --concurrency 1,2 --smoke
 bench-smoke:
-	$(CARGO) run --bin convoy-bench -- --model $(MODEL) --out target/bench-smoke --n 2 --max-tokens 4 \
-	   --prompt-len 16 --concurrency 1,2 --smoke
+	$(CARGO) run --bin convoy-bench -- $(SMOKE_ARGS)
 
 # Regenerates include/convoy.h after changing src/ffi (tests fail while it is stale).
 header:

@@ -54,6 +54,9 @@ struct Args {
     /// Weights policy for the batching runs: auto, dequantize, quantized.
     #[arg(long, default_value = "auto")]
     weights: String,
+    /// Skip the closed-loop sweep (e.g. to run only the arrival mode).
+    #[arg(long)]
+    no_sweep: bool,
     /// Tiny run for tests: checks the output is sane and exits non-zero if not.
     #[arg(long)]
     smoke: bool,
@@ -597,7 +600,7 @@ fn main() {
     }
 
     let mut results = Vec::new();
-    for mode_name in &args.modes {
+    for mode_name in args.modes.iter().filter(|_| !args.no_sweep) {
         let mode = if mode_name == "static" {
             BatchMode::Static
         } else {
@@ -698,9 +701,11 @@ fn main() {
     std::fs::write(&jsonl, text).expect("write results.jsonl");
     println!("wrote {}", jsonl.display());
     let png = args.out.join("bench.png");
-    match plot(&png, &results) {
-        Ok(()) => println!("wrote {}", png.display()),
-        Err(e) => eprintln!("plot skipped: {e}"),
+    if !results.is_empty() {
+        match plot(&png, &results) {
+            Ok(()) => println!("wrote {}", png.display()),
+            Err(e) => eprintln!("plot skipped: {e}"),
+        }
     }
 
     if args.smoke {
