@@ -290,7 +290,8 @@ typedef struct {
    */
   uint32_t max_context;
   /**
-   * Prompt tokens prefilled per step, interleaved with decode steps. Default 512.
+   * Prompt tokens prefilled per step over the admitted group, interleaved with decode
+   * steps. Default 256.
    */
   uint32_t prefill_chunk;
   /**
@@ -442,9 +443,11 @@ typedef struct {
   uint64_t tokens_generated;
   uint64_t requests_finished;
   /**
-   * Seconds inside engine steps, and the part spent waiting on MLX evaluation.
+   * Seconds inside engine steps; the part spent in MLX work (graphs, evaluation,
+   * sampling); the part of that spent waiting for evaluation.
    */
   double step_seconds;
+  double mlx_seconds;
   double eval_seconds;
   uint64_t peak_memory_bytes;
 } convoy_engine_stats;

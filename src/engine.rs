@@ -83,8 +83,11 @@ pub struct EngineStats {
     pub steps: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
-    /// Seconds inside engine steps, and the part spent waiting for MLX evaluation.
+    /// Seconds inside engine steps; the part spent in MLX work (building graphs, evaluating,
+    /// sampling); and the part of that spent waiting for evaluation. `step - mlx` is the
+    /// engine's own overhead (scheduling, stop checks, detokenizing, events).
     pub step_seconds: f64,
+    pub mlx_seconds: f64,
     pub eval_seconds: f64,
     /// MLX's peak memory use in bytes.
     pub peak_memory_bytes: u64,
@@ -472,6 +475,7 @@ impl Loop {
             tokens_generated: s.tokens_generated,
             requests_finished: self.finished,
             step_seconds: s.step_seconds,
+            mlx_seconds: s.mlx_seconds,
             eval_seconds: s.eval_seconds,
             peak_memory_bytes: mlx_rs::memory::peak_memory().unwrap_or(0) as u64,
         };

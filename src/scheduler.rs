@@ -65,7 +65,10 @@ pub struct SchedulerConfig {
     pub max_kv_tokens: usize,
     /// Context length; prompts must leave room for one generated token.
     pub max_context: usize,
-    /// Prompt columns prefilled per step.
+    /// Prompt tokens prefilled per step, over all rows of the prefill group (a token budget,
+    /// like vLLM's max_num_batched_tokens). In continuous mode a group is only as large as
+    /// fits this budget (at least one request), so the first requests of a burst start
+    /// streaming before the whole burst is prefilled.
     pub prefill_chunk: usize,
     /// Most requests prefilled together in one group.
     pub max_prefill_group: usize,
@@ -79,7 +82,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             max_kv_tokens: 65536,
             max_context: 8192,
-            prefill_chunk: 512,
+            prefill_chunk: 256,
             max_prefill_group: 8,
         }
     }
@@ -116,9 +119,57 @@ pub struct SchedulerStats {
     pub kv_tokens: usize,
     pub steps: u64,
     pub tokens_generated: u64,
-    /// Seconds inside steps, and the part of it spent waiting on the device.
+    /// Seconds inside steps; the part spent in the runner (building MLX graphs, evaluating,
+    /// sampling); and the part of that spent waiting for evaluation.
     pub step_seconds: f64,
+    pub mlx_seconds: f64,
     pub eval_seconds: f64,
+}
+
+/// Measures the time spent inside the runner, so the rest of a step (scheduling, stop
+/// checks, detokenizing, events) can be reported as the engine's own overhead.
+struct TimedRunner<'a> {
+    inner: &'a mut dyn Runner,
+    spent: Duration,
+}
+
+impl TimedRunner<'_> {
+    fn time<T>(&mut self, f: impl FnOnce(&mut dyn Runner) -> T) -> T {
+        let start = Instant::now();
+        let out = f(&mut *self.inner);
+        self.spent += start.elapsed();
+        out
+    }
+}
+
+impl Runner for TimedRunner<'_> {
+    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
+        self.time(|r| r.start_prefill(prompts))
+    }
+    fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
+        self.time(|r| r.prefill_step(max_columns))
+    }
+    fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
+        self.time(|r| r.retain_prefill(rows))
+    }
+    fn join(&mut self) -> Result<()> {
+        self.time(|r| r.join())
+    }
+    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+        self.time(|r| r.decode(inputs, samplers))
+    }
+    fn retain(&mut self, rows: &[usize]) -> Result<()> {
+        self.time(|r| r.retain(rows))
+    }
+    fn reset(&mut self) {
+        self.time(|r| r.reset())
+    }
+    fn kv_tokens(&self) -> usize {
+        self.inner.kv_tokens()
+    }
+    fn take_eval_time(&mut self) -> Duration {
+        self.inner.take_eval_time()
+    }
 }
 
 /// See the module docs.
@@ -259,13 +310,16 @@ impl Scheduler {
         events: &mut Vec<Event>,
     ) {
         let start = Instant::now();
-        if let Err(e) = self.try_step(runner, text, events) {
-            runner.reset();
+        let mut timed = TimedRunner { inner: runner, spent: Duration::ZERO };
+        if let Err(e) = self.try_step(&mut timed, text, events) {
+            timed.reset();
             self.fail_active(&e.to_string(), events);
         }
+        let mlx = timed.spent;
         self.stats.steps += 1;
         self.stats.kv_tokens = runner.kv_tokens();
         self.stats.step_seconds += start.elapsed().as_secs_f64();
+        self.stats.mlx_seconds += mlx.as_secs_f64();
         self.stats.eval_seconds += runner.take_eval_time().as_secs_f64();
     }
 
@@ -284,7 +338,7 @@ impl Scheduler {
         }
         if !self.prefilling.is_empty() {
             let chunk = match self.cfg.mode {
-                BatchMode::Continuous => self.cfg.prefill_chunk.max(1),
+                BatchMode::Continuous => (self.cfg.prefill_chunk / self.prefilling.len()).max(1),
                 BatchMode::Static => usize::MAX,
             };
             if runner.prefill_step(chunk)? {

@@ -174,6 +174,7 @@ struct RunResult {
     mean_itl_per_request: Vec<f64>,
     peak_mlx_bytes: u64,
     step_seconds: f64,
+    mlx_seconds: f64,
     eval_seconds: f64,
 }
 
@@ -215,6 +216,7 @@ fn summarize(
         mean_itl_per_request: Vec::new(),
         peak_mlx_bytes: engine.stats().peak_memory_bytes,
         step_seconds: engine.stats().step_seconds,
+        mlx_seconds: engine.stats().mlx_seconds,
         eval_seconds: engine.stats().eval_seconds,
     };
     for t in traces {
@@ -351,8 +353,9 @@ fn result_json(r: &RunResult, extra: serde_json::Value) -> serde_json::Value {
         "itl_p95_s": percentile(&r.itl, 95.0),
         "peak_mlx_memory_bytes": r.peak_mlx_bytes,
         "engine_step_s": r.step_seconds,
-        "engine_eval_s": r.eval_seconds,
-        "engine_overhead_share": if r.step_seconds > 0.0 { (r.step_seconds - r.eval_seconds) / r.step_seconds } else { 0.0 },
+        "engine_mlx_s": r.mlx_seconds,
+        "engine_eval_wait_s": r.eval_seconds,
+        "engine_overhead_share": if r.step_seconds > 0.0 { (r.step_seconds - r.mlx_seconds) / r.step_seconds } else { 0.0 },
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());

@@ -51,7 +51,8 @@ pub struct convoy_engine_config {
     pub max_kv_tokens: u32,
     /// Context length limit; 0 means the model's own. Default 0.
     pub max_context: u32,
-    /// Prompt tokens prefilled per step, interleaved with decode steps. Default 512.
+    /// Prompt tokens prefilled per step over the admitted group, interleaved with decode
+    /// steps. Default 256.
     pub prefill_chunk: u32,
     /// Called once per finished request with a log line; NULL for none.
     pub log_callback: convoy_log_callback,
@@ -180,8 +181,10 @@ pub struct convoy_engine_stats {
     pub steps: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
-    /// Seconds inside engine steps, and the part spent waiting on MLX evaluation.
+    /// Seconds inside engine steps; the part spent in MLX work (graphs, evaluation,
+    /// sampling); the part of that spent waiting for evaluation.
     pub step_seconds: f64,
+    pub mlx_seconds: f64,
     pub eval_seconds: f64,
     pub peak_memory_bytes: u64,
 }
@@ -363,6 +366,7 @@ impl From<EngineStats> for convoy_engine_stats {
             tokens_generated: s.tokens_generated,
             requests_finished: s.requests_finished,
             step_seconds: s.step_seconds,
+            mlx_seconds: s.mlx_seconds,
             eval_seconds: s.eval_seconds,
             peak_memory_bytes: s.peak_memory_bytes,
         }
