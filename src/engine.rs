@@ -228,11 +228,8 @@ impl Engine {
         self.check_alive()?;
         let prompt = self.prompt_tokens(&request.prompt)?;
         // Same checks the scheduler makes, answered here without a round trip.
-        Scheduler::new(self.config.clone()).check(
-            prompt.len(),
-            &request.stop,
-            &request.sampling,
-        )?;
+        self.config
+            .check(prompt.len(), &request.stop, &request.sampling)?;
         let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
         if queued >= self.config.max_waiting {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -585,9 +582,8 @@ fn engine_thread(
     // Requests still in the channel get their terminal event from `poll` (disconnected).
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Engine>();
-    let _ = BatchMode::Static;
-}
+// Hosts share one engine between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Engine>();
+};

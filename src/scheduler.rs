@@ -74,6 +74,39 @@ pub struct SchedulerConfig {
     pub max_prefill_group: usize,
 }
 
+impl SchedulerConfig {
+    /// Checks a request against the limits without queueing it.
+    pub fn check(
+        &self,
+        prompt_len: usize,
+        stop: &StopConditions,
+        sampling: &SamplingParams,
+    ) -> Result<()> {
+        sampling.validate()?;
+        if stop.max_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if prompt_len == 0 {
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
+        }
+        if prompt_len >= self.max_context {
+            return Err(Error::PromptTooLong {
+                prompt: prompt_len,
+                context: self.max_context,
+            });
+        }
+        if prompt_len + 1 > self.max_kv_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "a prompt of {prompt_len} tokens exceeds the KV budget of {} tokens",
+                self.max_kv_tokens
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
@@ -198,37 +231,6 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// Checks a request against the limits without queueing it.
-    pub fn check(
-        &self,
-        prompt_len: usize,
-        stop: &StopConditions,
-        sampling: &SamplingParams,
-    ) -> Result<()> {
-        sampling.validate()?;
-        if stop.max_tokens == 0 {
-            return Err(Error::InvalidArgument(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        if prompt_len == 0 {
-            return Err(Error::InvalidArgument("the prompt is empty".into()));
-        }
-        if prompt_len >= self.cfg.max_context {
-            return Err(Error::PromptTooLong {
-                prompt: prompt_len,
-                context: self.cfg.max_context,
-            });
-        }
-        if prompt_len + 1 > self.cfg.max_kv_tokens {
-            return Err(Error::InvalidArgument(format!(
-                "a prompt of {prompt_len} tokens exceeds the KV budget of {} tokens",
-                self.cfg.max_kv_tokens
-            )));
-        }
-        Ok(())
-    }
-
     /// Queues a request. `eos` are the ids that end it (empty to ignore EOS).
     pub fn submit(
         &mut self,
@@ -239,7 +241,7 @@ impl Scheduler {
         eos: Vec<u32>,
         submitted: Instant,
     ) -> Result<()> {
-        self.check(prompt.len(), &stop, &sampling)?;
+        self.cfg.check(prompt.len(), &stop, &sampling)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(Error::Busy(self.waiting.len()));
         }
@@ -310,7 +312,10 @@ impl Scheduler {
         events: &mut Vec<Event>,
     ) {
         let start = Instant::now();
-        let mut timed = TimedRunner { inner: runner, spent: Duration::ZERO };
+        let mut timed = TimedRunner {
+            inner: runner,
+            spent: Duration::ZERO,
+        };
         if let Err(e) = self.try_step(&mut timed, text, events) {
             timed.reset();
             self.fail_active(&e.to_string(), events);

@@ -390,7 +390,7 @@ fn single(
     let t = Instant::now();
     let out = convoy::runner::generate_greedy(&lm, &corpus[..8], decode_tokens + 1).unwrap();
     let total = t.elapsed().as_secs_f64();
-    let decode_tps = (out.len() as f64 - 1.0) / (total - 0.0).max(1e-9);
+    let decode_tps = (out.len() as f64 - 1.0) / total.max(1e-9);
     json!({
         "bench": "single",
         "weights": if lm.model.is_quantized() { "quantized (MLX affine)" } else { "float32 (dequantized)" },

@@ -243,7 +243,6 @@ fn to_c_event(event: Event) -> convoy_event {
             error.unwrap_or_default(),
         ),
     };
-    let text_len = text.len();
     EVENT_TEXT.with(|slot| {
         let mut slot = slot.borrow_mut();
         // Model text can contain NUL bytes; C strings cannot: replace them.
@@ -254,11 +253,7 @@ fn to_c_event(event: Event) -> convoy_event {
             request_id,
             token,
             text: slot.0.as_ptr(),
-            text_len: slot
-                .0
-                .as_bytes()
-                .len()
-                .min(text_len.max(slot.0.as_bytes().len())),
+            text_len: slot.0.as_bytes().len(),
             finish_reason: reason,
             stats,
             error: slot.1.as_ptr(),

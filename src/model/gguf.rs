@@ -6,7 +6,7 @@
 //! are rejected with a typed error before MLX touches the file.
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 use mlx_rs::io::{GgufError, GgufFile};
@@ -293,6 +293,5 @@ pub(crate) fn validate(path: &Path) -> Result<()> {
             )));
         }
     }
-    let _ = r.r.seek(SeekFrom::Start(0));
     Ok(())
 }

@@ -155,43 +155,30 @@ impl Model {
     ) -> Result<Self> {
         config.validate()?;
         let dequantize = policy.dequantize();
-        let mut lin = |name: &str| Linear::take(&mut tensors, name, group_size, dequantize);
+        let t = &mut tensors;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let p = format!("l{i}");
+            let mut lin =
+                |part: &str| Linear::take(t, &format!("l{i}.{part}"), group_size, dequantize);
             layers.push(Layer {
-                q: lin(&format!("{p}.q"))?,
-                k: lin(&format!("{p}.k"))?,
-                v: lin(&format!("{p}.v"))?,
-                o: lin(&format!("{p}.o"))?,
-                gate: lin(&format!("{p}.gate"))?,
-                up: lin(&format!("{p}.up"))?,
-                down: lin(&format!("{p}.down"))?,
-                attn_norm: Array::from_int(0),
-                ffn_norm: Array::from_int(0),
+                q: lin("q")?,
+                k: lin("k")?,
+                v: lin("v")?,
+                o: lin("o")?,
+                gate: lin("gate")?,
+                up: lin("up")?,
+                down: lin("down")?,
+                attn_norm: take_tensor(t, &format!("l{i}.attn_norm.weight"))?,
+                ffn_norm: take_tensor(t, &format!("l{i}.ffn_norm.weight"))?,
             });
         }
-        let lm_head = if tensors.contains_key("lm_head.weight") && !config.tie_word_embeddings {
-            Some(Linear::take(
-                &mut tensors,
-                "lm_head",
-                group_size,
-                dequantize,
-            )?)
+        let lm_head = if t.contains_key("lm_head.weight") && !config.tie_word_embeddings {
+            Some(Linear::take(t, "lm_head", group_size, dequantize)?)
         } else {
             None
         };
-        let embed = Embedding::take(&mut tensors, "embed", group_size, dequantize)?;
-        let mut norm_of = |name: String| {
-            tensors
-                .remove(&name)
-                .ok_or_else(|| Error::BadWeights(format!("missing tensor {name}")))
-        };
-        for (i, layer) in layers.iter_mut().enumerate() {
-            layer.attn_norm = norm_of(format!("l{i}.attn_norm.weight"))?;
-            layer.ffn_norm = norm_of(format!("l{i}.ffn_norm.weight"))?;
-        }
-        let norm = norm_of("norm.weight".to_owned())?;
+        let embed = Embedding::take(t, "embed", group_size, dequantize)?;
+        let norm = take_tensor(t, "norm.weight")?;
 
         let head_dim = config.head_dim as i32;
         let (rope_freqs, rope_scale) = match &config.rope_scaling {
@@ -356,6 +343,11 @@ impl Model {
             self.rope_freqs.as_ref(),
         )?)
     }
+}
+
+fn take_tensor(t: &mut HashMap<String, Array>, name: &str) -> Result<Array> {
+    t.remove(name)
+        .ok_or_else(|| Error::BadWeights(format!("missing tensor {name}")))
 }
 
 /// The attention mask a forward pass needs, chosen by the cache.

@@ -1,7 +1,6 @@
 //! Dense and affine-quantized weights, and the policy that picks between them.
 use std::collections::HashMap;
 
-use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
 use mlx_rs::Array;
 
@@ -234,12 +233,5 @@ impl Embedding {
             Self::Dense(w) => out.push(w),
             Self::Quantized(q) => out.extend([&q.w, &q.scales, &q.biases]),
         }
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn row(&self, id: i32) -> Result<Array> {
-        self.lookup(&Array::from_slice(&[id], &[1]))?
-            .try_index(0)
-            .map_err(Into::into)
     }
 }
