@@ -40,11 +40,6 @@
 
 
 /**
- * Penalties look at this many most recent tokens (prompt and output), like llama.cpp.
- */
-#define PENALTY_WINDOW 64
-
-/**
  * Status codes. Values are stable and never reused.
  */
 enum convoy_status
@@ -282,9 +277,11 @@ typedef struct {
    */
   uint32_t max_waiting;
   /**
-   * KV tokens that may be reserved at once (prompt + max_tokens per request). Default 65536.
+   * Most requests held at once: queued, running, or ended with events not yet polled
+   * (a request is held until its FINISHED event is polled or it is released with
+   * `convoy_engine_release`). Submit answers BUSY beyond it. Default 1024.
    */
-  uint32_t max_kv_tokens;
+  uint32_t max_requests;
   /**
    * Context length limit; 0 means the model's own. Default 0.
    */
@@ -302,6 +299,12 @@ typedef struct {
    * Passed to `log_callback` as is.
    */
   void *log_user_data;
+  /**
+   * Most bytes the KV cache may allocate, padding and spare capacity included (the
+   * running batch plus the group being prefilled). Requests are admitted only while every
+   * admitted request fits when grown to prompt + max_tokens. Default 2 GiB.
+   */
+  uint64_t max_kv_bytes;
 } convoy_engine_config;
 
 /**
@@ -450,6 +453,14 @@ typedef struct {
   double mlx_seconds;
   double eval_seconds;
   uint64_t peak_memory_bytes;
+  /**
+   * Bytes the KV cache allocates now (at most `max_kv_bytes`).
+   */
+  uint64_t kv_bytes;
+  /**
+   * Requests held (queued, running, or ended with events not yet polled).
+   */
+  uint64_t requests_held;
 } convoy_engine_stats;
 
 #ifdef __cplusplus
@@ -558,7 +569,10 @@ convoy_status convoy_engine_submit_chat(const convoy_engine *engine,
 /**
  * Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of request `id`
  * and writes it to `*out_event`. Every request yields TOKEN events then exactly one FINISHED
- * event; after FINISHED has been returned the id is unknown.
+ * event, handed to exactly one caller even when several threads poll the same id; after
+ * FINISHED has been returned (or the request was released) the id is unknown, and threads
+ * still waiting on it return UNKNOWN_REQUEST. Queued events are still delivered after an
+ * engine failure or during shutdown; every request ends.
  *
  * Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched), NULL_POINTER,
  * UNKNOWN_REQUEST, PANIC. Blocks for at most the timeout. Thread-safe; the event's strings
@@ -571,11 +585,23 @@ convoy_status convoy_engine_poll(const convoy_engine *engine,
 
 /**
  * Asks request `id` to stop; it ends with a FINISHED event (reason CANCELLED) at the next
- * step boundary, still delivered by `convoy_engine_poll`. Returns OK, NULL_POINTER,
- * UNKNOWN_REQUEST (never submitted, or FINISHED already polled), SHUT_DOWN, PANIC.
- * Never blocks; thread-safe.
+ * step boundary, still delivered by `convoy_engine_poll`. Cancelling a request whose
+ * FINISHED event is already queued is harmless (OK). Returns OK, NULL_POINTER,
+ * UNKNOWN_REQUEST (never submitted, FINISHED already polled, or released), ENGINE_FAILED,
+ * PANIC. Never blocks; thread-safe.
  */
 convoy_status convoy_engine_cancel(const convoy_engine *engine, uint64_t id);
+
+/**
+ * Gives request `id` up: it is cancelled if still running, events not yet polled are
+ * dropped, and the id becomes unknown at once (threads polling it get UNKNOWN_REQUEST; no
+ * FINISHED event is delivered after this call). Use it for requests whose output is no
+ * longer wanted: a request is held, with its unpolled events, until its FINISHED event is
+ * polled or it is released, and at most `max_requests` are held (submit answers BUSY).
+ * Works after an engine failure too. Returns OK, NULL_POINTER, UNKNOWN_REQUEST, PANIC.
+ * Never blocks; thread-safe.
+ */
+convoy_status convoy_engine_release(const convoy_engine *engine, uint64_t id);
 
 /**
  * Writes a snapshot of the engine's counters to `*out_stats`. Returns OK, NULL_POINTER,

@@ -25,6 +25,57 @@ if [[ "${1:-}" == "--model-path" ]]; then
 fi
 
 say() { echo "setup: $*"; }
+
+# Prints the libclang that bindgen (through clang-sys) would load, or fails. It follows
+# clang-sys's own search: $LIBCLANG_PATH, `llvm-config --libdir`, $LD_LIBRARY_PATH, then the
+# system folders, the file names libclang.so, libclang-*.so, libclang.so.*, libclang-*.so.*,
+# and skips LLVM's C++ library (libclang-cpp.so.N, present on stock Debian images, which is not
+# the C API bindgen needs). A candidate counts only if it loads and exports clang_createIndex.
+# CONVOY_LIBCLANG_SEARCH overrides the folders searched (a ':'-separated list; for tests).
+find_libclang() {
+  local dirs
+  if [[ -n "${CONVOY_LIBCLANG_SEARCH+x}" ]]; then
+    dirs="$CONVOY_LIBCLANG_SEARCH"
+  else
+    dirs="${LIBCLANG_PATH:-}"
+    if command -v llvm-config >/dev/null 2>&1; then
+      dirs="$dirs:$(llvm-config --libdir 2>/dev/null || true)"
+    fi
+    dirs="$dirs:${LD_LIBRARY_PATH:-}:/usr/lib*/llvm-*/lib:/usr/lib*:/usr/lib*/*:/usr/local/lib*:/usr/local/llvm*/lib*:/opt/llvm*/lib*"
+  fi
+  command -v "$PY" >/dev/null 2>&1 || return 1
+  "$PY" - "$dirs" <<'PYEOF'
+import ctypes, glob, os, sys
+seen = set()
+for pattern in sys.argv[1].split(":"):
+    if not pattern:
+        continue
+    for d in sorted(glob.glob(pattern)):
+        if os.path.isfile(d):  # LIBCLANG_PATH may name the file itself
+            files = [d]
+        else:
+            files = []
+            for name in ("libclang.so", "libclang-*.so", "libclang.so.*", "libclang-*.so.*"):
+                files += sorted(glob.glob(os.path.join(d, name)))
+        for f in files:
+            if os.path.basename(f).startswith("libclang-cpp") or f in seen:
+                continue
+            seen.add(f)
+            try:
+                lib = ctypes.CDLL(f)
+                lib.clang_createIndex
+            except (OSError, AttributeError):
+                continue
+            print(f)
+            sys.exit(0)
+sys.exit(1)
+PYEOF
+}
+
+if [[ "${1:-}" == "--find-libclang" ]]; then
+  find_libclang
+  exit
+fi
 die() { echo "setup: error: $*" >&2; exit 1; }
 
 install_system_packages() {
@@ -34,9 +85,7 @@ install_system_packages() {
   command -v cmake >/dev/null || missing+=(cmake)
   command -v "$PY" >/dev/null || missing+=(python3)
   "$PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && [[ -z "${LIBCLANG_PATH:-}" ]]; then
-    missing+=(libclang-dev)
-  fi
+  find_libclang >/dev/null || missing+=(libclang-dev)
   local arch
   arch="$(uname -m)"
   # The OpenMP build of OpenBLAS (see mlx-sys/build.rs for why not the pthread one).

@@ -3,10 +3,11 @@
 //!
 //! Host calls never touch MLX and never wait for model computation: `submit` tokenizes on the
 //! caller's thread (the tokenizer is thread-safe), checks limits, and queues; `poll` waits on
-//! the request's own event channel for at most the caller's timeout; `cancel` takes effect at
-//! the next step boundary. With no work the thread blocks on its command channel (no spinning).
-//! A panic on the engine thread is caught: running requests end with an error event and the
-//! engine enters a failed state that every later call reports.
+//! the request's own event stream for at most the caller's timeout; `cancel` takes effect at
+//! the next step boundary; `release` gives a request up (its events are dropped). With no work
+//! the thread blocks on its command channel (no spinning). A panic on the engine thread is
+//! caught: running requests end with an error event and the engine enters a failed state
+//! that every later call reports. Delivery rules are in [`crate::stream`].
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -15,12 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
 
 use crate::error::{Error, Result};
 use crate::model::{self, LoadOptions, WeightsPolicy};
+use crate::kv_cache::KvLayout;
 use crate::request::{Event, FinishReason, Prompt, Request, RequestId, RequestStats};
-use crate::runner::MlxRunner;
+use crate::runner::{kv_layout, MlxRunner};
+use crate::stream::{Refused, Stream, Streams};
 use crate::scheduler::{BatchMode, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::tokenizer::Tokenizer;
 
@@ -28,12 +31,31 @@ use crate::tokenizer::Tokenizer;
 pub type LogCallback = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Engine configuration. `Default` gives continuous batching with 8 rows.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     pub weights: WeightsPolicy,
     /// Called on the engine thread for every finished request; keep it quick.
     pub log: Option<LogCallback>,
+    /// Most requests held at once: queued, running, or ended with events not yet polled.
+    /// A request is held until its terminal event is polled or it is released; submit
+    /// answers busy beyond this, so a host that never polls cannot grow memory without
+    /// bound. Default 1024.
+    pub max_requests: usize,
+}
+
+/// The default of [`EngineConfig::max_requests`].
+pub const DEFAULT_MAX_REQUESTS: usize = 1024;
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            weights: WeightsPolicy::default(),
+            log: None,
+            max_requests: DEFAULT_MAX_REQUESTS,
+        }
+    }
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -42,6 +64,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("scheduler", &self.scheduler)
             .field("weights", &self.weights)
             .field("log", &self.log.is_some())
+            .field("max_requests", &self.max_requests)
             .finish()
     }
 }
@@ -67,8 +90,11 @@ impl EngineConfig {
         if s.prefill_chunk == 0 || s.max_prefill_group == 0 {
             return bad("prefill_chunk and max_prefill_group must be at least 1");
         }
-        if s.max_kv_tokens < 2 {
-            return bad("max_kv_tokens must be at least 2");
+        if s.max_kv_bytes == 0 {
+            return bad("max_kv_bytes must be above 0");
+        }
+        if self.max_requests == 0 {
+            return bad("max_requests must be at least 1");
         }
         Ok(())
     }
@@ -80,6 +106,11 @@ pub struct EngineStats {
     pub running: usize,
     pub waiting: usize,
     pub kv_tokens: usize,
+    /// Bytes the KV caches allocate now (padding and spare capacity included); at most
+    /// `max_kv_bytes`.
+    pub kv_bytes: usize,
+    /// Requests held (queued, running, or ended with events not yet polled).
+    pub requests_held: usize,
     pub steps: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
@@ -98,16 +129,17 @@ enum Command {
         id: RequestId,
         prompt: Vec<u32>,
         request: Request,
-        events: Sender<Event>,
+        events: Arc<Stream>,
         at: Instant,
     },
     Cancel(RequestId),
+    #[cfg(feature = "fault-injection")]
     Fault(Fault),
     Shutdown,
 }
 
 /// Failures the tests inject to check the engine's failure paths (see
-/// [`Engine::inject_fault`]).
+/// `Engine::inject_fault`, built with the `fault-injection` feature only).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -126,16 +158,14 @@ struct Shared {
     queued: AtomicUsize,
 }
 
-/// Receiving ends of live requests' event channels.
-type Streams = Mutex<HashMap<RequestId, Receiver<Event>>>;
-
 /// An inference engine on one model. `Send + Sync`: share it between threads by reference or
 /// `Arc`. Dropping it ends in-flight requests (cancelled) and joins the thread.
 pub struct Engine {
     commands: Sender<Command>,
     shared: Arc<Shared>,
-    streams: Streams,
+    streams: Arc<Streams>,
     tokenizer: Arc<Tokenizer>,
+    layout: KvLayout,
     next_id: AtomicU64,
     config: SchedulerConfig,
     context_length: usize,
@@ -149,7 +179,7 @@ impl Engine {
         config.validate()?;
         let path = path.into();
         let (tx, rx) = channel::unbounded::<Command>();
-        let (ready_tx, ready_rx) = channel::bounded::<Result<(Arc<Tokenizer>, usize)>>(1);
+        let (ready_tx, ready_rx) = channel::bounded::<Result<Ready>>(1);
         let shared = Arc::new(Shared {
             failed: Mutex::new(None),
             stats: Mutex::new(EngineStats::default()),
@@ -157,11 +187,19 @@ impl Engine {
         });
         let thread_shared = shared.clone();
         let thread_config = config.clone();
+        let streams = Arc::new(Streams::new(config.max_requests));
+        let thread_streams = streams.clone();
         let thread = std::thread::Builder::new()
             .name("convoy-engine".into())
-            .spawn(move || engine_thread(path, thread_config, rx, ready_tx, thread_shared))
+            .spawn(move || {
+                engine_thread(path, thread_config, rx, ready_tx, thread_shared, thread_streams)
+            })
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the engine thread: {e}")))?;
-        let (tokenizer, model_context) = match ready_rx.recv() {
+        let Ready {
+            tokenizer,
+            context: model_context,
+            layout,
+        } = match ready_rx.recv() {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -179,8 +217,9 @@ impl Engine {
         Ok(Self {
             commands: tx,
             shared,
-            streams: Mutex::new(HashMap::new()),
+            streams,
             tokenizer,
+            layout,
             next_id: AtomicU64::new(1),
             context_length: sched.max_context,
             config: sched,
@@ -223,84 +262,83 @@ impl Engine {
     }
 
     /// Queues a request and returns its id at once. Errors: `Busy` when `max_waiting`
-    /// requests are already queued, `PromptTooLong`, `InvalidArgument`, `EngineFailed`.
+    /// requests are queued or `max_requests` are held, `PromptTooLong`, `InvalidArgument`,
+    /// `EngineFailed`, `ShutDown`.
     pub fn submit(&self, request: Request) -> Result<RequestId> {
         self.check_alive()?;
         let prompt = self.prompt_tokens(&request.prompt)?;
         // Same checks the scheduler makes, answered here without a round trip.
         self.config
-            .check(prompt.len(), &request.stop, &request.sampling)?;
+            .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
         let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
         if queued >= self.config.max_waiting {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::Busy(queued));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = channel::unbounded();
-        self.lock_streams().insert(id, rx);
-        let cmd = Command::Submit {
-            id,
-            prompt,
-            request,
-            events: tx,
-            at: Instant::now(),
-        };
-        if self.commands.send(cmd).is_err() {
-            self.lock_streams().remove(&id);
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            self.check_alive()?;
-            return Err(Error::ShutDown);
-        }
-        Ok(id)
-    }
-
-    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Receiver<Event>>> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits up to `timeout` for the request's next event. `Ok(None)` on timeout. After the
-    /// terminal event has been returned, the id is unknown (`UnknownRequest`).
-    pub fn poll(&self, id: RequestId, timeout: Duration) -> Result<Option<Event>> {
-        let rx = self
-            .lock_streams()
-            .get(&id)
-            .cloned()
-            .ok_or(Error::UnknownRequest(id))?;
-        let event = match rx.recv_timeout(timeout) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) => return Ok(None),
-            // The engine thread went away without a terminal event: report one.
-            Err(RecvTimeoutError::Disconnected) => Event::Finished {
+        let at = Instant::now();
+        let registered = self.streams.register(id, |events| {
+            self.commands.send(Command::Submit {
                 id,
-                reason: FinishReason::Error,
-                text: String::new(),
-                stats: RequestStats::default(),
-                error: Some(
-                    self.check_alive()
-                        .err()
-                        .map_or("engine stopped".into(), |e| e.to_string()),
-                ),
-            },
-        };
-        if matches!(event, Event::Finished { .. }) {
-            self.lock_streams().remove(&id);
+                prompt,
+                request,
+                events,
+                at,
+            })
+        });
+        match registered {
+            Ok(()) => Ok(id),
+            Err(refused) => {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                self.check_alive()?;
+                match refused {
+                    Ok(Refused::Full(n)) => Err(Error::Busy(n)),
+                    Ok(Refused::Stopped) | Err(_) => Err(Error::ShutDown),
+                }
+            }
         }
-        Ok(Some(event))
+    }
+
+    /// Waits up to `timeout` for the request's next event; `Ok(None)` on timeout. Every
+    /// request yields `Token` events and then exactly one `Finished`, handed to exactly one
+    /// poller; after that (or after [`release`](Self::release)) the id is unknown
+    /// (`UnknownRequest`), also for other threads polling it at the same time.
+    pub fn poll(&self, id: RequestId, timeout: Duration) -> Result<Option<Event>> {
+        self.streams.poll(id, Some(timeout))
     }
 
     /// Asks for a request to end; it ends with `Cancelled` at the next step boundary (its
     /// terminal event still arrives through `poll`). Cancelling a request whose terminal
-    /// event is already queued is harmless.
+    /// event is already queued is harmless. Errors: `UnknownRequest`, `EngineFailed`.
     pub fn cancel(&self, id: RequestId) -> Result<()> {
-        if !self.lock_streams().contains_key(&id) {
-            return Err(Error::UnknownRequest(id));
+        self.check_alive()?;
+        if self.streams.is_open(id)? && self.commands.send(Command::Cancel(id)).is_err() {
+            self.check_alive()?;
+            return Err(Error::ShutDown);
         }
-        self.commands
-            .send(Command::Cancel(id))
-            .map_err(|_| Error::ShutDown)
+        Ok(())
+    }
+
+    /// Gives request `id` up: it is cancelled if still running, its unpolled events are
+    /// dropped, and the id becomes unknown at once (pollers waiting on it get
+    /// `UnknownRequest`). Use it for requests whose output is no longer wanted; a request
+    /// that is neither polled to its end nor released stays held (see `max_requests`).
+    /// Errors: `UnknownRequest`.
+    pub fn release(&self, id: RequestId) -> Result<()> {
+        if self.streams.release(id)? {
+            // The engine thread may be gone (failed or shutting down): nothing left to stop.
+            let _ = self.commands.send(Command::Cancel(id));
+        }
+        Ok(())
+    }
+
+    /// Requests held now (queued, running, or ended with events not yet polled).
+    pub fn requests_held(&self) -> usize {
+        self.streams.len()
     }
 
     /// Test hook: injects a failure on the engine thread at the next step boundary.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fn inject_fault(&self, fault: Fault) -> Result<()> {
         self.commands
@@ -310,7 +348,9 @@ impl Engine {
 
     /// A snapshot of the engine's counters.
     pub fn stats(&self) -> EngineStats {
-        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+        let mut stats = *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.requests_held = self.streams.len();
+        stats
     }
 
     /// Submits and waits for the whole answer: (token ids, text, finish reason, stats).
@@ -383,7 +423,7 @@ fn log_line(id: RequestId, reason: FinishReason, s: &RequestStats) -> String {
 struct Loop {
     sched: Scheduler,
     runner: MlxRunner,
-    senders: HashMap<RequestId, Sender<Event>>,
+    senders: HashMap<RequestId, Arc<Stream>>,
     shared: Arc<Shared>,
     log: Option<LogCallback>,
     tokenizer: Arc<Tokenizer>,
@@ -401,14 +441,18 @@ impl Loop {
         self.publish_stats();
         for e in events {
             let id = e.request_id();
-            let Some(tx) = self.senders.get(&id) else {
+            let Some(stream) = self.senders.get(&id) else {
                 continue;
             };
-            let _ = tx.send(e.clone());
-            if let Event::Finished { reason, stats, .. } = &e {
+            let line = match &e {
+                Event::Finished { reason, stats, .. } => Some(log_line(id, *reason, stats)),
+                Event::Token { .. } => None,
+            };
+            stream.push(e);
+            if let Some(line) = line {
                 self.senders.remove(&id);
                 if let Some(log) = &self.log {
-                    log(&log_line(id, *reason, stats));
+                    log(&line);
                 }
             }
         }
@@ -434,7 +478,7 @@ impl Loop {
                     }
                     Err(e) => {
                         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                        let _ = events.send(Event::Finished {
+                        events.push(Event::Finished {
                             id,
                             reason: FinishReason::Error,
                             text: String::new(),
@@ -447,6 +491,7 @@ impl Loop {
             Command::Cancel(id) => {
                 self.sched.cancel(id);
             }
+            #[cfg(feature = "fault-injection")]
             Command::Fault(Fault::StepError) => {
                 use crate::scheduler::Runner;
                 self.runner.reset();
@@ -455,6 +500,7 @@ impl Loop {
                     .fail_active("MLX error: injected step failure", &mut events);
                 self.deliver(events);
             }
+            #[cfg(feature = "fault-injection")]
             Command::Fault(Fault::Panic) => panic!("injected engine-thread panic"),
             Command::Shutdown => return false,
         }
@@ -468,6 +514,8 @@ impl Loop {
             running: s.running + s.prefilling,
             waiting: s.waiting,
             kv_tokens: s.kv_tokens,
+            kv_bytes: s.kv_bytes,
+            requests_held: 0,
             steps: s.steps,
             tokens_generated: s.tokens_generated,
             requests_finished: self.finished,
@@ -517,12 +565,20 @@ impl Loop {
     }
 }
 
+/// What the engine thread reports once the model is loaded.
+struct Ready {
+    tokenizer: Arc<Tokenizer>,
+    context: usize,
+    layout: KvLayout,
+}
+
 fn engine_thread(
     path: PathBuf,
     config: EngineConfig,
     commands: Receiver<Command>,
-    ready: Sender<Result<(Arc<Tokenizer>, usize)>>,
+    ready: Sender<Result<Ready>>,
     shared: Arc<Shared>,
+    streams: Arc<Streams>,
 ) {
     let loaded = catch_unwind(|| {
         model::load(
@@ -546,11 +602,12 @@ fn engine_thread(
         }
     };
     let context = lm.model.config.max_position_embeddings;
+    let layout = kv_layout(&lm.model);
     let tokenizer = lm.tokenizer.clone();
     let mut sched_cfg = config.scheduler.clone();
     sched_cfg.max_context = sched_cfg.max_context.min(context).max(2);
     let mut state = Loop {
-        sched: Scheduler::new(sched_cfg),
+        sched: Scheduler::new(sched_cfg, layout),
         runner: MlxRunner::new(lm),
         senders: HashMap::new(),
         shared: shared.clone(),
@@ -558,13 +615,15 @@ fn engine_thread(
         tokenizer: tokenizer.clone(),
         finished: 0,
     };
-    let _ = ready.send(Ok((tokenizer, context)));
+    let _ = ready.send(Ok(Ready {
+        tokenizer,
+        context,
+        layout,
+    }));
     let outcome = catch_unwind(AssertUnwindSafe(|| state.run(&commands)));
     let mut events = Vec::new();
-    match outcome {
-        Ok(()) => state
-            .sched
-            .end_all(FinishReason::Cancelled, None, &mut events),
+    let (reason, message) = match outcome {
+        Ok(()) => (FinishReason::Cancelled, None),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -573,13 +632,24 @@ fn engine_thread(
                 .unwrap_or_else(|| "unknown panic".into());
             let msg = format!("engine thread panicked: {msg}");
             *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-            state
-                .sched
-                .end_all(FinishReason::Error, Some(&msg), &mut events);
+            (FinishReason::Error, Some(msg))
         }
+    };
+    // Scheduler-side requests end with their stats; then every stream still open (requests
+    // whose submit command was never processed, or a delivery cut short by a panic) ends here,
+    // and no new request is accepted. Every request ends exactly once.
+    let ended = catch_unwind(AssertUnwindSafe(|| {
+        state
+            .sched
+            .end_all(reason, message.as_deref(), &mut events);
+        state.deliver(events);
+    }));
+    if ended.is_err() && message.is_none() {
+        *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some("engine thread panicked while shutting down".into());
     }
-    state.deliver(events);
-    // Requests still in the channel get their terminal event from `poll` (disconnected).
+    streams.close_all(reason, message.as_deref());
+    drop(commands);
 }
 
 // Hosts share one engine between threads.

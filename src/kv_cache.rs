@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::model::AttentionMask;
 
 /// Capacity grows in steps of this many columns.
-const STEP: usize = 256;
+pub const STEP: usize = 256;
 
 /// Shape parameters shared by every layer's keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,35 +28,57 @@ pub struct KvLayout {
     pub head_dim: usize,
 }
 
-/// A batch of per-row KV histories; see the module docs.
-pub struct BatchKvCache {
-    layout: KvLayout,
-    /// `(keys, values)` per layer; `None` until the first write.
-    data: Vec<Option<(Array, Array)>>,
-    capacity: usize,
+impl KvLayout {
+    /// Bytes one row's one column costs over all layers (keys and values, float32).
+    pub fn column_bytes(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// Most bytes a cache can allocate for `rows` rows none of which grows past `max_len`
+/// tokens: every row is as wide as the widest plus up to `STEP - 1` spare columns (see
+/// [`KvGeometry`]). The scheduler admits requests against this bound.
+pub fn footprint_bytes(layout: &KvLayout, rows: usize, max_len: usize) -> usize {
+    rows.saturating_mul(max_len.saturating_add(STEP - 1))
+        .saturating_mul(layout.column_bytes())
+}
+
+/// What [`KvGeometry::filter`] removed from the front of the kept rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trim {
+    /// Written columns dropped (padding every kept row shared).
+    pub written: usize,
+    /// Columns dropped from the rows' timeline: `written` plus, for a group still being
+    /// prefilled, not-yet-written columns that are padding for every kept row. The prompt
+    /// columns of a prefill group shift left by this much.
+    pub timeline: usize,
+}
+
+/// The host bookkeeping of a batch cache: which columns hold which row's tokens. Pure CPU;
+/// shared by the MLX cache and the scheduler tests' fake runner, so both follow one set of
+/// rules.
+///
+/// Invariants: `idx <= capacity`; `capacity <= idx + STEP - 1` unless the cache is empty;
+/// in a running batch `left_pad[r] <= idx` and some row has no padding, so `idx` is the
+/// longest row. Only a group still being prefilled has `left_pad[r] > idx` (rows whose
+/// prompt has not started yet).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvGeometry {
     idx: usize,
+    capacity: usize,
     left_pad: Vec<usize>,
 }
 
-impl BatchKvCache {
-    /// An empty cache with no rows.
-    pub fn new(layout: KvLayout) -> Self {
-        Self::with_padding(layout, Vec::new())
-    }
-
-    /// A cache for `left_pad.len()` rows that will be prefilled together, row `r` with
-    /// `left_pad[r]` padding columns in front.
-    pub fn with_padding(layout: KvLayout, left_pad: Vec<usize>) -> Self {
+impl KvGeometry {
+    /// Rows that will be prefilled together, row `r` with `left_pad[r]` padding columns.
+    pub fn with_padding(left_pad: Vec<usize>) -> Self {
         Self {
-            layout,
-            data: vec![None; layout.layers],
-            capacity: 0,
             idx: 0,
+            capacity: 0,
             left_pad,
         }
     }
 
-    /// Number of rows.
     pub fn batch_size(&self) -> usize {
         self.left_pad.len()
     }
@@ -66,7 +88,11 @@ impl BatchKvCache {
         self.idx
     }
 
-    /// Left padding of each row.
+    /// Columns allocated per row.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn left_padding(&self) -> &[usize] {
         &self.left_pad
     }
@@ -76,15 +102,14 @@ impl BatchKvCache {
         self.idx.saturating_sub(self.left_pad[r])
     }
 
-    /// Tokens held over all rows (the memory actually used, padding excluded).
+    /// Tokens held over all rows (padding excluded).
     pub fn tokens(&self) -> usize {
         (0..self.batch_size()).map(|r| self.row_len(r)).sum()
     }
 
-    /// Bytes allocated for keys and values (float32), padding and spare capacity included.
-    pub fn allocated_bytes(&self) -> usize {
-        let l = &self.layout;
-        2 * l.layers * self.batch_size() * l.kv_heads * self.capacity * l.head_dim * 4
+    /// Row-columns allocated (rows x capacity): padding and spare capacity included.
+    pub fn allocated_columns(&self) -> usize {
+        self.batch_size() * self.capacity
     }
 
     /// Position of each row's next token. Negative while a row's next column is still
@@ -96,9 +121,207 @@ impl BatchKvCache {
             .collect()
     }
 
+    /// The capacity needed before `l` more columns can be written, if above today's.
+    pub fn needs_capacity(&self, l: usize) -> Option<usize> {
+        let end = self.idx + l;
+        (end > self.capacity).then(|| end.div_ceil(STEP) * STEP)
+    }
+
+    /// Records that `capacity` columns per row are allocated (at least the width).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        debug_assert!(capacity >= self.idx);
+        self.capacity = capacity;
+    }
+
+    /// Moves the write index past `l` written columns.
+    pub fn advance(&mut self, l: usize) {
+        debug_assert!(self.idx + l <= self.capacity, "write past capacity");
+        self.idx += l;
+    }
+
+    /// Forgets the last `n` written columns.
+    pub fn rollback(&mut self, n: usize) {
+        let n = n.min(self.idx);
+        self.idx -= n;
+        for p in self.left_pad.iter_mut() {
+            *p = (*p).min(self.idx);
+        }
+    }
+
+    /// Keeps only `rows` (in that order) and drops the padding every kept row shares. Never
+    /// drops more written columns than there are; see [`Trim`]. Keeping no rows empties it.
+    pub fn filter(&mut self, rows: &[usize]) -> Trim {
+        if rows.is_empty() {
+            let trim = Trim {
+                written: self.idx,
+                timeline: self.idx,
+            };
+            *self = Self::default();
+            return trim;
+        }
+        let shared = rows.iter().map(|&r| self.left_pad[r]).min().unwrap_or(0);
+        let written = shared.min(self.idx);
+        self.left_pad = rows.iter().map(|&r| self.left_pad[r] - shared).collect();
+        self.idx -= written;
+        self.capacity -= written;
+        Trim {
+            written,
+            timeline: shared,
+        }
+    }
+
+    /// Appends `other`'s rows, right-aligning both so every row ends at the shared write
+    /// index. Returns how many padding columns go in front of (this cache's, other's) rows.
+    /// Both must be fully prefilled (`left_pad <= width`).
+    pub fn extend(&mut self, other: &KvGeometry) -> (usize, usize) {
+        debug_assert!(self.left_pad.iter().all(|&p| p <= self.idx));
+        debug_assert!(other.left_pad.iter().all(|&p| p <= other.idx));
+        let width = self.idx.max(other.idx);
+        let (shift_a, shift_b) = (width - self.idx, width - other.idx);
+        for p in self.left_pad.iter_mut() {
+            *p += shift_a;
+        }
+        self.left_pad
+            .extend(other.left_pad.iter().map(|p| p + shift_b));
+        self.idx = width;
+        self.capacity = width;
+        (shift_a, shift_b)
+    }
+}
+
+/// The host side of a group being prefilled: each row's prompt, left-padded to one width,
+/// and how many columns are done. Shared by the MLX runner and the fake runner.
+#[derive(Debug, Clone, Default)]
+pub struct PrefillTokens {
+    tokens: Vec<Vec<u32>>,
+    done: usize,
+}
+
+impl PrefillTokens {
+    /// The group for `prompts` and the geometry of its cache. Padding ids are 0 (a valid id
+    /// for any vocabulary; padding is never attended to).
+    pub fn new(prompts: &[&[u32]]) -> (Self, KvGeometry) {
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let left_pad: Vec<usize> = prompts.iter().map(|p| len - p.len()).collect();
+        let tokens = prompts
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(0, len - p.len())
+                    .chain(p.iter().copied())
+                    .collect()
+            })
+            .collect();
+        (Self { tokens, done: 0 }, KvGeometry::with_padding(left_pad))
+    }
+
+    /// Columns in all (the longest prompt left).
+    pub fn width(&self) -> usize {
+        self.tokens.first().map_or(0, Vec::len)
+    }
+
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done >= self.width()
+    }
+
+    /// The next chunk of at most `max_columns` columns of every row (empty when done).
+    pub fn next_chunk(&self, max_columns: usize) -> Vec<&[u32]> {
+        let end = self.width().min(self.done.saturating_add(max_columns.max(1)));
+        self.tokens.iter().map(|t| &t[self.done..end]).collect()
+    }
+
+    /// Marks `n` more columns done.
+    pub fn advance(&mut self, n: usize) {
+        self.done = (self.done + n).min(self.width());
+    }
+
+    /// Keeps `rows`, after the cache's geometry was filtered with `trim`.
+    pub fn retain(&mut self, rows: &[usize], trim: Trim) {
+        self.tokens = rows
+            .iter()
+            .map(|&r| self.tokens[r][trim.timeline.min(self.tokens[r].len())..].to_vec())
+            .collect();
+        self.done -= trim.written;
+        debug_assert!(self.done <= self.width());
+    }
+}
+
+/// A batch of per-row KV histories; see the module docs.
+pub struct BatchKvCache {
+    layout: KvLayout,
+    /// `(keys, values)` per layer; `None` until the first write.
+    data: Vec<Option<(Array, Array)>>,
+    geom: KvGeometry,
+}
+
+impl BatchKvCache {
+    /// An empty cache with no rows.
+    pub fn new(layout: KvLayout) -> Self {
+        Self::with_geometry(layout, KvGeometry::default())
+    }
+
+    /// A cache for `left_pad.len()` rows that will be prefilled together, row `r` with
+    /// `left_pad[r]` padding columns in front.
+    pub fn with_padding(layout: KvLayout, left_pad: Vec<usize>) -> Self {
+        Self::with_geometry(layout, KvGeometry::with_padding(left_pad))
+    }
+
+    /// An empty (unwritten) cache with this geometry.
+    pub fn with_geometry(layout: KvLayout, geom: KvGeometry) -> Self {
+        debug_assert_eq!(geom.width(), 0);
+        Self {
+            layout,
+            data: vec![None; layout.layers],
+            geom,
+        }
+    }
+
+    pub fn geometry(&self) -> &KvGeometry {
+        &self.geom
+    }
+
+    /// Number of rows.
+    pub fn batch_size(&self) -> usize {
+        self.geom.batch_size()
+    }
+
+    /// Columns written (the longest row plus its padding).
+    pub fn width(&self) -> usize {
+        self.geom.width()
+    }
+
+    /// Left padding of each row.
+    pub fn left_padding(&self) -> &[usize] {
+        self.geom.left_padding()
+    }
+
+    /// Tokens held for row `r`.
+    pub fn row_len(&self, r: usize) -> usize {
+        self.geom.row_len(r)
+    }
+
+    /// Tokens held over all rows (the memory actually used, padding excluded).
+    pub fn tokens(&self) -> usize {
+        self.geom.tokens()
+    }
+
+    /// Bytes allocated for keys and values (float32), padding and spare capacity included.
+    pub fn allocated_bytes(&self) -> usize {
+        self.geom.allocated_columns() * self.layout.column_bytes()
+    }
+
+    /// Position of each row's next token (see [`KvGeometry::offsets`]).
+    pub fn offsets(&self) -> Vec<i32> {
+        self.geom.offsets()
+    }
+
     /// The attention mask for a forward pass of `l` new tokens per row.
     pub(crate) fn mask(&self, l: usize) -> AttentionMask {
-        let padded = self.left_pad.iter().any(|&p| p > 0);
+        let (idx, left_pad) = (self.geom.idx, &self.geom.left_pad);
+        let padded = left_pad.iter().any(|&p| p > 0);
         if !padded {
             return if l == 1 {
                 AttentionMask::None
@@ -107,15 +330,15 @@ impl BatchKvCache {
             };
         }
         let b = self.batch_size();
-        let t = self.idx + l;
+        let t = idx + l;
         let mut m = vec![false; b * l * t];
         for r in 0..b {
             for i in 0..l {
-                let q = self.idx + i;
+                let q = idx + i;
                 let row = &mut m[(r * l + i) * t..(r * l + i + 1) * t];
                 for (j, v) in row.iter_mut().enumerate() {
                     // A padding query still sees itself, so no softmax row is empty (NaN).
-                    *v = (j >= self.left_pad[r] && j <= q) || j == q;
+                    *v = (j >= left_pad[r] && j <= q) || j == q;
                 }
             }
         }
@@ -127,12 +350,13 @@ impl BatchKvCache {
     /// [`advance`](Self::advance) once all layers are written.
     pub fn update(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array)> {
         let l = k.shape()[2] as usize;
-        let end = self.idx + l;
-        if end > self.capacity {
-            self.grow(end)?;
+        if let Some(capacity) = self.geom.needs_capacity(l) {
+            self.grow(capacity)?;
         }
+        let start = self.geom.idx;
+        let end = start + l;
         let (keys, values) = self.data[layer].as_mut().expect("grown above");
-        let cols = self.idx as i32..end as i32;
+        let cols = start as i32..end as i32;
         keys.try_index_mut((.., .., cols.clone()), k)?;
         values.try_index_mut((.., .., cols), v)?;
         let upto = ..end as i32;
@@ -144,16 +368,12 @@ impl BatchKvCache {
 
     /// Moves the write index past `l` columns written by [`update`](Self::update).
     pub fn advance(&mut self, l: usize) {
-        self.idx += l;
+        self.geom.advance(l);
     }
 
     /// Forgets the last `n` written columns (a speculative step that will not be used).
     pub fn rollback(&mut self, n: usize) {
-        let n = n.min(self.idx);
-        self.idx -= n;
-        for p in self.left_pad.iter_mut() {
-            *p = (*p).min(self.idx);
-        }
+        self.geom.rollback(n);
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<Array> {
@@ -166,9 +386,8 @@ impl BatchKvCache {
         ])?)
     }
 
-    fn grow(&mut self, needed: usize) -> Result<()> {
-        let new_cap = needed.div_ceil(STEP) * STEP;
-        let extra = new_cap - self.capacity;
+    fn grow(&mut self, new_cap: usize) -> Result<()> {
+        let extra = new_cap - self.geom.capacity;
         let b = self.batch_size();
         for slot in 0..self.data.len() {
             let grown = match self.data[slot].take() {
@@ -183,39 +402,40 @@ impl BatchKvCache {
             };
             self.data[slot] = Some(grown);
         }
-        self.capacity = new_cap;
+        self.geom.set_capacity(new_cap);
         Ok(())
     }
 
-    /// Keeps only `rows` (in that order) and trims padding columns shared by all of them.
-    /// Keeping no rows empties the cache.
-    pub fn filter(&mut self, rows: &[usize]) -> Result<()> {
+    /// Keeps only `rows` (in that order) and trims padding columns shared by all of them,
+    /// never more than are written (see [`KvGeometry::filter`]). Keeping no rows empties the
+    /// cache. The kept rows are copied into arrays of exactly their size, so memory held by
+    /// rows that left is released.
+    pub fn filter(&mut self, rows: &[usize]) -> Result<Trim> {
         if rows.is_empty() {
+            let trim = self.geom.filter(rows);
             *self = Self::new(self.layout);
-            return Ok(());
+            return Ok(trim);
         }
-        let trim = rows.iter().map(|&r| self.left_pad[r]).min().unwrap_or(0);
+        let trim = self.geom.filter(rows);
         let index = Array::from_slice(
             &rows.iter().map(|&r| r as i32).collect::<Vec<_>>(),
             &[rows.len() as i32],
         );
         for slot in self.data.iter_mut() {
             if let Some((k, v)) = slot.take() {
+                // Slice first, then gather: the gather copies only what is kept.
                 let cut = |a: Array| -> Result<Array> {
-                    let a = a.take_axis(&index, 0)?;
-                    Ok(if trim > 0 {
-                        a.try_index((.., .., trim as i32..))?
+                    let a = if trim.written > 0 {
+                        a.try_index((.., .., trim.written as i32..))?
                     } else {
                         a
-                    })
+                    };
+                    Ok(a.take_axis(&index, 0)?)
                 };
                 *slot = Some((cut(k)?, cut(v)?));
             }
         }
-        self.left_pad = rows.iter().map(|&r| self.left_pad[r] - trim).collect();
-        self.idx -= trim;
-        self.capacity -= trim.min(self.capacity);
-        Ok(())
+        Ok(trim)
     }
 
     /// Appends the rows of `other` after this cache's rows, right-aligning both so every row's
@@ -228,8 +448,7 @@ impl BatchKvCache {
             *self = other;
             return Ok(());
         }
-        let width = self.idx.max(other.idx);
-        let (a_rows, b_rows) = (self.batch_size(), other.batch_size());
+        let width = self.width().max(other.width());
         let mut data = Vec::with_capacity(self.data.len());
         for layer in 0..self.data.len() {
             let a = self.aligned(layer, width)?;
@@ -239,25 +458,19 @@ impl BatchKvCache {
                 concatenate(&[a.1, b.1], 0)?,
             )));
         }
-        let shift_a = width - self.idx;
-        let shift_b = width - other.idx;
-        let mut left_pad: Vec<usize> = self.left_pad.iter().map(|p| p + shift_a).collect();
-        left_pad.extend(other.left_pad.iter().map(|p| p + shift_b));
-        debug_assert_eq!(left_pad.len(), a_rows + b_rows);
+        self.geom.extend(&other.geom);
         self.data = data;
-        self.left_pad = left_pad;
-        self.idx = width;
-        self.capacity = width;
         Ok(())
     }
 
     /// This cache's written columns for `layer`, left-padded with zeros to `width`.
     fn aligned(&self, layer: usize, width: usize) -> Result<(Array, Array)> {
         let b = self.batch_size();
-        let pad = width - self.idx;
+        let idx = self.width();
+        let pad = width - idx;
         let (k, v) = match &self.data[layer] {
-            Some((k, v)) if self.idx > 0 => {
-                let upto = ..self.idx as i32;
+            Some((k, v)) if idx > 0 => {
+                let upto = ..idx as i32;
                 (k.try_index((.., .., upto))?, v.try_index((.., .., upto))?)
             }
             _ => return Ok((self.zeros(b, width)?, self.zeros(b, width)?)),
@@ -273,7 +486,7 @@ impl BatchKvCache {
     pub fn keys(&self, layer: usize) -> Option<Array> {
         self.data[layer]
             .as_ref()
-            .and_then(|(k, _)| k.try_index((.., .., ..self.idx as i32)).ok())
+            .and_then(|(k, _)| k.try_index((.., .., ..self.geom.idx as i32)).ok())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub(crate) mod stream;
 pub mod tokenizer;
 
 pub use engine::{Completion, Engine, EngineConfig, EngineStats};

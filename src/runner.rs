@@ -7,7 +7,7 @@ use mlx_rs::ops::indexing::argmax_axis;
 use mlx_rs::Array;
 
 use crate::error::Result;
-use crate::kv_cache::{BatchKvCache, KvLayout};
+use crate::kv_cache::{BatchKvCache, KvLayout, PrefillTokens};
 use crate::model::{LoadedModel, Model};
 use crate::sampling::Sampler;
 use crate::scheduler::Runner;
@@ -34,8 +34,7 @@ struct Pending {
 struct PrefillGroup {
     cache: BatchKvCache,
     /// Left-padded prompts (without their last token), one row per request.
-    tokens: Vec<Vec<u32>>,
-    done: usize,
+    tokens: PrefillTokens,
 }
 
 /// The MLX implementation of [`Runner`].
@@ -146,23 +145,9 @@ fn token_matrix(rows: &[&[u32]]) -> Array {
 
 impl Runner for MlxRunner {
     fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
-        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let left_pad: Vec<usize> = prompts.iter().map(|p| len - p.len()).collect();
-        // Padding ids are never attended to (masked); 0 is a valid id for any vocabulary.
-        let tokens = prompts
-            .iter()
-            .map(|p| {
-                std::iter::repeat_n(0, len - p.len())
-                    .chain(p.iter().copied())
-                    .collect()
-            })
-            .collect();
-        let cache = BatchKvCache::with_padding(kv_layout(&self.lm.model), left_pad);
-        self.group = Some(PrefillGroup {
-            cache,
-            tokens,
-            done: 0,
-        });
+        let (tokens, geometry) = PrefillTokens::new(prompts);
+        let cache = BatchKvCache::with_geometry(kv_layout(&self.lm.model), geometry);
+        self.group = Some(PrefillGroup { cache, tokens });
         Ok(())
     }
 
@@ -170,33 +155,27 @@ impl Runner for MlxRunner {
         let Some(group) = self.group.as_mut() else {
             return Ok(true);
         };
-        let len = group.tokens.first().map_or(0, Vec::len);
-        if group.done < len {
-            let end = len.min(group.done.saturating_add(max_columns.max(1)));
-            let rows: Vec<&[u32]> = group.tokens.iter().map(|t| &t[group.done..end]).collect();
+        if !group.tokens.is_done() {
+            let rows = group.tokens.next_chunk(max_columns);
+            let n = rows.first().map_or(0, |r| r.len());
             let input = token_matrix(&rows);
             let hidden = self.lm.model.forward_last(&input, &mut group.cache)?;
-            group.done = end;
+            group.tokens.advance(n);
             // The hidden state depends on every layer's cache write, so this evaluates them.
             self.timed_eval(&[&hidden])?;
         }
-        let group = self.group.as_ref().expect("checked above");
-        Ok(group.done == group.tokens.first().map_or(0, Vec::len))
+        Ok(self.group.as_ref().is_none_or(|g| g.tokens.is_done()))
     }
 
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
         let Some(group) = self.group.as_mut() else {
             return Ok(());
         };
-        let before = group.cache.width();
-        group.cache.filter(rows)?;
-        // Filtering trims padding columns every kept row shares: drop them from the tokens too.
-        let trimmed = before - group.cache.width();
-        group.tokens = rows
-            .iter()
-            .map(|&r| group.tokens[r][trimmed..].to_vec())
-            .collect();
-        group.done -= trimmed;
+        let trim = group.cache.filter(rows)?;
+        group.tokens.retain(rows, trim);
+        if rows.is_empty() {
+            self.group = None;
+        }
         Ok(())
     }
 
@@ -272,7 +251,8 @@ impl Runner for MlxRunner {
                 });
             }
         }
-        self.batch.filter(rows)
+        self.batch.filter(rows)?;
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -286,6 +266,10 @@ impl Runner for MlxRunner {
 
     fn kv_tokens(&self) -> usize {
         self.batch.tokens() + self.group.as_ref().map_or(0, |g| g.cache.tokens())
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.batch.allocated_bytes() + self.group.as_ref().map_or(0, |g| g.cache.allocated_bytes())
     }
 
     fn take_eval_time(&mut self) -> Duration {

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 
 /// Penalties look at this many most recent tokens (prompt and output), like llama.cpp.
-pub const PENALTY_WINDOW: usize = 64;
+pub(crate) const PENALTY_WINDOW: usize = 64;
 
 /// Sampling parameters of one request. The defaults are greedy decoding.
 #[derive(Debug, Clone, Copy, PartialEq)]

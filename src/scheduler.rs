@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::kv_cache::{footprint_bytes, KvLayout, STEP};
 use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextDecoder};
@@ -37,6 +38,8 @@ pub trait Runner {
     fn reset(&mut self);
     /// KV tokens held (running batch plus prefill group).
     fn kv_tokens(&self) -> usize;
+    /// Bytes the KV caches allocate (running batch plus prefill group; padding included).
+    fn kv_bytes(&self) -> usize;
     /// Time spent waiting for the device since the last call (for overhead accounting).
     fn take_eval_time(&mut self) -> Duration;
 }
@@ -61,8 +64,11 @@ pub struct SchedulerConfig {
     pub max_batch_size: usize,
     /// Most requests waiting for admission; more are refused as busy.
     pub max_waiting: usize,
-    /// KV tokens that may be reserved at once (prompt + max_tokens per request).
-    pub max_kv_tokens: usize,
+    /// Most bytes the KV caches may allocate (running batch plus prefill group, padding and
+    /// spare capacity included). A request is admitted only if the cache, with every admitted
+    /// request grown to its prompt + max_tokens, stays within it; see
+    /// [`footprint_bytes`](crate::kv_cache::footprint_bytes).
+    pub max_kv_bytes: usize,
     /// Context length; prompts must leave room for one generated token.
     pub max_context: usize,
     /// Prompt tokens prefilled per step, over all rows of the prefill group (a token budget,
@@ -75,12 +81,19 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// The longest row (prompt + generated tokens) that fits the KV budget alone.
+    pub fn kv_row_limit(&self, layout: &KvLayout) -> usize {
+        let columns = self.max_kv_bytes / layout.column_bytes().max(1);
+        columns.saturating_sub(STEP - 1)
+    }
+
     /// Checks a request against the limits without queueing it.
     pub fn check(
         &self,
         prompt_len: usize,
         stop: &StopConditions,
         sampling: &SamplingParams,
+        layout: &KvLayout,
     ) -> Result<()> {
         sampling.validate()?;
         if stop.max_tokens == 0 {
@@ -97,15 +110,20 @@ impl SchedulerConfig {
                 context: self.max_context,
             });
         }
-        if prompt_len + 1 > self.max_kv_tokens {
+        let limit = self.kv_row_limit(layout);
+        if prompt_len + 1 > limit {
             return Err(Error::InvalidArgument(format!(
-                "a prompt of {prompt_len} tokens exceeds the KV budget of {} tokens",
-                self.max_kv_tokens
+                "a prompt of {prompt_len} tokens does not fit the KV budget of {} bytes \
+                 (room for {limit} tokens in one row)",
+                self.max_kv_bytes
             )));
         }
         Ok(())
     }
 }
+
+/// The default KV budget: 2 GiB.
+pub const DEFAULT_MAX_KV_BYTES: usize = 2 << 30;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -113,7 +131,7 @@ impl Default for SchedulerConfig {
             mode: BatchMode::Continuous,
             max_batch_size: 8,
             max_waiting: 256,
-            max_kv_tokens: 65536,
+            max_kv_bytes: DEFAULT_MAX_KV_BYTES,
             max_context: 8192,
             prefill_chunk: 256,
             max_prefill_group: 8,
@@ -138,7 +156,8 @@ struct Seq {
 }
 
 impl Seq {
-    fn reserved(&self) -> usize {
+    /// The longest this request's KV row can grow.
+    fn final_len(&self) -> usize {
         self.prompt.len() + self.stop.max_tokens
     }
 }
@@ -150,6 +169,7 @@ pub struct SchedulerStats {
     pub prefilling: usize,
     pub waiting: usize,
     pub kv_tokens: usize,
+    pub kv_bytes: usize,
     pub steps: u64,
     pub tokens_generated: u64,
     /// Seconds inside steps; the part spent in the runner (building MLX graphs, evaluating,
@@ -200,6 +220,9 @@ impl Runner for TimedRunner<'_> {
     fn kv_tokens(&self) -> usize {
         self.inner.kv_tokens()
     }
+    fn kv_bytes(&self) -> usize {
+        self.inner.kv_bytes()
+    }
     fn take_eval_time(&mut self) -> Duration {
         self.inner.take_eval_time()
     }
@@ -208,21 +231,22 @@ impl Runner for TimedRunner<'_> {
 /// See the module docs.
 pub struct Scheduler {
     cfg: SchedulerConfig,
+    layout: KvLayout,
     waiting: VecDeque<Seq>,
     prefilling: Vec<Seq>,
     running: Vec<Seq>,
-    reserved: usize,
     stats: SchedulerStats,
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig) -> Self {
+    /// A scheduler for a model whose KV cache has this layout.
+    pub fn new(cfg: SchedulerConfig, layout: KvLayout) -> Self {
         Self {
             cfg,
+            layout,
             waiting: VecDeque::new(),
             prefilling: Vec::new(),
             running: Vec::new(),
-            reserved: 0,
             stats: SchedulerStats::default(),
         }
     }
@@ -241,12 +265,12 @@ impl Scheduler {
         eos: Vec<u32>,
         submitted: Instant,
     ) -> Result<()> {
-        self.cfg.check(prompt.len(), &stop, &sampling)?;
+        self.cfg.check(prompt.len(), &stop, &sampling, &self.layout)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(Error::Busy(self.waiting.len()));
         }
         // The context limit and the KV budget cap what a request may generate.
-        let room = (self.cfg.max_context - prompt.len()).min(self.cfg.max_kv_tokens - prompt.len());
+        let room = self.cfg.max_context.min(self.cfg.kv_row_limit(&self.layout)) - prompt.len();
         stop.max_tokens = stop.max_tokens.min(room);
         let eos = if stop.ignore_eos { Vec::new() } else { eos };
         self.waiting.push_back(Seq {
@@ -323,6 +347,7 @@ impl Scheduler {
         let mlx = timed.spent;
         self.stats.steps += 1;
         self.stats.kv_tokens = runner.kv_tokens();
+        self.stats.kv_bytes = runner.kv_bytes();
         self.stats.step_seconds += start.elapsed().as_secs_f64();
         self.stats.mlx_seconds += mlx.as_secs_f64();
         self.stats.eval_seconds += runner.take_eval_time().as_secs_f64();
@@ -394,15 +419,21 @@ impl Scheduler {
                 (self.cfg.max_batch_size - self.running.len()).min(self.cfg.max_prefill_group)
             }
         };
+        // The KV footprint if every admitted request grows to its limit (FIFO: the head of
+        // the queue waits for room rather than being overtaken).
+        let mut rows = self.running.len();
+        let mut max_len = self.running.iter().map(Seq::final_len).max().unwrap_or(0);
         while self.prefilling.len() < room {
             let Some(next) = self.waiting.front() else {
                 break;
             };
-            if self.reserved + next.reserved() > self.cfg.max_kv_tokens {
+            let len = max_len.max(next.final_len());
+            if footprint_bytes(&self.layout, rows + 1, len) > self.cfg.max_kv_bytes {
                 break;
             }
+            rows += 1;
+            max_len = len;
             let mut seq = self.waiting.pop_front().expect("front exists");
-            self.reserved += seq.reserved();
             seq.admitted = Some(Instant::now());
             self.prefilling.push(seq);
         }
@@ -502,9 +533,6 @@ impl Scheduler {
         error: Option<String>,
         events: &mut Vec<Event>,
     ) {
-        if seq.admitted.is_some() {
-            self.reserved -= seq.reserved();
-        }
         let now = Instant::now();
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         let mut stats = RequestStats {
@@ -580,9 +608,17 @@ fn accept_token(
         reason = Some(FinishReason::Length);
     }
     if reason.is_some() && !hit_stop_string {
-        // A trailing partial character goes out with the terminal event: no text is lost.
+        // Text still held (a partial character, a possible stop-string prefix) goes out with
+        // the terminal event, so none is lost; it is checked for stop strings like the rest.
         let rest = seq.decoder.flush(text)?;
         seq.held_text.push_str(&rest);
+        if !seq.stop.stop_strings.is_empty() {
+            let (emit, hit) = split_at_stop(&seq.held_text, &seq.stop.stop_strings);
+            if hit {
+                seq.held_text.truncate(emit);
+                reason = Some(FinishReason::Stop);
+            }
+        }
     }
     events.push(Event::Token {
         id: seq.id,

@@ -332,6 +332,10 @@ impl TextDecoder for Tokenizer {
     }
 }
 
+/// Most ids the incremental decoder's window holds: one token of context plus up to 4
+/// byte-level tokens of one UTF-8 character, with room to spare.
+pub const MAX_PENDING: usize = 8;
+
 /// Turns a stream of token ids into text deltas that never split a UTF-8 character.
 ///
 /// Keeps a short window of ids: decoding `window` and `window + new` and emitting the
@@ -349,14 +353,24 @@ impl IncrementalDecoder {
         Self::default()
     }
 
-    /// Adds one token and returns the text it completes (possibly empty).
+    /// Adds one token and returns the text it completes (possibly empty). Work per token is
+    /// bounded: the window never holds more than [`MAX_PENDING`] ids.
     pub fn push(&mut self, tokenizer: &dyn TextDecoder, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tokenizer.decode_ids(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.prefix.len() {
-            // An incomplete character, or a token with no text (special): hold it back.
+        let incomplete = text.ends_with('\u{FFFD}');
+        if !incomplete && text.len() <= self.prefix.len() {
+            // A token with no text (a special token, skipped when decoding): it adds nothing
+            // and must not stay in the window, or every later token re-decodes it.
+            self.ids.pop();
             return Ok(String::new());
         }
+        if incomplete && self.ids.len() < MAX_PENDING {
+            // Part of a multi-byte character: hold it back until the character completes.
+            return Ok(String::new());
+        }
+        // (A window this long that still ends in U+FFFD is not going to complete: a UTF-8
+        // character has at most 4 bytes. Emit it lossily rather than grow the window.)
         let Some(delta) = text.get(self.prefix.len()..).map(str::to_owned) else {
             return Ok(String::new());
         };

@@ -99,6 +99,24 @@ fn cxx17_program_against_the_static_library() {
     run(&exe, false);
 }
 
+/// Issue 7's regressions (cancel mid-prefill, several pollers, release, odd bools) through
+/// the C API, as C11 against the shared library; as C++17 against the static one (built).
+#[test]
+fn regressions_through_the_c_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("tests/c/regressions.c");
+    let exe = dir.path().join("regressions_c_shared");
+    compile("cc", "-std=c11", &src, &exe, false);
+    compile(
+        "c++",
+        "-std=c++17",
+        &src,
+        &dir.path().join("regressions_cxx_static"),
+        true,
+    );
+    run(&exe, false);
+}
+
 #[test]
 fn demo_and_other_combinations_compile() {
     let dir = tempfile::tempdir().unwrap();

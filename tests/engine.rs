@@ -442,6 +442,8 @@ fn batched_logits_match_single_sequence_logits() {
     eprintln!("max |logit difference| batched vs single: {max_diff:e} (tolerance {TOL:e})");
 }
 
+/// Needs the `fault-injection` feature (`make test` turns it on).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn failures_on_the_engine_thread_end_requests_and_never_hang() {
     use convoy::engine::Fault;

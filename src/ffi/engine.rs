@@ -4,7 +4,7 @@ use std::ffi::{c_char, CString};
 use std::time::Duration;
 
 use super::types::*;
-use super::{arg, convoy_status, fail, guard, slice_arg, str_arg, Failure};
+use super::{arg, convoy_status, fail, guard, out_arg, slice_arg, str_arg, Failure};
 use crate::engine::Engine;
 use crate::request::{Event, Prompt, Request};
 use crate::tokenizer::ChatMessage;
@@ -22,8 +22,7 @@ pub unsafe extern "C" fn convoy_engine_config_init(
     config: *mut convoy_engine_config,
 ) -> convoy_status {
     guard(|| {
-        arg(config, "config")?;
-        config.write(convoy_engine_config::default());
+        out_arg(config, "config")?.write(convoy_engine_config::default());
         Ok(())
     })
 }
@@ -36,8 +35,7 @@ pub unsafe extern "C" fn convoy_request_params_init(
     params: *mut convoy_request_params,
 ) -> convoy_status {
     guard(|| {
-        arg(params, "params")?;
-        params.write(convoy_request_params::default());
+        out_arg(params, "params")?.write(convoy_request_params::default());
         Ok(())
     })
 }
@@ -61,7 +59,7 @@ pub unsafe extern "C" fn convoy_engine_create(
 ) -> convoy_status {
     guard(|| {
         let path = str_arg(model_path, "model_path")?;
-        arg(out_engine, "out_engine")?;
+        let out_engine = out_arg(out_engine, "out_engine")?;
         let config = match config.as_ref() {
             Some(c) => c.to_engine_config()?,
             None => convoy_engine_config::default().to_engine_config()?,
@@ -91,11 +89,8 @@ unsafe fn submit(
 ) -> convoy_status {
     guard(|| {
         let engine = arg(engine, "engine")?;
-        arg(out_id, "out_id")?;
-        let (sampling, stop) = match params.as_ref() {
-            Some(p) => p.to_parts()?,
-            None => convoy_request_params::default().to_parts()?,
-        };
+        let out_id = out_arg(out_id, "out_id")?;
+        let (sampling, stop) = convoy_request_params::read(params)?;
         let id = engine.inner.submit(Request {
             prompt: prompt()?,
             sampling,
@@ -183,7 +178,10 @@ thread_local! {
 
 /// Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of request `id`
 /// and writes it to `*out_event`. Every request yields TOKEN events then exactly one FINISHED
-/// event; after FINISHED has been returned the id is unknown.
+/// event, handed to exactly one caller even when several threads poll the same id; after
+/// FINISHED has been returned (or the request was released) the id is unknown, and threads
+/// still waiting on it return UNKNOWN_REQUEST. Queued events are still delivered after an
+/// engine failure or during shutdown; every request ends.
 ///
 /// Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched), NULL_POINTER,
 /// UNKNOWN_REQUEST, PANIC. Blocks for at most the timeout. Thread-safe; the event's strings
@@ -198,7 +196,7 @@ pub unsafe extern "C" fn convoy_engine_poll(
     let mut timed_out = false;
     let status = guard(|| {
         let engine = arg(engine, "engine")?;
-        arg(out_event, "out_event")?;
+        let out_event = out_arg(out_event, "out_event")?;
         let Some(event) = engine
             .inner
             .poll(id, Duration::from_millis(timeout_ms as u64))?
@@ -262,9 +260,10 @@ fn to_c_event(event: Event) -> convoy_event {
 }
 
 /// Asks request `id` to stop; it ends with a FINISHED event (reason CANCELLED) at the next
-/// step boundary, still delivered by `convoy_engine_poll`. Returns OK, NULL_POINTER,
-/// UNKNOWN_REQUEST (never submitted, or FINISHED already polled), SHUT_DOWN, PANIC.
-/// Never blocks; thread-safe.
+/// step boundary, still delivered by `convoy_engine_poll`. Cancelling a request whose
+/// FINISHED event is already queued is harmless (OK). Returns OK, NULL_POINTER,
+/// UNKNOWN_REQUEST (never submitted, FINISHED already polled, or released), ENGINE_FAILED,
+/// PANIC. Never blocks; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_cancel(
     engine: *const convoy_engine,
@@ -272,6 +271,24 @@ pub unsafe extern "C" fn convoy_engine_cancel(
 ) -> convoy_status {
     guard(|| {
         arg(engine, "engine")?.inner.cancel(id)?;
+        Ok(())
+    })
+}
+
+/// Gives request `id` up: it is cancelled if still running, events not yet polled are
+/// dropped, and the id becomes unknown at once (threads polling it get UNKNOWN_REQUEST; no
+/// FINISHED event is delivered after this call). Use it for requests whose output is no
+/// longer wanted: a request is held, with its unpolled events, until its FINISHED event is
+/// polled or it is released, and at most `max_requests` are held (submit answers BUSY).
+/// Works after an engine failure too. Returns OK, NULL_POINTER, UNKNOWN_REQUEST, PANIC.
+/// Never blocks; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_release(
+    engine: *const convoy_engine,
+    id: u64,
+) -> convoy_status {
+    guard(|| {
+        arg(engine, "engine")?.inner.release(id)?;
         Ok(())
     })
 }
@@ -285,7 +302,7 @@ pub unsafe extern "C" fn convoy_engine_get_stats(
 ) -> convoy_status {
     guard(|| {
         let engine = arg(engine, "engine")?;
-        arg(out_stats, "out_stats")?;
+        let out_stats = out_arg(out_stats, "out_stats")?;
         out_stats.write(engine.inner.stats().into());
         Ok(())
     })

@@ -134,6 +134,16 @@ pub(crate) unsafe fn arg<'a, T>(ptr: *const T, name: &str) -> Result<&'a T, Fail
         .ok_or_else(|| fail(convoy_status::NullPointer, format!("{name} is NULL")))
 }
 
+/// Checks an out-parameter: non-NULL. It is only ever written (`ptr.write`), never read or
+/// turned into a reference, since the caller's memory may be uninitialised.
+pub(crate) fn out_arg<T>(ptr: *mut T, name: &str) -> Result<*mut T, Failure> {
+    if ptr.is_null() {
+        Err(fail(convoy_status::NullPointer, format!("{name} is NULL")))
+    } else {
+        Ok(ptr)
+    }
+}
+
 /// Borrows a NUL-terminated UTF-8 string argument.
 pub(crate) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
     if ptr.is_null() {

@@ -47,8 +47,10 @@ pub struct convoy_engine_config {
     pub max_batch_size: u32,
     /// Most requests waiting for admission before submit answers BUSY. Default 256.
     pub max_waiting: u32,
-    /// KV tokens that may be reserved at once (prompt + max_tokens per request). Default 65536.
-    pub max_kv_tokens: u32,
+    /// Most requests held at once: queued, running, or ended with events not yet polled
+    /// (a request is held until its FINISHED event is polled or it is released with
+    /// `convoy_engine_release`). Submit answers BUSY beyond it. Default 1024.
+    pub max_requests: u32,
     /// Context length limit; 0 means the model's own. Default 0.
     pub max_context: u32,
     /// Prompt tokens prefilled per step over the admitted group, interleaved with decode
@@ -58,6 +60,10 @@ pub struct convoy_engine_config {
     pub log_callback: convoy_log_callback,
     /// Passed to `log_callback` as is.
     pub log_user_data: *mut c_void,
+    /// Most bytes the KV cache may allocate, padding and spare capacity included (the
+    /// running batch plus the group being prefilled). Requests are admitted only while every
+    /// admitted request fits when grown to prompt + max_tokens. Default 2 GiB.
+    pub max_kv_bytes: u64,
 }
 
 /// Sampling and stopping parameters of one request. Fill with `convoy_request_params_init`
@@ -187,6 +193,10 @@ pub struct convoy_engine_stats {
     pub mlx_seconds: f64,
     pub eval_seconds: f64,
     pub peak_memory_bytes: u64,
+    /// Bytes the KV cache allocates now (at most `max_kv_bytes`).
+    pub kv_bytes: u64,
+    /// Requests held (queued, running, or ended with events not yet polled).
+    pub requests_held: u64,
 }
 
 impl Default for convoy_engine_config {
@@ -197,7 +207,8 @@ impl Default for convoy_engine_config {
             weights: convoy_weights::Auto as u32,
             max_batch_size: s.max_batch_size as u32,
             max_waiting: s.max_waiting as u32,
-            max_kv_tokens: s.max_kv_tokens as u32,
+            max_requests: crate::engine::DEFAULT_MAX_REQUESTS as u32,
+            max_kv_bytes: s.max_kv_bytes as u64,
             max_context: 0,
             prefill_chunk: s.prefill_chunk as u32,
             log_callback: None,
@@ -278,7 +289,7 @@ impl convoy_engine_config {
             mode,
             max_batch_size: self.max_batch_size as usize,
             max_waiting: self.max_waiting as usize,
-            max_kv_tokens: self.max_kv_tokens as usize,
+            max_kv_bytes: usize::try_from(self.max_kv_bytes).unwrap_or(usize::MAX),
             prefill_chunk: self.prefill_chunk as usize,
             ..SchedulerConfig::default()
         };
@@ -291,12 +302,77 @@ impl convoy_engine_config {
             scheduler,
             weights,
             log,
+            max_requests: self.max_requests as usize,
         })
     }
 }
 
+/// `convoy_request_params` as the library reads it from caller memory: the same layout with
+/// each `bool` read as a byte, so any value a C host stores there is read soundly (nonzero =
+/// true) instead of being undefined behaviour in Rust.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawRequestParams {
+    max_tokens: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    has_seed: u8,
+    seed: u64,
+    ignore_eos: u8,
+    stop_token_ids: *const u32,
+    n_stop_token_ids: usize,
+    stop_strings: *const *const c_char,
+    n_stop_strings: usize,
+}
+
+// The mirror must match the public struct field for field.
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    type P = convoy_request_params;
+    type R = RawRequestParams;
+    assert!(size_of::<P>() == size_of::<R>() && align_of::<P>() == align_of::<R>());
+    assert!(offset_of!(P, has_seed) == offset_of!(R, has_seed));
+    assert!(offset_of!(P, seed) == offset_of!(R, seed));
+    assert!(offset_of!(P, ignore_eos) == offset_of!(R, ignore_eos));
+    assert!(offset_of!(P, stop_token_ids) == offset_of!(R, stop_token_ids));
+    assert!(offset_of!(P, n_stop_strings) == offset_of!(R, n_stop_strings));
+};
+
 impl convoy_request_params {
-    pub(crate) unsafe fn to_parts(self) -> Result<(SamplingParams, StopConditions), Failure> {
+    /// Reads caller-provided parameters (NULL: the defaults) without trusting `bool` bytes.
+    pub(crate) unsafe fn read(
+        params: *const convoy_request_params,
+    ) -> Result<(SamplingParams, StopConditions), Failure> {
+        if params.is_null() {
+            return Self::default().to_parts();
+        }
+        let raw = std::ptr::read(params as *const RawRequestParams);
+        Self {
+            max_tokens: raw.max_tokens,
+            temperature: raw.temperature,
+            top_k: raw.top_k,
+            top_p: raw.top_p,
+            min_p: raw.min_p,
+            repetition_penalty: raw.repetition_penalty,
+            presence_penalty: raw.presence_penalty,
+            frequency_penalty: raw.frequency_penalty,
+            has_seed: raw.has_seed != 0,
+            seed: raw.seed,
+            ignore_eos: raw.ignore_eos != 0,
+            stop_token_ids: raw.stop_token_ids,
+            n_stop_token_ids: raw.n_stop_token_ids,
+            stop_strings: raw.stop_strings,
+            n_stop_strings: raw.n_stop_strings,
+        }
+        .to_parts()
+    }
+
+    unsafe fn to_parts(self) -> Result<(SamplingParams, StopConditions), Failure> {
         let sampling = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -369,6 +445,8 @@ impl From<EngineStats> for convoy_engine_stats {
             mlx_seconds: s.mlx_seconds,
             eval_seconds: s.eval_seconds,
             peak_memory_bytes: s.peak_memory_bytes,
+            kv_bytes: s.kv_bytes as u64,
+            requests_held: s.requests_held as u64,
         }
     }
 }

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 
 use super::*;
+use crate::kv_cache::{KvGeometry, PrefillTokens, Trim};
+use crate::tokenizer;
 
 fn next_of(history: &[u32]) -> u32 {
     let sum: u64 = history.iter().map(|&t| t as u64).sum();
@@ -21,67 +23,197 @@ fn alone(prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
+const PAD: u32 = u32::MAX;
+
+/// The fake model's KV layout: one float per column, so column bytes are 8.
+const LAYOUT: KvLayout = KvLayout {
+    layers: 1,
+    kv_heads: 1,
+    head_dim: 1,
+};
+
+/// A host mirror of one batch KV cache: the geometry the MLX cache uses ([`KvGeometry`])
+/// plus the token each column holds. Padding columns hold `PAD`; a row's history is what its
+/// columns `[left_pad, width)` hold, so a wrong trim or alignment shows up as a wrong
+/// history (and so a wrong next token), or as `PAD` inside a history (a panic).
+#[derive(Default)]
+struct HostKv {
+    geom: KvGeometry,
+    cols: Vec<Vec<u32>>,
+}
+
+impl HostKv {
+    fn new(geom: KvGeometry) -> Self {
+        let cols = vec![Vec::new(); geom.batch_size()];
+        Self { geom, cols }
+    }
+
+    /// Writes one chunk of columns (one slice per row, all the same length).
+    fn write(&mut self, chunk: &[&[u32]]) {
+        let l = chunk.first().map_or(0, |c| c.len());
+        if let Some(capacity) = self.geom.needs_capacity(l) {
+            self.geom.set_capacity(capacity);
+        }
+        let idx = self.geom.width();
+        for (r, tokens) in chunk.iter().enumerate() {
+            assert_eq!(tokens.len(), l, "ragged chunk");
+            for (i, &t) in tokens.iter().enumerate() {
+                let pad = idx + i < self.geom.left_padding()[r];
+                self.cols[r].push(if pad { PAD } else { t });
+            }
+        }
+        self.geom.advance(l);
+        self.check();
+    }
+
+    fn history(&self, r: usize) -> &[u32] {
+        let pad = self.geom.left_padding()[r];
+        let h = &self.cols[r][pad.min(self.cols[r].len())..];
+        assert!(!h.contains(&PAD), "row {r} attends to padding: {h:?}");
+        h
+    }
+
+    fn filter(&mut self, rows: &[usize]) -> Trim {
+        let trim = self.geom.filter(rows);
+        self.cols = rows
+            .iter()
+            .map(|&r| self.cols[r][trim.written..].to_vec())
+            .collect();
+        self.check();
+        trim
+    }
+
+    fn extend(&mut self, other: HostKv) {
+        if other.geom.batch_size() == 0 {
+            return;
+        }
+        if self.geom.batch_size() == 0 {
+            *self = other;
+            return;
+        }
+        let (a, b) = self.geom.extend(&other.geom);
+        let pad = |c: Vec<u32>, n: usize| std::iter::repeat_n(PAD, n).chain(c).collect();
+        self.cols = std::mem::take(&mut self.cols)
+            .into_iter()
+            .map(|c| pad(c, a))
+            .chain(other.cols.into_iter().map(|c| pad(c, b)))
+            .collect();
+        self.check();
+    }
+
+    /// The geometry's invariants (see [`KvGeometry`]).
+    fn check(&self) {
+        let g = &self.geom;
+        assert_eq!(self.cols.len(), g.batch_size());
+        assert!(self.cols.iter().all(|c| c.len() == g.width()));
+        assert!(g.width() <= g.capacity());
+        if g.batch_size() > 0 && g.width() > 0 {
+            assert!(g.capacity() < g.width() + STEP, "spare capacity above one step");
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.geom.allocated_columns() * LAYOUT.column_bytes()
+    }
+}
+
+/// A runner with the real one's cache semantics (left padding, chunked prefill, trims on
+/// leave, alignment on join) over [`HostKv`], and a "model" whose next token is a function of
+/// the row's whole cached history.
 #[derive(Default)]
 struct FakeRunner {
-    rows: Vec<Vec<u32>>,
-    group: Vec<Vec<u32>>,
-    group_done: usize,
-    group_len: usize,
+    batch: HostKv,
+    group: Option<(HostKv, PrefillTokens)>,
     max_rows_seen: usize,
     joins_while_running: usize,
+    max_bytes_seen: usize,
     fail_next_decode: bool,
+}
+
+impl FakeRunner {
+    fn note_bytes(&mut self) {
+        let b = self.kv_bytes();
+        self.max_bytes_seen = self.max_bytes_seen.max(b);
+    }
 }
 
 impl Runner for FakeRunner {
     fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
-        assert!(self.group.is_empty(), "one group at a time");
-        self.group = prompts.iter().map(|p| p.to_vec()).collect();
-        self.group_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        self.group_done = 0;
+        assert!(self.group.is_none(), "one group at a time");
+        let (tokens, geom) = PrefillTokens::new(prompts);
+        self.group = Some((HostKv::new(geom), tokens));
         Ok(())
     }
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
-        self.group_done = (self.group_done + max_columns.max(1)).min(self.group_len);
-        Ok(self.group_done == self.group_len)
+        let Some((kv, tokens)) = self.group.as_mut() else {
+            return Ok(true);
+        };
+        if !tokens.is_done() {
+            let chunk = tokens.next_chunk(max_columns);
+            let n = chunk.first().map_or(0, |c| c.len());
+            assert!(n > 0 && n <= max_columns.max(1));
+            kv.write(&chunk);
+            tokens.advance(n);
+            assert_eq!(tokens.done(), kv.geom.width(), "prefill and cache agree");
+        }
+        self.note_bytes();
+        Ok(self.group.as_ref().is_none_or(|g| g.1.is_done()))
     }
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
-        self.group = rows.iter().map(|&r| self.group[r].clone()).collect();
+        let Some((kv, tokens)) = self.group.as_mut() else {
+            return Ok(());
+        };
+        let trim = kv.filter(rows);
+        tokens.retain(rows, trim);
+        assert_eq!(tokens.done(), kv.geom.width(), "prefill and cache agree");
+        if rows.is_empty() {
+            self.group = None;
+        }
         Ok(())
     }
     fn join(&mut self) -> Result<()> {
-        if !self.rows.is_empty() {
+        let Some((kv, tokens)) = self.group.take() else {
+            return Ok(());
+        };
+        assert!(tokens.is_done());
+        if self.batch.geom.batch_size() > 0 {
             self.joins_while_running += 1;
         }
-        self.rows.append(&mut self.group);
+        self.batch.extend(kv);
+        let g = &self.batch.geom;
+        assert!(
+            g.left_padding().iter().all(|&p| p <= g.width()),
+            "a running row with unwritten prompt"
+        );
+        self.note_bytes();
         Ok(())
     }
     fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
-        assert_eq!(inputs.len(), self.rows.len());
-        assert_eq!(samplers.len(), self.rows.len());
+        let rows = self.batch.geom.batch_size();
+        assert_eq!(inputs.len(), rows);
+        assert_eq!(samplers.len(), rows);
         if std::mem::take(&mut self.fail_next_decode) {
             return Err(Error::Mlx("injected failure".into()));
         }
-        self.max_rows_seen = self.max_rows_seen.max(self.rows.len());
-        Ok(self
-            .rows
-            .iter_mut()
-            .zip(inputs)
-            .map(|(h, &i)| {
-                h.push(i);
-                next_of(h)
-            })
-            .collect())
+        self.max_rows_seen = self.max_rows_seen.max(rows);
+        let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
+        self.batch.write(&column);
+        self.note_bytes();
+        Ok((0..rows).map(|r| next_of(self.batch.history(r))).collect())
     }
     fn retain(&mut self, rows: &[usize]) -> Result<()> {
-        self.rows = rows.iter().map(|&r| self.rows[r].clone()).collect();
+        self.batch.filter(rows);
         Ok(())
     }
     fn reset(&mut self) {
-        self.rows.clear();
-        self.group.clear();
+        self.batch = HostKv::default();
+        self.group = None;
     }
     fn kv_tokens(&self) -> usize {
-        self.rows.iter().map(Vec::len).sum()
+        self.batch.geom.tokens() + self.group.as_ref().map_or(0, |g| g.0.geom.tokens())
+    }
+    fn kv_bytes(&self) -> usize {
+        self.batch.bytes() + self.group.as_ref().map_or(0, |g| g.0.bytes())
     }
     fn take_eval_time(&mut self) -> Duration {
         Duration::ZERO
@@ -105,16 +237,18 @@ struct Harness {
     tokens: HashMap<RequestId, Vec<u32>>,
     text: HashMap<RequestId, String>,
     finished: HashMap<RequestId, (FinishReason, usize)>,
+    decoder: Box<dyn TextDecoder>,
 }
 
 impl Harness {
     fn new(cfg: SchedulerConfig) -> Self {
         Self {
-            sched: Scheduler::new(cfg),
+            sched: Scheduler::new(cfg, LAYOUT),
             runner: FakeRunner::default(),
             tokens: HashMap::new(),
             text: HashMap::new(),
             finished: HashMap::new(),
+            decoder: Box::new(Letters),
         }
     }
     fn submit(&mut self, id: RequestId, prompt: Vec<u32>, stop: StopConditions) -> Result<()> {
@@ -128,8 +262,10 @@ impl Harness {
         )
     }
     fn step(&mut self) {
+        let budget = self.sched.config().max_kv_bytes;
         let mut events = Vec::new();
-        self.sched.step(&mut self.runner, &Letters, &mut events);
+        self.sched
+            .step(&mut self.runner, &*self.decoder, &mut events);
         for e in events {
             match e {
                 Event::Token { id, token, text } => {
@@ -149,6 +285,11 @@ impl Harness {
                 }
             }
         }
+        assert!(
+            self.runner.max_bytes_seen <= budget,
+            "KV cache allocated {} bytes over a budget of {budget}",
+            self.runner.max_bytes_seen
+        );
     }
     fn run(&mut self) {
         for _ in 0..10_000 {
@@ -327,8 +468,10 @@ fn limits_are_enforced_at_submit() {
 
 #[test]
 fn kv_budget_limits_admission() {
+    // Room for exactly one row of 15 tokens (plus the spare step), not two.
+    let budget = footprint_bytes(&LAYOUT, 1, 15);
     let mut h = Harness::new(SchedulerConfig {
-        max_kv_tokens: 20,
+        max_kv_bytes: budget,
         ..Default::default()
     });
     h.submit(1, prompt(1, 5), limit(10)).unwrap();
@@ -342,6 +485,140 @@ fn kv_budget_limits_admission() {
     );
     h.run();
     assert_eq!(h.tokens[&2], alone(&prompt(2, 5), 10));
+    // A request that cannot fit alone is refused; one that fits only with fewer tokens is
+    // capped to what fits.
+    let limit_len = h.sched.config().kv_row_limit(&LAYOUT);
+    assert_eq!(limit_len, 15);
+    assert!(matches!(
+        h.submit(3, prompt(3, 15), limit(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+    h.submit(4, prompt(4, 10), limit(100)).unwrap();
+    h.run();
+    assert_eq!(h.tokens[&4].len(), 5);
+    assert_eq!(h.finished[&4].0, FinishReason::Length);
+}
+
+/// The hang an outside check found: a short and a long prompt prefilled as one group, the
+/// long one cancelled mid-prefill while another request decodes. The short one's padding is
+/// longer than what was written so far; the trim must not remove more than that.
+#[test]
+fn cancel_long_prompt_mid_prefill_keeps_its_group_mate_correct() {
+    for chunk in [1, 7, 64, 256] {
+        let mut h = Harness::new(SchedulerConfig {
+            prefill_chunk: chunk,
+            ..Default::default()
+        });
+        h.submit(1, prompt(1, 5), limit(200)).unwrap();
+        h.step();
+        h.step();
+        h.submit(2, prompt(2, 20), limit(30)).unwrap();
+        h.submit(3, prompt(3, 1000), limit(30)).unwrap();
+        // Into the group's prefill, before the long prompt is done.
+        for _ in 0..3 {
+            h.step();
+        }
+        assert_eq!(h.sched.stats().prefilling, 2, "chunk {chunk}");
+        assert!(h.sched.cancel(3));
+        let steps_before = h.sched.stats().steps;
+        h.run();
+        assert!(h.sched.stats().steps - steps_before < 400, "drains in bounded steps");
+        assert_eq!(h.finished[&3], (FinishReason::Cancelled, 1));
+        assert_eq!(h.tokens[&2], alone(&prompt(2, 20), 30), "chunk {chunk}");
+        assert_eq!(h.tokens[&1], alone(&prompt(1, 5), 200));
+    }
+}
+
+/// A small deterministic generator for the randomized tests.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random interleavings of submits (mixed prompt lengths), cancels at any moment (queued,
+/// mid-prefill of mixed-length groups, decoding, already finished) and steps, under random
+/// limits and both batch modes. Every request ends exactly once; every request not cancelled
+/// gets exactly the tokens it would get alone; the KV cache never exceeds its budget; the
+/// scheduler drains in a bounded number of steps.
+#[test]
+fn randomized_operation_sequences() {
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mode = if rng.below(4) == 0 {
+            BatchMode::Static
+        } else {
+            BatchMode::Continuous
+        };
+        let max_len = 400;
+        let rows = 1 + rng.below(6);
+        let cfg = SchedulerConfig {
+            mode,
+            max_batch_size: rows,
+            max_waiting: 64,
+            max_context: 512,
+            prefill_chunk: 1 + rng.below(96),
+            max_prefill_group: 1 + rng.below(6),
+            // Between one and several long rows' worth.
+            max_kv_bytes: footprint_bytes(&LAYOUT, 1 + rng.below(rows + 2), max_len),
+        };
+        let mut h = Harness::new(cfg);
+        let mut submitted: Vec<(RequestId, Vec<u32>, usize)> = Vec::new();
+        let mut cancelled = std::collections::HashSet::new();
+        let ops = 20 + rng.below(60);
+        for op in 0..ops {
+            match rng.below(10) {
+                0..=3 => {
+                    let id = op as RequestId + 1;
+                    let len = match rng.below(3) {
+                        0 => 1 + rng.below(4),
+                        1 => 1 + rng.below(40),
+                        _ => 1 + rng.below(max_len - 40),
+                    };
+                    let n = 1 + rng.below(24);
+                    let p = prompt(seed as u32 + id as u32, len);
+                    if h.submit(id, p.clone(), limit(n)).is_ok() {
+                        submitted.push((id, p, n));
+                    }
+                }
+                4 | 5 if !submitted.is_empty() => {
+                    let id = submitted[rng.below(submitted.len())].0;
+                    if h.sched.cancel(id) {
+                        cancelled.insert(id);
+                    }
+                }
+                _ => {
+                    for _ in 0..1 + rng.below(4) {
+                        h.step();
+                    }
+                }
+            }
+        }
+        h.run();
+        for (id, p, n) in &submitted {
+            let (reason, count) = h.finished[id];
+            assert_eq!(count, 1, "seed {seed}: request {id} ended {count} times");
+            if !cancelled.contains(id) {
+                // EOS (token 2) never comes out of `next_of`, so every survivor runs to n.
+                let want = alone(p, (*n).min(512 - p.len()));
+                assert_eq!(h.tokens[id], want, "seed {seed}: request {id}");
+                assert_eq!(reason, FinishReason::Length);
+            } else if reason != FinishReason::Cancelled {
+                // A cancel racing the last token: it finished first.
+                assert_eq!(reason, FinishReason::Length);
+            }
+        }
+        assert!(h.sched.is_idle());
+        assert_eq!(h.runner.kv_bytes(), 0, "seed {seed}: cache emptied");
+    }
 }
 
 #[test]
@@ -378,4 +655,87 @@ fn split_at_stop_holds_back_possible_prefixes() {
     assert_eq!(split_at_stop("abcEN", &stops), (3, false));
     assert_eq!(split_at_stop("abENDx", &stops), (2, true));
     assert_eq!(split_at_stop("abc", &stops), (3, false));
+}
+
+/// Ids 0..=9 are "special" (no text); 200..=203 are the 4 bytes of one emoji (U+1F600), shown
+/// as U+FFFD until complete; others are letters. Counts the ids decoded.
+struct Tricky(std::cell::Cell<usize>);
+impl TextDecoder for Tricky {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String> {
+        self.0.set(self.0.get() + ids.len());
+        let mut bytes = Vec::new();
+        for &t in ids {
+            match t {
+                0..=9 => {}
+                200..=203 => bytes.push([0xF0, 0x9F, 0x98, 0x80][(t - 200) as usize]),
+                _ => bytes.push(b'a' + (t % 26) as u8),
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[test]
+fn incremental_decoder_work_stays_bounded_and_text_complete() {
+    let dec = Tricky(Default::default());
+    let mut d = IncrementalDecoder::new();
+    let mut out = String::new();
+    // 10,000 special tokens (as with ignore_eos after EOS): linear work, no text.
+    for _ in 0..10_000 {
+        out.push_str(&d.push(&dec, 0).unwrap());
+    }
+    assert!(dec.0.get() < 30_000, "decoded {} ids", dec.0.get());
+    for t in [30, 200, 201, 202, 203, 31] {
+        out.push_str(&d.push(&dec, t).unwrap());
+    }
+    assert_eq!(out, "e\u{1F600}f");
+    // Bytes that never complete a character are emitted lossily, not held forever.
+    let before = dec.0.get();
+    for _ in 0..1000 {
+        out.push_str(&d.push(&dec, 200).unwrap());
+    }
+    out.push_str(&d.flush(&dec).unwrap());
+    assert!(dec.0.get() - before < 1000 * tokenizer::MAX_PENDING);
+    assert_eq!(out.matches('\u{FFFD}').count() > 0, true);
+}
+
+/// Letters, but a window whose last id is 40 or more renders with a trailing U+FFFD, so the
+/// incremental decoder holds that token's text back until the next token or the final flush.
+struct LateLetters;
+impl TextDecoder for LateLetters {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String> {
+        let mut s = Letters.decode_ids(ids)?;
+        if ids.last().is_some_and(|&t| t >= 40) {
+            s.push('\u{FFFD}');
+        }
+        Ok(s)
+    }
+}
+
+#[test]
+fn text_flushed_at_the_end_is_checked_for_stop_strings() {
+    // A request whose last token's text only appears at the final flush, and a stop string
+    // that the flushed text completes.
+    let (p, out) = (1..1000)
+        .map(|seed| {
+            let p = prompt(seed, 4);
+            let out = alone(&p, 6);
+            (p, out)
+        })
+        .find(|(_, out)| out[5] >= 40 && out[4] < 40)
+        .expect("some prompt ends that way");
+    let letters = Letters.decode_ids(&out).unwrap();
+    let stop = letters[4..6].to_owned();
+    let mut h = Harness::new(SchedulerConfig::default());
+    h.decoder = Box::new(LateLetters);
+    let cond = StopConditions {
+        max_tokens: 6,
+        stop_strings: vec![stop.clone()],
+        ..Default::default()
+    };
+    h.submit(1, p, cond).unwrap();
+    h.run();
+    let first = letters.find(&stop).unwrap();
+    assert_eq!(h.text[&1], letters[..first], "stop {stop:?} in {letters:?}");
+    assert_eq!(h.finished[&1].0, FinishReason::Stop);
 }
