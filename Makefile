@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke header lint clean
+.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak fuzz
 
 setup:
 	@scripts/setup.sh
@@ -17,10 +17,35 @@ demo: setup
 	$(RELEASE)/convoy-demo $(MODEL)
 
 # Unit tests, integration tests on the real model, C API tests, and a tiny benchmark run.
+# fault-injection: test hooks that fail the engine thread on purpose (never in shipped builds).
+TEST_FEATURES = --features fault-injection
 test: setup
-	$(CARGO) build --workspace --lib --bins   # the C tests link libconvoy.so / libconvoy.a
-	$(CARGO) test --workspace
+	$(CARGO) build --workspace --lib --bins $(TEST_FEATURES)   # the C tests link libconvoy.so / libconvoy.a
+	$(CARGO) test --workspace $(TEST_FEATURES)
 	target/debug/convoy-bench $(SMOKE_ARGS)
+
+# The long reliability runs (docs/reliability.md): many randomized sequences on the real model
+# with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, a 1,000-request soak, and
+# coverage-guided fuzzing of every parser and the C ABI. Results land in target/reliability/.
+RELIABILITY_SEQUENCES ?= 60
+reliability: setup
+	mkdir -p target/reliability
+	$(MAKE) sanitize
+	CONVOY_RELIABILITY_SEQUENCES=$(RELIABILITY_SEQUENCES) CONVOY_RELIABILITY_LONG=1 \
+	  CONVOY_RELIABILITY_REPORT=$(CURDIR)/target/reliability/sequences.jsonl \
+	  $(CARGO) test --release $(TEST_FEATURES) --test reliability -- --nocapture
+	$(MAKE) soak
+	scripts/fuzz.sh
+
+sanitize: setup
+	$(CARGO) build --lib $(TEST_FEATURES)
+	scripts/sanitize.sh target/debug
+
+soak: setup
+	$(CARGO) run --release --bin convoy-soak -- --model $(MODEL) --out target/reliability --requests 1000 --threads 8
+
+fuzz: setup
+	scripts/fuzz.sh
 
 bench: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --out bench-results

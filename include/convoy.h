@@ -461,6 +461,12 @@ typedef struct {
    * Requests held (queued, running, or ended with events not yet polled).
    */
   uint64_t requests_held;
+  /**
+   * MLX memory in use and in MLX's buffer cache, in bytes (per process: other engines in
+   * the same process are included).
+   */
+  uint64_t active_memory_bytes;
+  uint64_t cache_memory_bytes;
 } convoy_engine_stats;
 
 #ifdef __cplusplus

@@ -109,6 +109,8 @@ pub struct EngineStats {
     /// Bytes the KV caches allocate now (padding and spare capacity included); at most
     /// `max_kv_bytes`.
     pub kv_bytes: usize,
+    /// The most KV bytes allocated at the end of any step so far.
+    pub peak_kv_bytes: usize,
     /// Requests held (queued, running, or ended with events not yet polled).
     pub requests_held: usize,
     pub steps: u64,
@@ -122,6 +124,11 @@ pub struct EngineStats {
     pub eval_seconds: f64,
     /// MLX's peak memory use in bytes.
     pub peak_memory_bytes: u64,
+    /// MLX memory in use (weights, KV cache, temporaries) and held in MLX's buffer cache, in
+    /// bytes, when the engine last published its counters (after each step and when idle).
+    /// MLX keeps these per process: they include other engines in the same process.
+    pub active_memory_bytes: u64,
+    pub cache_memory_bytes: u64,
 }
 
 enum Command {
@@ -133,6 +140,8 @@ enum Command {
         at: Instant,
     },
     Cancel(RequestId),
+    /// The process is exiting: stop at once and call nothing of the host's.
+    Exit,
     #[cfg(feature = "fault-injection")]
     Fault(Fault),
     Shutdown,
@@ -170,6 +179,77 @@ pub struct Engine {
     config: SchedulerConfig,
     context_length: usize,
     thread: Option<JoinHandle<()>>,
+    /// Registered with the process-exit hook while this engine lives.
+    _exit_gate: Arc<ExitGate>,
+}
+
+/// Lets the process-exit hook stop an engine's thread before MLX's static objects are
+/// destroyed: a host that calls `exit()` (or returns from `main`) with an engine still
+/// running must not crash in MLX's destructors while the engine thread is mid-step.
+struct ExitGate {
+    commands: Sender<Command>,
+    done: Arc<Done>,
+}
+
+/// Set by the engine thread when it has stopped touching MLX.
+#[derive(Default)]
+struct Done {
+    stopped: Mutex<bool>,
+    cv: std::sync::Condvar,
+    thread: Mutex<Option<std::thread::ThreadId>>,
+}
+
+impl Done {
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until set or `deadline`.
+    fn wait(&self, deadline: Instant) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        while !*stopped {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            stopped = self
+                .cv
+                .wait_timeout(stopped, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Engines alive in this process (weakly held), for [`stop_engines_at_exit`].
+static LIVE_ENGINES: Mutex<Vec<std::sync::Weak<ExitGate>>> = Mutex::new(Vec::new());
+static EXIT_HOOK: std::sync::Once = std::sync::Once::new();
+/// How long the exit hook waits for engine threads to finish their step.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs at process exit (registered with `atexit` after MLX's own static objects exist, so it
+/// runs before their destructors): asks every live engine thread to stop, without calling
+/// back into the host, and waits a bounded time for each to finish its step.
+extern "C" fn stop_engines_at_exit() {
+    let _ = catch_unwind(|| {
+        let gates: Vec<Arc<ExitGate>> = LIVE_ENGINES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let me = std::thread::current().id();
+        let on_engine_thread =
+            |g: &ExitGate| *g.done.thread.lock().unwrap_or_else(|p| p.into_inner()) == Some(me);
+        for g in &gates {
+            let _ = g.commands.send(Command::Exit);
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        for g in gates.iter().filter(|g| !on_engine_thread(g)) {
+            g.done.wait(deadline);
+        }
+    });
 }
 
 impl Engine {
@@ -189,10 +269,15 @@ impl Engine {
         let thread_config = config.clone();
         let streams = Arc::new(Streams::new(config.max_requests));
         let thread_streams = streams.clone();
+        let done = Arc::new(Done::default());
+        let thread_done = done.clone();
         let thread = std::thread::Builder::new()
             .name("convoy-engine".into())
             .spawn(move || {
-                engine_thread(path, thread_config, rx, ready_tx, thread_shared, thread_streams)
+                *thread_done.thread.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::thread::current().id());
+                engine_thread(path, thread_config, rx, ready_tx, thread_shared, thread_streams);
+                thread_done.set();
             })
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the engine thread: {e}")))?;
         let Ready {
@@ -214,6 +299,23 @@ impl Engine {
         };
         let mut sched = config.scheduler.clone();
         sched.max_context = sched.max_context.min(model_context).max(2);
+        let exit_gate = Arc::new(ExitGate {
+            commands: tx.clone(),
+            done,
+        });
+        {
+            let mut live = LIVE_ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+            live.retain(|w| w.strong_count() > 0);
+            live.push(Arc::downgrade(&exit_gate));
+        }
+        // Registered now, after the model load made MLX create its static objects, so that
+        // it runs before their destructors (exit handlers run in reverse order).
+        EXIT_HOOK.call_once(|| {
+            // SAFETY: registers a plain `extern "C" fn()` that never unwinds.
+            unsafe {
+                libc::atexit(stop_engines_at_exit);
+            }
+        });
         Ok(Self {
             commands: tx,
             shared,
@@ -224,6 +326,7 @@ impl Engine {
             context_length: sched.max_context,
             config: sched,
             thread: Some(thread),
+            _exit_gate: exit_gate,
         })
     }
 
@@ -503,6 +606,10 @@ impl Loop {
             #[cfg(feature = "fault-injection")]
             Command::Fault(Fault::Panic) => panic!("injected engine-thread panic"),
             Command::Shutdown => return false,
+            Command::Exit => {
+                self.log = None;
+                return false;
+            }
         }
         true
     }
@@ -515,6 +622,7 @@ impl Loop {
             waiting: s.waiting,
             kv_tokens: s.kv_tokens,
             kv_bytes: s.kv_bytes,
+            peak_kv_bytes: s.peak_kv_bytes,
             requests_held: 0,
             steps: s.steps,
             tokens_generated: s.tokens_generated,
@@ -523,6 +631,8 @@ impl Loop {
             mlx_seconds: s.mlx_seconds,
             eval_seconds: s.eval_seconds,
             peak_memory_bytes: mlx_rs::memory::peak_memory().unwrap_or(0) as u64,
+            active_memory_bytes: mlx_rs::memory::active_memory().unwrap_or(0) as u64,
+            cache_memory_bytes: mlx_rs::memory::cache_memory().unwrap_or(0) as u64,
         };
     }
 
@@ -530,6 +640,9 @@ impl Loop {
         loop {
             // Sleep until work arrives when idle; otherwise take what is there and step.
             if self.sched.is_idle() {
+                // Idle: give MLX's buffer cache back to the system, so a host's memory returns
+                // to its baseline between bursts (the next step re-allocates what it needs).
+                let _ = mlx_rs::memory::clear_cache();
                 self.publish_stats();
                 match commands.recv() {
                     Ok(cmd) => {

@@ -170,6 +170,8 @@ pub struct SchedulerStats {
     pub waiting: usize,
     pub kv_tokens: usize,
     pub kv_bytes: usize,
+    /// The most `kv_bytes` seen at the end of a step.
+    pub peak_kv_bytes: usize,
     pub steps: u64,
     pub tokens_generated: u64,
     /// Seconds inside steps; the part spent in the runner (building MLX graphs, evaluating,
@@ -348,6 +350,7 @@ impl Scheduler {
         self.stats.steps += 1;
         self.stats.kv_tokens = runner.kv_tokens();
         self.stats.kv_bytes = runner.kv_bytes();
+        self.stats.peak_kv_bytes = self.stats.peak_kv_bytes.max(self.stats.kv_bytes);
         self.stats.step_seconds += start.elapsed().as_secs_f64();
         self.stats.mlx_seconds += mlx.as_secs_f64();
         self.stats.eval_seconds += runner.take_eval_time().as_secs_f64();

@@ -117,6 +117,36 @@ fn regressions_through_the_c_api() {
     run(&exe, false);
 }
 
+/// A host that exits with an engine mid-work (no destroy) exits cleanly, at any moment.
+#[test]
+fn exiting_with_a_running_engine_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("exit_without_destroy");
+    compile(
+        "cc",
+        "-std=c11",
+        &root().join("tests/c/exit_without_destroy.c"),
+        &exe,
+        false,
+    );
+    let model = common::model_path();
+    for (i, ms) in [0, 300, 900, 1500, 2100, 2700, 3300, 4000].iter().enumerate() {
+        let how = if i % 2 == 0 { "exit" } else { "return" };
+        let out = Command::new(&exe)
+            .arg(&model)
+            .arg(ms.to_string())
+            .arg(how)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "exit after {ms} ms ({how}): {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn demo_and_other_combinations_compile() {
     let dir = tempfile::tempdir().unwrap();

@@ -465,10 +465,22 @@ fn failures_on_the_engine_thread_end_requests_and_never_hang() {
     // A panic on the engine thread: in-flight requests end with an error, and every later
     // call says the engine failed.
     let d = e.submit(request(&reference()[2].0, 200)).unwrap();
+    let unpolled = e.submit(request(&reference()[3].0, 200)).unwrap();
+    let released = e.submit(request(&reference()[4].0, 200)).unwrap();
     e.inject_fault(Fault::Panic).unwrap();
     let (_, _, reason) = drain(&e, d);
     assert_eq!(reason, FinishReason::Error);
     assert!(
         matches!(e.submit(request(&reference()[0].0, 4)), Err(Error::EngineFailed(m)) if m.contains("panic"))
     );
+    // After the failure: cancel says so (not "shut down"); queued events are still delivered,
+    // exactly once; release still frees a request.
+    assert!(matches!(e.cancel(unpolled), Err(Error::EngineFailed(_))));
+    assert_eq!(drain(&e, unpolled).2, FinishReason::Error);
+    e.release(released).unwrap();
+    assert!(matches!(
+        e.poll(released, Duration::ZERO),
+        Err(Error::UnknownRequest(_))
+    ));
+    assert_eq!(e.requests_held(), 0);
 }

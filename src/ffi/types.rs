@@ -197,6 +197,10 @@ pub struct convoy_engine_stats {
     pub kv_bytes: u64,
     /// Requests held (queued, running, or ended with events not yet polled).
     pub requests_held: u64,
+    /// MLX memory in use and in MLX's buffer cache, in bytes (per process: other engines in
+    /// the same process are included).
+    pub active_memory_bytes: u64,
+    pub cache_memory_bytes: u64,
 }
 
 impl Default for convoy_engine_config {
@@ -447,6 +451,8 @@ impl From<EngineStats> for convoy_engine_stats {
             peak_memory_bytes: s.peak_memory_bytes,
             kv_bytes: s.kv_bytes as u64,
             requests_held: s.requests_held as u64,
+            active_memory_bytes: s.active_memory_bytes,
+            cache_memory_bytes: s.cache_memory_bytes,
         }
     }
 }
