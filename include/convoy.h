@@ -467,6 +467,10 @@ typedef struct {
    */
   uint64_t active_memory_bytes;
   uint64_t cache_memory_bytes;
+  /**
+   * Of `running`, requests whose prompt is still being prefilled.
+   */
+  uint32_t prefilling;
 } convoy_engine_stats;
 
 #ifdef __cplusplus
@@ -594,7 +598,7 @@ convoy_status convoy_engine_poll(const convoy_engine *engine,
  * step boundary, still delivered by `convoy_engine_poll`. Cancelling a request whose
  * FINISHED event is already queued is harmless (OK). Returns OK, NULL_POINTER,
  * UNKNOWN_REQUEST (never submitted, FINISHED already polled, or released), ENGINE_FAILED,
- * PANIC. Never blocks; thread-safe.
+ * SHUT_DOWN (the engine is being destroyed), PANIC. Never blocks; thread-safe.
  */
 convoy_status convoy_engine_cancel(const convoy_engine *engine, uint64_t id);
 

@@ -26,48 +26,70 @@ fi
 
 say() { echo "setup: $*"; }
 
-# Prints the libclang that bindgen (through clang-sys) would load, or fails. It follows
+# Prints the libclang that bindgen (through clang-sys) can use, or fails. It follows
 # clang-sys's own search: $LIBCLANG_PATH, `llvm-config --libdir`, $LD_LIBRARY_PATH, then the
 # system folders, the file names libclang.so, libclang-*.so, libclang.so.*, libclang-*.so.*,
 # and skips LLVM's C++ library (libclang-cpp.so.N, present on stock Debian images, which is not
-# the C API bindgen needs). A candidate counts only if it loads and exports clang_createIndex.
+# the C API bindgen needs). A candidate counts only if it loads, exports clang_createIndex, and
+# parses a header that includes <stdbool.h>, <stddef.h>, <stdint.h> and <float.h> without a
+# diagnostic: the runtime library alone (libclang1-N) lacks clang's builtin headers
+# (libclang-common-N-dev), and bindgen then fails on mlx-c's headers.
 # CONVOY_LIBCLANG_SEARCH overrides the folders searched (a ':'-separated list; for tests).
 find_libclang() {
-  local dirs
+  local dirs files=""
   if [[ -n "${CONVOY_LIBCLANG_SEARCH+x}" ]]; then
     dirs="$CONVOY_LIBCLANG_SEARCH"
   else
     dirs="${LIBCLANG_PATH:-}"
+    # LIBCLANG_PATH may name the library file itself.
+    [[ -f "${LIBCLANG_PATH:-}" ]] && files="$LIBCLANG_PATH"
     if command -v llvm-config >/dev/null 2>&1; then
       dirs="$dirs:$(llvm-config --libdir 2>/dev/null || true)"
     fi
     dirs="$dirs:${LD_LIBRARY_PATH:-}:/usr/lib*/llvm-*/lib:/usr/lib*:/usr/lib*/*:/usr/local/lib*:/usr/local/llvm*/lib*:/opt/llvm*/lib*"
   fi
   command -v "$PY" >/dev/null 2>&1 || return 1
-  "$PY" - "$dirs" <<'PYEOF'
-import ctypes, glob, os, sys
-seen = set()
+  "$PY" - "$dirs" "$files" <<'PYEOF'
+import ctypes, glob, os, sys, tempfile
+from ctypes import POINTER, c_char_p, c_int, c_uint, c_void_p
+
+def usable(path):
+    try:
+        lib = ctypes.CDLL(path)
+        lib.clang_createIndex.restype = c_void_p
+        lib.clang_createIndex.argtypes = [c_int, c_int]
+        lib.clang_parseTranslationUnit.restype = c_void_p
+        lib.clang_parseTranslationUnit.argtypes = [
+            c_void_p, c_char_p, POINTER(c_char_p), c_int, c_void_p, c_uint, c_uint]
+        lib.clang_getNumDiagnostics.restype = c_uint
+        lib.clang_getNumDiagnostics.argtypes = [c_void_p]
+    except (OSError, AttributeError):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        probe = os.path.join(d, "probe.h")
+        with open(probe, "w") as f:
+            f.write("#include <stdbool.h>\n#include <stddef.h>\n#include <stdint.h>\n#include <float.h>\n")
+        index = lib.clang_createIndex(0, 0)
+        tu = lib.clang_parseTranslationUnit(index, probe.encode(), None, 0, None, 0, 0)
+        return bool(tu) and lib.clang_getNumDiagnostics(tu) == 0
+
+candidates = [f for f in sys.argv[2].split(":") if f]
 for pattern in sys.argv[1].split(":"):
     if not pattern:
         continue
     for d in sorted(glob.glob(pattern)):
-        if os.path.isfile(d):  # LIBCLANG_PATH may name the file itself
-            files = [d]
-        else:
-            files = []
-            for name in ("libclang.so", "libclang-*.so", "libclang.so.*", "libclang-*.so.*"):
-                files += sorted(glob.glob(os.path.join(d, name)))
-        for f in files:
-            if os.path.basename(f).startswith("libclang-cpp") or f in seen:
-                continue
-            seen.add(f)
-            try:
-                lib = ctypes.CDLL(f)
-                lib.clang_createIndex
-            except (OSError, AttributeError):
-                continue
-            print(f)
-            sys.exit(0)
+        if not os.path.isdir(d):
+            continue
+        for name in ("libclang.so", "libclang-*.so", "libclang.so.*", "libclang-*.so.*"):
+            candidates += sorted(glob.glob(os.path.join(d, name)))
+seen = set()
+for f in candidates:
+    if os.path.basename(f).startswith("libclang-cpp") or f in seen:
+        continue
+    seen.add(f)
+    if usable(f):
+        print(f)
+        sys.exit(0)
 sys.exit(1)
 PYEOF
 }

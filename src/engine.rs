@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
 
 use crate::error::{Error, Result};
-use crate::model::{self, LoadOptions, WeightsPolicy};
 use crate::kv_cache::KvLayout;
+use crate::model::{self, LoadOptions, WeightsPolicy};
 use crate::request::{Event, FinishReason, Prompt, Request, RequestId, RequestStats};
 use crate::runner::{kv_layout, MlxRunner};
-use crate::stream::{Refused, Stream, Streams};
 use crate::scheduler::{BatchMode, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::stream::{Refused, Stream, Streams};
 use crate::tokenizer::Tokenizer;
 
 /// Receives one line per finished request (the request log).
@@ -103,7 +103,10 @@ impl EngineConfig {
 /// Engine-wide counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EngineStats {
+    /// Requests admitted: prefilling or decoding.
     pub running: usize,
+    /// Of those, requests whose prompt is still being prefilled.
+    pub prefilling: usize,
     pub waiting: usize,
     pub kv_tokens: usize,
     /// Bytes the KV caches allocate now (padding and spare capacity included); at most
@@ -224,14 +227,31 @@ impl Done {
 
 /// Engines alive in this process (weakly held), for [`stop_engines_at_exit`].
 static LIVE_ENGINES: Mutex<Vec<std::sync::Weak<ExitGate>>> = Mutex::new(Vec::new());
-static EXIT_HOOK: std::sync::Once = std::sync::Once::new();
+/// The exit hook is registered after MLX's first evaluation (which creates most of MLX's
+/// static objects) and again after the first engine step (for objects created lazily by
+/// the first forward pass), so that it runs before their destructors: exit handlers run in
+/// reverse order of registration. Running it more than once is harmless.
+static EXIT_HOOK_AFTER_INIT: std::sync::Once = std::sync::Once::new();
+static EXIT_HOOK_AFTER_STEP: std::sync::Once = std::sync::Once::new();
+/// Set by the exit hook: engine threads stop calling into the host.
+static EXITING: AtomicBool = AtomicBool::new(false);
 /// How long the exit hook waits for engine threads to finish their step.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
-/// Runs at process exit (registered with `atexit` after MLX's own static objects exist, so it
-/// runs before their destructors): asks every live engine thread to stop, without calling
-/// back into the host, and waits a bounded time for each to finish its step.
+fn register_exit_hook(once: &std::sync::Once) {
+    once.call_once(|| {
+        // SAFETY: registers a plain `extern "C" fn()` that never unwinds.
+        unsafe {
+            libc::atexit(stop_engines_at_exit);
+        }
+    });
+}
+
+/// Runs at process exit: asks every live engine thread (loading, running or idle) to stop,
+/// without calling back into the host from then on, and waits a bounded time for each to
+/// finish its step and release its MLX work.
 extern "C" fn stop_engines_at_exit() {
+    EXITING.store(true, Ordering::SeqCst);
     let _ = catch_unwind(|| {
         let gates: Vec<Arc<ExitGate>> = LIVE_ENGINES
             .lock()
@@ -270,14 +290,38 @@ impl Engine {
         let streams = Arc::new(Streams::new(config.max_requests));
         let thread_streams = streams.clone();
         let done = Arc::new(Done::default());
+        // Known to the exit hook before the thread starts, so an exit while it loads waits.
+        let exit_gate = Arc::new(ExitGate {
+            commands: tx.clone(),
+            done: done.clone(),
+        });
+        {
+            let mut live = LIVE_ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+            live.retain(|w| w.strong_count() > 0);
+            live.push(Arc::downgrade(&exit_gate));
+        }
         let thread_done = done.clone();
         let thread = std::thread::Builder::new()
             .name("convoy-engine".into())
             .spawn(move || {
                 *thread_done.thread.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(std::thread::current().id());
-                engine_thread(path, thread_config, rx, ready_tx, thread_shared, thread_streams);
-                thread_done.set();
+                // Marks the thread done however it ends (an unwind included).
+                struct SetOnDrop(Arc<Done>);
+                impl Drop for SetOnDrop {
+                    fn drop(&mut self) {
+                        self.0.set();
+                    }
+                }
+                let _done = SetOnDrop(thread_done);
+                engine_thread(
+                    path,
+                    thread_config,
+                    rx,
+                    ready_tx,
+                    thread_shared,
+                    thread_streams,
+                );
             })
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the engine thread: {e}")))?;
         let Ready {
@@ -299,23 +343,6 @@ impl Engine {
         };
         let mut sched = config.scheduler.clone();
         sched.max_context = sched.max_context.min(model_context).max(2);
-        let exit_gate = Arc::new(ExitGate {
-            commands: tx.clone(),
-            done,
-        });
-        {
-            let mut live = LIVE_ENGINES.lock().unwrap_or_else(|p| p.into_inner());
-            live.retain(|w| w.strong_count() > 0);
-            live.push(Arc::downgrade(&exit_gate));
-        }
-        // Registered now, after the model load made MLX create its static objects, so that
-        // it runs before their destructors (exit handlers run in reverse order).
-        EXIT_HOOK.call_once(|| {
-            // SAFETY: registers a plain `extern "C" fn()` that never unwinds.
-            unsafe {
-                libc::atexit(stop_engines_at_exit);
-            }
-        });
         Ok(Self {
             commands: tx,
             shared,
@@ -554,7 +581,11 @@ impl Loop {
             stream.push(e);
             if let Some(line) = line {
                 self.senders.remove(&id);
-                if let Some(log) = &self.log {
+                if let Some(log) = self
+                    .log
+                    .as_ref()
+                    .filter(|_| !EXITING.load(Ordering::SeqCst))
+                {
                     log(&line);
                 }
             }
@@ -619,6 +650,7 @@ impl Loop {
         let mut out = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
         *out = EngineStats {
             running: s.running + s.prefilling,
+            prefilling: s.prefilling,
             waiting: s.waiting,
             kv_tokens: s.kv_tokens,
             kv_bytes: s.kv_bytes,
@@ -671,6 +703,7 @@ impl Loop {
             let mut events = Vec::new();
             self.sched
                 .step(&mut self.runner, &*self.tokenizer, &mut events);
+            register_exit_hook(&EXIT_HOOK_AFTER_STEP);
             let left = waiting_before.saturating_sub(self.sched.waiting_len());
             self.shared.queued.fetch_sub(left, Ordering::SeqCst);
             self.deliver(events);
@@ -693,6 +726,13 @@ fn engine_thread(
     shared: Arc<Shared>,
     streams: Arc<Streams>,
 ) {
+    // A first evaluation creates MLX's static objects (device, scheduler, allocator); the exit
+    // hook registered after it runs before their destructors.
+    let _ = catch_unwind(|| {
+        let one = mlx_rs::Array::from_f32(1.0);
+        mlx_rs::ops::add(&one, &one).and_then(|two| two.eval())
+    });
+    register_exit_hook(&EXIT_HOOK_AFTER_INIT);
     let loaded = catch_unwind(|| {
         model::load(
             &path,
@@ -752,9 +792,7 @@ fn engine_thread(
     // whose submit command was never processed, or a delivery cut short by a panic) ends here,
     // and no new request is accepted. Every request ends exactly once.
     let ended = catch_unwind(AssertUnwindSafe(|| {
-        state
-            .sched
-            .end_all(reason, message.as_deref(), &mut events);
+        state.sched.end_all(reason, message.as_deref(), &mut events);
         state.deliver(events);
     }));
     if ended.is_err() && message.is_none() {

@@ -58,7 +58,9 @@ pub struct Trim {
 /// shared by the MLX cache and the scheduler tests' fake runner, so both follow one set of
 /// rules.
 ///
-/// Invariants: `idx <= capacity`; `capacity <= idx + STEP - 1` unless the cache is empty;
+/// Invariants: `idx <= capacity`; `capacity <= idx + STEP - 1` unless the cache is empty (a
+/// [`rollback`](Self::rollback) of the decode-ahead column can briefly make it `idx + STEP`;
+/// the footprint bound, in terms of each row's final length, still holds);
 /// in a running batch `left_pad[r] <= idx` and some row has no padding, so `idx` is the
 /// longest row. Only a group still being prefilled has `left_pad[r] > idx` (rows whose
 /// prompt has not started yet).
@@ -229,7 +231,9 @@ impl PrefillTokens {
 
     /// The next chunk of at most `max_columns` columns of every row (empty when done).
     pub fn next_chunk(&self, max_columns: usize) -> Vec<&[u32]> {
-        let end = self.width().min(self.done.saturating_add(max_columns.max(1)));
+        let end = self
+            .width()
+            .min(self.done.saturating_add(max_columns.max(1)));
         self.tokens.iter().map(|t| &t[self.done..end]).collect()
     }
 
@@ -670,6 +674,42 @@ mod tests {
         assert_eq!(c.left_padding(), &[0, 3]);
         write(&mut c, &[1, 2], 1);
         check(&c, &[1, 2]);
+    }
+
+    /// Issue 7's hang: a row leaves a group mid-prefill while the kept row's padding is wider
+    /// than what was written so far. The trim stops at the written columns, and the kept
+    /// row's remaining padding is dropped from its timeline.
+    #[test]
+    fn filter_mid_prefill_never_trims_more_than_written() {
+        let short: &[u32] = &[1, 2, 3];
+        let long: &[u32] = &[4; 10];
+        let (mut tokens, geom) = PrefillTokens::new(&[short, long]);
+        let mut c = BatchKvCache::with_geometry(LAYOUT, geom);
+        assert_eq!(c.left_padding(), &[7, 0]);
+        let chunk = tokens.next_chunk(4);
+        assert_eq!(chunk.len(), 2);
+        write(&mut c, &[1, 2], 4);
+        tokens.advance(4);
+        let trim = c.filter(&[0]).unwrap();
+        assert_eq!(
+            trim,
+            Trim {
+                written: 4,
+                timeline: 7
+            }
+        );
+        tokens.retain(&[0], trim);
+        assert_eq!((c.width(), c.left_padding()), (0, &[0][..]));
+        assert_eq!(tokens.done(), 0);
+        assert_eq!(tokens.next_chunk(100), vec![short]);
+        write(&mut c, &[1], 3);
+        check(&c, &[1]);
+        // The other way round: the long row stays, nothing is trimmed.
+        let (_, geom) = PrefillTokens::new(&[short, long]);
+        let mut c = BatchKvCache::with_geometry(LAYOUT, geom);
+        write(&mut c, &[1, 2], 4);
+        assert_eq!(c.filter(&[1]).unwrap(), Trim::default());
+        assert_eq!(c.width(), 4);
     }
 
     #[test]

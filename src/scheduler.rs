@@ -267,12 +267,17 @@ impl Scheduler {
         eos: Vec<u32>,
         submitted: Instant,
     ) -> Result<()> {
-        self.cfg.check(prompt.len(), &stop, &sampling, &self.layout)?;
+        self.cfg
+            .check(prompt.len(), &stop, &sampling, &self.layout)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(Error::Busy(self.waiting.len()));
         }
         // The context limit and the KV budget cap what a request may generate.
-        let room = self.cfg.max_context.min(self.cfg.kv_row_limit(&self.layout)) - prompt.len();
+        let room = self
+            .cfg
+            .max_context
+            .min(self.cfg.kv_row_limit(&self.layout))
+            - prompt.len();
         stop.max_tokens = stop.max_tokens.min(room);
         let eos = if stop.ignore_eos { Vec::new() } else { eos };
         self.waiting.push_back(Seq {

@@ -210,10 +210,7 @@ impl Streams {
         let open: Vec<(RequestId, Arc<Stream>)> = {
             let mut reg = self.lock();
             reg.stopped = true;
-            reg.streams
-                .iter()
-                .map(|(&id, s)| (id, s.clone()))
-                .collect()
+            reg.streams.iter().map(|(&id, s)| (id, s.clone())).collect()
         };
         for (id, stream) in open {
             stream.push(Event::Finished {
@@ -291,7 +288,10 @@ mod tests {
                 stream.push(token(1));
             }
             assert!(stream.push(finished(1)));
-            assert!(!stream.push(finished(1)), "a second terminal event is dropped");
+            assert!(
+                !stream.push(finished(1)),
+                "a second terminal event is dropped"
+            );
             for p in pollers {
                 p.join().unwrap();
             }
@@ -321,10 +321,7 @@ mod tests {
         ));
         stream.push(token(7));
         assert_eq!(stream.queued(), 0, "nothing is queued after release");
-        assert!(matches!(
-            streams.release(7),
-            Err(Error::UnknownRequest(7))
-        ));
+        assert!(matches!(streams.release(7), Err(Error::UnknownRequest(7))));
         assert_eq!(streams.len(), 0);
     }
 

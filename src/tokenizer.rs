@@ -344,7 +344,9 @@ pub const MAX_PENDING: usize = 8;
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
-    /// What `ids` decode to; already emitted.
+    /// How many of `ids` are context only (already emitted): 0 or 1.
+    context: usize,
+    /// What the context decodes to.
     prefix: String,
 }
 
@@ -357,34 +359,58 @@ impl IncrementalDecoder {
     /// bounded: the window never holds more than [`MAX_PENDING`] ids.
     pub fn push(&mut self, tokenizer: &dyn TextDecoder, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tokenizer.decode_ids(&self.ids)?;
-        let incomplete = text.ends_with('\u{FFFD}');
-        if !incomplete && text.len() <= self.prefix.len() {
-            // A token with no text (a special token, skipped when decoding): it adds nothing
-            // and must not stay in the window, or every later token re-decodes it.
-            self.ids.pop();
+        let mut text = tokenizer.decode_ids(&self.ids)?;
+        if !text.starts_with(self.prefix.as_str()) {
+            // The context decodes differently once extended: start over without it.
+            self.ids = vec![id];
+            self.context = 0;
+            self.prefix.clear();
+            text = tokenizer.decode_ids(&self.ids)?;
+        }
+        let delta = &text[self.prefix.len()..];
+        if delta.is_empty() {
+            if self.context > 0 {
+                // No text after context that has text: a special token (skipped when
+                // decoding). Drop it, or every later token would re-decode it.
+                self.ids.pop();
+            } else if self.ids.len() >= MAX_PENDING {
+                // Nothing to show for a whole window (e.g. specials at the very start).
+                self.ids.clear();
+            }
+            // Otherwise hold: at the start, a piece may only show with what follows it
+            // (SentencePiece drops the leading space of the first piece it decodes).
             return Ok(String::new());
         }
+        let incomplete = delta.ends_with('\u{FFFD}');
         if incomplete && self.ids.len() < MAX_PENDING {
-            // Part of a multi-byte character: hold it back until the character completes.
+            // Part of a multi-byte character: hold it until the character completes.
             return Ok(String::new());
         }
-        // (A window this long that still ends in U+FFFD is not going to complete: a UTF-8
-        // character has at most 4 bytes. Emit it lossily rather than grow the window.)
-        let Some(delta) = text.get(self.prefix.len()..).map(str::to_owned) else {
-            return Ok(String::new());
-        };
-        // Keep only the last token as context for the next one.
-        self.ids.drain(..self.ids.len() - 1);
-        self.prefix = tokenizer.decode_ids(&self.ids)?;
+        let delta = delta.to_owned();
+        if incomplete {
+            // A window this long that still ends in U+FFFD is not going to complete (a UTF-8
+            // character has at most 4 bytes): it went out lossily; start afresh.
+            self.ids.clear();
+            self.context = 0;
+            self.prefix.clear();
+        } else {
+            // Keep the last token as context for the next one.
+            self.ids.drain(..self.ids.len() - 1);
+            self.context = 1;
+            self.prefix = tokenizer.decode_ids(&self.ids)?;
+        }
         Ok(delta)
     }
 
     /// Text still held back (an incomplete character at the end), lossily decoded.
     pub fn flush(&mut self, tokenizer: &dyn TextDecoder) -> Result<String> {
         let text = tokenizer.decode_ids(&self.ids)?;
-        let rest = text.get(self.prefix.len()..).unwrap_or("").to_owned();
+        let rest = match text.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => rest.to_owned(),
+            None => tokenizer.decode_ids(&self.ids[self.context.min(self.ids.len())..])?,
+        };
         self.ids.clear();
+        self.context = 0;
         self.prefix.clear();
         Ok(rest)
     }

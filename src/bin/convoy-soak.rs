@@ -101,7 +101,11 @@ fn prompt(rng: &mut Rng) -> Prompt {
     match rng.below(3) {
         0 => Prompt::Text(body),
         1 => Prompt::Chat(vec![ChatMessage::new("user", body)]),
-        _ => Prompt::Tokens((0..1 + rng.below(200)).map(|i| 1000 + i as u32 * 7).collect()),
+        _ => Prompt::Tokens(
+            (0..1 + rng.below(200))
+                .map(|i| 1000 + i as u32 * 7)
+                .collect(),
+        ),
     }
 }
 
@@ -178,7 +182,11 @@ fn main() {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out).expect("create the output folder");
     let engine = Engine::new(&args.model, EngineConfig::default()).expect("load the model");
+    // MLX memory with the engine idle (weights only), before any request.
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_before = engine.stats().active_memory_bytes;
     let start = Instant::now();
+    let clients_done = Mutex::new(None::<f64>);
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let done = Arc::new(AtomicBool::new(false));
     let next = AtomicUsize::new(0);
@@ -211,6 +219,7 @@ fn main() {
         for c in clients {
             c.join().expect("client thread");
         }
+        *clients_done.lock().unwrap() = Some(start.elapsed().as_secs_f64());
         // A last sample once idle.
         std::thread::sleep(Duration::from_millis(500));
         done.store(true, Ordering::SeqCst);
@@ -221,21 +230,31 @@ fn main() {
     let c = counts.lock().unwrap();
     let wall = start.elapsed().as_secs_f64();
 
-    // Memory after warm-up: mean of the first and the last fifth of the remaining samples.
+    // Memory after warm-up and before the wind-down (the last requests draining): mean of the
+    // first and the last fifth of those samples.
+    let clients_end = clients_done.lock().unwrap().unwrap_or(wall);
     let after: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.t >= args.warmup * wall)
+        .filter(|s| s.t >= args.warmup * clients_end && s.t <= clients_end * 0.95)
         .collect();
     let fifth = (after.len() / 5).max(1);
     let mean = |xs: &[&Sample], f: fn(&Sample) -> u64| {
         xs.iter().map(|s| f(s) as f64).sum::<f64>() / xs.len().max(1) as f64
     };
-    let (early, late) = (&after[..fifth.min(after.len())], &after[after.len() - fifth.min(after.len())..]);
+    let (early, late) = (
+        &after[..fifth.min(after.len())],
+        &after[after.len() - fifth.min(after.len())..],
+    );
     let mb = |b: f64| b / (1 << 20) as f64;
     let rss_growth = mb(mean(late, |s| s.rss) - mean(early, |s| s.rss));
     let active_growth = mb(mean(late, |s| s.active) - mean(early, |s| s.active));
     let peak_rss = samples.iter().map(|s| s.rss).max().unwrap_or(0);
     let lost = c.submitted - c.ended - c.double_ends - c.released;
+    // Idle again: MLX's active memory must be back to what it was before the first request
+    // (a per-request leak of MLX arrays shows here, however small).
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_after = engine.stats().active_memory_bytes;
+    let idle_growth = idle_after as f64 - idle_before as f64;
     let summary = json!({
         "summary": true,
         "requests": c.submitted, "threads": args.threads, "ended_once": c.ended,
@@ -246,6 +265,9 @@ fn main() {
         "peak_rss_mb": mb(peak_rss as f64), "final_rss_mb": mb(samples.last().map_or(0, |s| s.rss) as f64),
         "final_mlx_active_mb": mb(st.active_memory_bytes as f64),
         "peak_kv_mb": mb(st.peak_kv_bytes as f64), "samples": samples.len(),
+        "mlx_active_idle_before_mb": mb(idle_before as f64),
+        "mlx_active_idle_after_mb": mb(idle_after as f64),
+        "mlx_active_idle_growth_bytes": idle_growth,
     });
     let mut lines: Vec<String> = samples
         .iter()
@@ -264,7 +286,9 @@ fn main() {
     let ok = lost == 0
         && c.double_ends == 0
         && engine.requests_held() == 0
-        && rss_growth <= args.max_growth_mb;
+        && rss_growth <= args.max_growth_mb
+        && active_growth <= args.max_growth_mb
+        && idle_growth <= (1u64 << 20) as f64;
     drop(engine);
     if !ok {
         eprintln!("soak FAILED");

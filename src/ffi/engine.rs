@@ -263,7 +263,7 @@ fn to_c_event(event: Event) -> convoy_event {
 /// step boundary, still delivered by `convoy_engine_poll`. Cancelling a request whose
 /// FINISHED event is already queued is harmless (OK). Returns OK, NULL_POINTER,
 /// UNKNOWN_REQUEST (never submitted, FINISHED already polled, or released), ENGINE_FAILED,
-/// PANIC. Never blocks; thread-safe.
+/// SHUT_DOWN (the engine is being destroyed), PANIC. Never blocks; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_cancel(
     engine: *const convoy_engine,

@@ -201,6 +201,8 @@ pub struct convoy_engine_stats {
     /// the same process are included).
     pub active_memory_bytes: u64,
     pub cache_memory_bytes: u64,
+    /// Of `running`, requests whose prompt is still being prefilled.
+    pub prefilling: u32,
 }
 
 impl Default for convoy_engine_config {
@@ -340,11 +342,26 @@ const _: () = {
     type P = convoy_request_params;
     type R = RawRequestParams;
     assert!(size_of::<P>() == size_of::<R>() && align_of::<P>() == align_of::<R>());
-    assert!(offset_of!(P, has_seed) == offset_of!(R, has_seed));
-    assert!(offset_of!(P, seed) == offset_of!(R, seed));
-    assert!(offset_of!(P, ignore_eos) == offset_of!(R, ignore_eos));
-    assert!(offset_of!(P, stop_token_ids) == offset_of!(R, stop_token_ids));
-    assert!(offset_of!(P, n_stop_strings) == offset_of!(R, n_stop_strings));
+    macro_rules! same {
+        ($($f:ident),*) => { $(assert!(offset_of!(P, $f) == offset_of!(R, $f));)* };
+    }
+    same!(
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        presence_penalty,
+        frequency_penalty,
+        has_seed,
+        seed,
+        ignore_eos,
+        stop_token_ids,
+        n_stop_token_ids,
+        stop_strings,
+        n_stop_strings
+    );
 };
 
 impl convoy_request_params {
@@ -453,6 +470,7 @@ impl From<EngineStats> for convoy_engine_stats {
             requests_held: s.requests_held as u64,
             active_memory_bytes: s.active_memory_bytes,
             cache_memory_bytes: s.cache_memory_bytes,
+            prefilling: s.prefilling as u32,
         }
     }
 }
