@@ -143,19 +143,16 @@ fn pool() -> &'static Vec<Entry> {
     })
 }
 
-struct Rng(u64);
+/// Seeded randomness (ChaCha: a stable stream for a seed).
+struct Rng(rand_chacha::ChaCha8Rng);
 impl Rng {
     fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        use rand_chacha::rand_core::SeedableRng;
+        Self(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        use rand_chacha::rand_core::RngCore;
+        (self.0.next_u64() % n as u64) as usize
     }
     fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent

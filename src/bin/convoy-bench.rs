@@ -5,6 +5,9 @@
 //!
 //! Writes a table to stdout, JSON lines to `<out>/results.jsonl` and a plot to
 //! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
+#[path = "shared/font.rs"]
+mod font;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -431,17 +434,7 @@ fn single_reference_blas(args: &Args, model: &Path) -> Option<serde_json::Value>
 
 fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
     use plotters::prelude::*;
-    let font = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/System/Library/Fonts/Supplemental/Arial.ttf",
-        "/Library/Fonts/Arial.ttf",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-    .ok_or("no TTF font found (Debian: apt-get install fonts-dejavu-core)")?;
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| "bad font")?;
+    font::register_sans_serif()?;
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(600);

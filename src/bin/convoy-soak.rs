@@ -5,6 +5,9 @@
 //! Writes `<out>/soak.jsonl` (one sample per line, then a summary line) and `<out>/soak.png`
 //! (RSS, MLX active and cache memory, and KV bytes over time). Exits non-zero if a request
 //! was lost or ended twice, or memory grew after warm-up by more than `--max-growth-mb`.
+#[path = "shared/font.rs"]
+mod font;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,13 +48,16 @@ struct Args {
     seed: u64,
 }
 
-struct Rng(u64);
+/// Seeded randomness (ChaCha: a stable stream for a seed).
+struct Rng(rand_chacha::ChaCha8Rng);
 impl Rng {
+    fn new(seed: u64) -> Self {
+        use rand_chacha::rand_core::SeedableRng;
+        Self(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        use rand_chacha::rand_core::RngCore;
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
@@ -122,7 +128,7 @@ struct Counts {
 }
 
 fn client(engine: &Engine, args: &Args, k: usize, next: &AtomicUsize, counts: &Mutex<Counts>) {
-    let mut rng = Rng((args.seed + k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(args.seed.wrapping_mul(1000).wrapping_add(k as u64));
     while next.fetch_add(1, Ordering::SeqCst) < args.requests {
         let mut req = Request::new(prompt(&mut rng)).max_tokens(1 + rng.below(args.max_tokens));
         if rng.below(4) == 0 {
@@ -301,17 +307,7 @@ fn main() {
 
 fn plot(path: &Path, samples: &[Sample], warmup_end: f64) -> Result<(), String> {
     use plotters::prelude::*;
-    let font = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/System/Library/Fonts/Supplemental/Arial.ttf",
-        "/Library/Fonts/Arial.ttf",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-    .ok_or("no TTF font found (Debian: apt-get install fonts-dejavu-core)")?;
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| "bad font")?;
+    font::register_sans_serif()?;
     let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let tmax = samples.last().map_or(1.0, |s| s.t).max(1.0);
