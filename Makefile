@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak fuzz
+.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak
 
 setup:
 	@scripts/setup.sh
@@ -25,8 +25,8 @@ test: setup
 	target/debug/convoy-bench $(SMOKE_ARGS)
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
-# with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, a 1,000-request soak, and
-# coverage-guided fuzzing of every parser and the C ABI. Results land in target/reliability/.
+# with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, and a 1,000-request soak.
+# Results land in target/reliability/.
 RELIABILITY_SEQUENCES ?= 60
 reliability: setup
 	mkdir -p target/reliability
@@ -35,7 +35,6 @@ reliability: setup
 	  CONVOY_RELIABILITY_REPORT=$(CURDIR)/target/reliability/sequences.jsonl \
 	  $(CARGO) test --release $(TEST_FEATURES) --test reliability -- --nocapture
 	$(MAKE) soak
-	scripts/fuzz.sh
 
 sanitize: setup
 	$(CARGO) build --lib $(TEST_FEATURES)
@@ -43,9 +42,6 @@ sanitize: setup
 
 soak: setup
 	$(CARGO) run --release --bin convoy-soak -- --model $(MODEL) --out target/reliability --requests 1000 --threads 8
-
-fuzz: setup
-	scripts/fuzz.sh
 
 bench: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --out bench-results
