@@ -408,13 +408,16 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let at = Instant::now();
         let registered = self.streams.register(id, |events| {
-            self.commands.send(Command::Submit {
-                id,
-                prompt,
-                request,
-                events,
-                at,
-            })
+            // The command comes back in the error if the thread is gone: drop it here.
+            self.commands
+                .send(Command::Submit {
+                    id,
+                    prompt,
+                    request,
+                    events,
+                    at,
+                })
+                .map_err(drop)
         });
         match registered {
             Ok(()) => Ok(id),
