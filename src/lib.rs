@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod error;
 pub mod ffi;
+pub mod fuzzing;
 pub mod kv_cache;
 pub mod model;
 pub mod request;

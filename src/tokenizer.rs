@@ -6,12 +6,12 @@
 //! token types. Rendering a chat uses the model's own Jinja template.
 use std::path::Path;
 
-use minijinja::{context, Environment};
-use mlx_rs::io::GgufFile;
+use minijinja::{context, Environment, Value as JinjaValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::model::gguf::Metadata;
 use crate::model::ModelConfig;
 
 /// One chat message (`role` is usually "system", "user" or "assistant").
@@ -38,60 +38,242 @@ pub struct Tokenizer {
     add_bos: bool,
     bos_text: String,
     eos_text: String,
-    template: Option<Environment<'static>>,
+    template: Option<ChatTemplate>,
+}
+
+/// Template instructions one rendering may execute (minijinja's fuel): a chat template spends
+/// tens per message, so this allows very long chats yet stops a looping template in well under
+/// a second.
+pub(crate) const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Nesting depth of loops, conditions, macros and includes while rendering.
+const TEMPLATE_RECURSION_LIMIT: usize = 100;
+/// Most bytes a rendered chat may have: far beyond any context window, small enough that a
+/// hostile template cannot exhaust memory through its output.
+pub(crate) const TEMPLATE_MAX_OUTPUT: usize = 16 << 20;
+
+/// A compiled chat template (Jinja, rendered with minijinja plus Python string methods), with
+/// bounded work, recursion and output.
+pub(crate) struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; each rendering may spend `fuel` instructions.
+    pub(crate) fn new(source: String, fuel: u64) -> Result<Self> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        // Built-ins that crash the process on hostile arguments in minijinja 2.24, replaced by
+        // checked versions (found by fuzzing): `x is divisibleby 0` panics (remainder by
+        // zero); `slice(n)` and `batch(n)` allocate `n` slots up front, so a huge `n` aborts
+        // on allocation failure.
+        env.add_test("divisibleby", divisible_by);
+        env.add_filter(
+            "slice",
+            |state: &minijinja::State,
+             value: JinjaValue,
+             count: usize,
+             fill: Option<JinjaValue>| {
+                minijinja::filters::slice(state, value, bounded_count(count)?, fill)
+            },
+        );
+        env.add_filter(
+            "batch",
+            |state: &minijinja::State,
+             value: JinjaValue,
+             count: usize,
+             fill: Option<JinjaValue>| {
+                minijinja::filters::batch(state, value, bounded_count(count)?, fill)
+            },
+        );
+        // `{% set ns.x = ns %}` makes a namespace contain itself, and minijinja then recurses
+        // for ever printing or serializing it (a stack overflow aborts the process; found by
+        // fuzzing). Values are checked for depth and cycles before they are printed or
+        // serialized.
+        env.set_formatter(|out, state, value| {
+            check_nesting(value)?;
+            minijinja::escape_formatter(out, state, value)
+        });
+        env.add_filter(
+            "tojson",
+            |value: &JinjaValue, indent: Option<JinjaValue>, args: minijinja::value::Kwargs| {
+                check_nesting(value)?;
+                minijinja::filters::tojson(value, indent, args)
+            },
+        );
+        env.add_filter("string", |state: &minijinja::State, value: &JinjaValue| {
+            check_nesting(value)?;
+            minijinja::filters::string(state, value)
+        });
+        env.set_fuel(Some(fuel));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
+        env.add_template_owned("chat", source)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        Ok(Self { env })
+    }
+
+    /// Renders `messages` (the template's `messages`, `add_generation_prompt`, `bos_token`
+    /// and `eos_token` variables).
+    pub(crate) fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let mut out = BoundedWriter(Vec::new());
+        tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            },
+            &mut out,
+        )
+        .map_err(|e| Error::Template(e.to_string()))?;
+        String::from_utf8(out.0).map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+/// `a is divisibleby b` without minijinja's panic on `b == 0` (or `i128::MIN % -1`).
+fn divisible_by(a: &JinjaValue, b: &JinjaValue) -> bool {
+    let int = |v: &JinjaValue| i128::try_from(v.clone()).ok();
+    let float = |v: &JinjaValue| f64::try_from(v.clone()).ok();
+    match (int(a), int(b)) {
+        (Some(a), Some(b)) => a.checked_rem(b) == Some(0),
+        _ => match (float(a), float(b)) {
+            (Some(a), Some(b)) => b != 0.0 && a % b == 0.0,
+            _ => false,
+        },
+    }
+}
+
+/// Fails for a value nested deeper than 64 levels, with more than a million parts, or that
+/// contains itself (which minijinja would print or serialize for ever).
+fn check_nesting(value: &JinjaValue) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    fn walk(v: &JinjaValue, depth: usize, budget: &mut usize) -> bool {
+        if depth > 64 || *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        match v.kind() {
+            ValueKind::Seq => v
+                .try_iter()
+                .map_or(true, |mut it| it.all(|x| walk(&x, depth + 1, budget))),
+            ValueKind::Map => v.try_iter().map_or(true, |mut keys| {
+                keys.all(|k| v.get_item(&k).map_or(true, |x| walk(&x, depth + 1, budget)))
+            }),
+            _ => true,
+        }
+    }
+    if walk(value, 0, &mut 1_000_000) {
+        Ok(())
+    } else {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            "value nests too deeply or contains itself",
+        ))
+    }
+}
+
+/// Most slots `slice` and `batch` may be asked for (they allocate them up front).
+const MAX_TEMPLATE_GROUPS: usize = 100_000;
+
+fn bounded_count(count: usize) -> std::result::Result<usize, minijinja::Error> {
+    if count > MAX_TEMPLATE_GROUPS {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("slice/batch count {count} exceeds {MAX_TEMPLATE_GROUPS}"),
+        ))
+    } else {
+        Ok(count)
+    }
+}
+
+/// Collects rendered output, failing once it would exceed [`TEMPLATE_MAX_OUTPUT`].
+struct BoundedWriter(Vec<u8>);
+
+impl std::io::Write for BoundedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len().saturating_add(buf.len()) > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other(format!(
+                "the rendered chat exceeds {TEMPLATE_MAX_OUTPUT} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+/// `tokenizers::Tokenizer::from_bytes`, after checking the text is JSON (strings included:
+/// escapes must be valid code points). tokenizers 0.22 panics (`expect("Helper")` in its
+/// decoder deserializer) on malformed JSON inside `"decoder"`, e.g. a truncated object or a
+/// lone surrogate escape (found by fuzzing).
+fn tokenizer_from_json(json: &[u8]) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<Value>(json).map_err(tok_err)?;
+    tokenizers::Tokenizer::from_bytes(json).map_err(tok_err)
+}
+
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's metadata.
-    pub(crate) fn from_gguf(file: &GgufFile, path: &Path) -> Result<Self> {
+    pub(crate) fn from_gguf(meta: &impl Metadata) -> Result<Self> {
         let corrupt = |reason: String| Error::CorruptModel {
-            path: path.to_owned(),
+            path: meta.path().to_owned(),
             reason,
         };
-        let strings = |key: &str| {
-            file.get_metadata_strings(key)
-                .map_err(|e| corrupt(format!("{key}: {e}")))
-        };
-        let number = |key: &str| -> Result<Option<i64>> {
-            match file.get_metadata_array(key) {
-                Ok(Some(a)) => Ok(Some(
-                    a.try_item_cast::<i64>()
-                        .map_err(|e| Error::Mlx(e.to_string()))?,
-                )),
-                Ok(None) => Ok(None),
-                Err(e) => Err(corrupt(format!("{key}: {e}"))),
-            }
-        };
-        let model = crate::model::gguf::meta_string(file, "tokenizer.ggml.model")?;
+        let model = meta.string("tokenizer.ggml.model")?;
         if model.as_deref() != Some("gpt2") {
             return Err(Error::Tokenizer(format!(
                 "GGUF tokenizer model {model:?} is not supported (convoy builds byte-level BPE \
                  'gpt2' tokenizers from GGUF; use the model's folder with tokenizer.json instead)"
             )));
         }
-        let tokens = strings("tokenizer.ggml.tokens")?
+        let tokens = meta
+            .strings("tokenizer.ggml.tokens")?
             .ok_or_else(|| corrupt("no tokenizer.ggml.tokens".into()))?;
-        let merges = strings("tokenizer.ggml.merges")?.unwrap_or_default();
-        let types: Vec<i32> = match file.get_metadata_array("tokenizer.ggml.token_type") {
-            Ok(Some(a)) => a.as_type::<i32>()?.as_slice::<i32>().to_vec(),
-            _ => vec![1; tokens.len()],
-        };
+        let merges = meta.strings("tokenizer.ggml.merges")?.unwrap_or_default();
+        // A missing or unreadable type list means every token is a normal one.
+        let types = meta
+            .integers("tokenizer.ggml.token_type")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let vocab: serde_json::Map<String, Value> = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        // Control (3) and user-defined (4) tokens are matched whole in the input text.
+        // Control (3) and user-defined (4) tokens are matched whole in the input text. A type
+        // list longer than the token list describes no tokens beyond it.
         let added: Vec<Value> = types
             .iter()
+            .zip(&tokens)
             .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(i, &t)| {
-                json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
+            .filter(|(_, (&t, _))| t == 3 || t == 4)
+            .map(|(i, (&t, content))| {
+                json!({"id": i, "content": content, "single_word": false, "lstrip": false,
                        "rstrip": false, "normalized": false, "special": t == 3})
             })
             .collect();
@@ -110,20 +292,24 @@ impl Tokenizer {
                       "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": merges}
         });
-        let inner =
-            tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(tok_err)?;
-        let id = |key: &str| -> Result<Option<u32>> { Ok(number(key)?.map(|v| v as u32)) };
+        let inner = tokenizer_from_json(spec.to_string().as_bytes())?;
+        let id = |key: &str| -> Result<Option<u32>> {
+            match meta.number(key)? {
+                // -1 or other non-ids mean "none".
+                Some(v) if (0.0..=u32::MAX as f64).contains(&v) && v.fract() == 0.0 => {
+                    Ok(Some(v as u32))
+                }
+                _ => Ok(None),
+            }
+        };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = match file.get_metadata_array("tokenizer.ggml.add_bos_token") {
-            Ok(Some(a)) => {
-                a.try_item_cast::<i32>()
-                    .map_err(|e| Error::Mlx(e.to_string()))?
-                    != 0
-            }
-            _ => false,
-        };
-        let template = crate::model::gguf::meta_string(file, "tokenizer.chat_template")?;
+        let add_bos = meta
+            .number("tokenizer.ggml.add_bos_token")
+            .ok()
+            .flatten()
+            .is_some_and(|v| v != 0.0);
+        let template = meta.string("tokenizer.chat_template")?;
         let text = |id: Option<u32>| {
             id.and_then(|i| tokens.get(i as usize).cloned())
                 .unwrap_or_default()
@@ -141,7 +327,7 @@ impl Tokenizer {
     /// Loads `tokenizer.json` and `tokenizer_config.json` from a model folder.
     pub(crate) fn from_folder(dir: &Path, config_eos: &[u32]) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| {
+        let json = std::fs::read(&tj).map_err(|e| {
             if tj.exists() {
                 Error::CorruptModel {
                     path: tj.clone(),
@@ -154,9 +340,27 @@ impl Tokenizer {
                 }
             }
         })?;
-        let cfg: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
+        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+        let template_file = || std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        Self::from_json_parts(&json, &tj, config.as_deref(), template_file, config_eos)
+    }
+
+    /// Builds a tokenizer from the contents of `tokenizer.json` (`tj_path` names it in errors),
+    /// of `tokenizer_config.json` if there is one, and of `chat_template.jinja` (asked for only
+    /// when the config has no template).
+    pub(crate) fn from_json_parts(
+        json: &[u8],
+        tj_path: &Path,
+        config: Option<&str>,
+        template_file: impl FnOnce() -> Option<String>,
+        config_eos: &[u32],
+    ) -> Result<Self> {
+        let inner = tokenizer_from_json(json).map_err(|e| Error::CorruptModel {
+            path: tj_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let cfg: Value = config
+            .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or(Value::Null);
         let token_text = |v: &Value| -> Option<String> {
             match v {
@@ -183,7 +387,7 @@ impl Tokenizer {
                 .find(|t| t["name"] == "default")
                 .and_then(|t| t["template"].as_str())
                 .map(str::to_owned),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => template_file(),
         };
         // Encoding is done explicitly (BOS per add_bos_token), so drop any post-processor
         // special tokens only by passing add_special_tokens = false when encoding.
@@ -199,28 +403,9 @@ impl Tokenizer {
         eos_text: String,
         template: Option<String>,
     ) -> Result<Self> {
-        let template = match template {
-            Some(source) => {
-                let mut env = Environment::new();
-                minijinja_contrib::add_to_environment(&mut env);
-                env.set_unknown_method_callback(
-                    minijinja_contrib::pycompat::unknown_method_callback,
-                );
-                env.add_function(
-                    "raise_exception",
-                    |msg: String| -> std::result::Result<String, minijinja::Error> {
-                        Err(minijinja::Error::new(
-                            minijinja::ErrorKind::InvalidOperation,
-                            msg,
-                        ))
-                    },
-                );
-                env.add_template_owned("chat", source)
-                    .map_err(|e| Error::Template(e.to_string()))?;
-                Some(env)
-            }
-            None => None,
-        };
+        let template = template
+            .map(|source| ChatTemplate::new(source, TEMPLATE_FUEL))
+            .transpose()?;
         Ok(Self {
             inner,
             bos,
@@ -279,19 +464,15 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let env = self.template.as_ref().ok_or_else(|| {
+        let template = self.template.as_ref().ok_or_else(|| {
             Error::Template("this model has no chat template; submit a plain prompt".into())
         })?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_text,
-            eos_token => &self.eos_text,
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        template.render(
+            messages,
+            add_generation_prompt,
+            &self.bos_text,
+            &self.eos_text,
+        )
     }
 
     /// Renders and encodes a chat in one go (the template supplies BOS where the model wants it).
@@ -307,6 +488,12 @@ impl Tokenizer {
             return Err(Error::TokenizerMismatch(format!(
                 "the tokenizer has {n} tokens but the model's vocabulary has {}; use the \
                  tokenizer that ships with this model",
+                config.vocab_size
+            )));
+        }
+        if let Some(bos) = self.bos.filter(|&b| b as usize >= config.vocab_size) {
+            return Err(Error::TokenizerMismatch(format!(
+                "beginning-of-sequence id {bos} is outside the model's vocabulary of {}",
                 config.vocab_size
             )));
         }

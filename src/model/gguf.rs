@@ -6,7 +6,7 @@
 //! are rejected with a typed error before MLX touches the file.
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use mlx_rs::io::{GgufError, GgufFile};
@@ -28,48 +28,13 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
         },
         other => corrupt(path, other.to_string()),
     })?;
-    let arch_name = meta_string(&file, "general.architecture")?
-        .ok_or_else(|| corrupt(path, "no general.architecture".into()))?;
-    let architecture = Architecture::parse(&arch_name)?;
-    let num = |key: &str| -> Result<Option<f64>> {
-        let key = format!("{arch_name}.{key}");
-        match file.get_metadata_array(&key) {
-            Ok(Some(a)) => Ok(Some(
-                a.try_item_cast::<f64>()
-                    .map_err(|e| Error::Mlx(e.to_string()))?,
-            )),
-            Ok(None) => Ok(None),
-            Err(e) => Err(corrupt(path, format!("{key}: {e}"))),
-        }
-    };
-    let need = |key: &str| -> Result<f64> {
-        num(key)?.ok_or_else(|| corrupt(path, format!("missing {arch_name}.{key}")))
-    };
-    let hidden = need("embedding_length")? as usize;
-    let heads = need("attention.head_count")? as usize;
-    let tokenizer = Tokenizer::from_gguf(&file, path)?;
+    let meta = MlxMetadata { file: &file, path };
+    let mut config = model_config(&meta)?;
+    let tokenizer = Tokenizer::from_gguf(&meta)?;
     let mut tensors = canonical_names(file.arrays().map_err(|e| corrupt(path, e.to_string()))?);
     let tie = !tensors.contains_key("lm_head.weight");
-    let rope_scaling = match num("rope.scaling.factor")? {
-        Some(f) if f > 1.0 => Some(RopeScaling::Linear { factor: f as f32 }),
-        _ => None,
-    };
-    let config = ModelConfig {
-        architecture,
-        hidden_size: hidden,
-        num_layers: need("block_count")? as usize,
-        num_heads: heads,
-        num_kv_heads: num("attention.head_count_kv")?.map_or(heads, |v| v as usize),
-        head_dim: num("attention.key_length")?.map_or(hidden / heads.max(1), |v| v as usize),
-        intermediate_size: need("feed_forward_length")? as usize,
-        vocab_size: tokenizer.vocab_size(),
-        rms_norm_eps: num("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,
-        rope_theta: num("rope.freq_base")?.unwrap_or(10000.0) as f32,
-        rope_traditional: true,
-        rope_scaling,
-        max_position_embeddings: num("context_length")?.unwrap_or(4096.0) as usize,
-        tie_word_embeddings: tie,
-    };
+    config.vocab_size = tokenizer.vocab_size();
+    config.tie_word_embeddings = tie;
     if tie {
         tensors.remove("lm_head.weight");
     }
@@ -81,6 +46,42 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// The model hyper-parameters a GGUF file's metadata describes. The caller fills in
+/// `vocab_size` (from the tokenizer) and `tie_word_embeddings` (from the tensor names).
+pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
+    let path = meta.path();
+    let arch_name = meta
+        .string("general.architecture")?
+        .ok_or_else(|| corrupt(path, "no general.architecture".into()))?;
+    let architecture = Architecture::parse(&arch_name)?;
+    let num = |key: &str| meta.number(&format!("{arch_name}.{key}"));
+    let need = |key: &str| -> Result<f64> {
+        num(key)?.ok_or_else(|| corrupt(path, format!("missing {arch_name}.{key}")))
+    };
+    let hidden = need("embedding_length")? as usize;
+    let heads = need("attention.head_count")? as usize;
+    let rope_scaling = match num("rope.scaling.factor")? {
+        Some(f) if f > 1.0 => Some(RopeScaling::Linear { factor: f as f32 }),
+        _ => None,
+    };
+    Ok(ModelConfig {
+        architecture,
+        hidden_size: hidden,
+        num_layers: need("block_count")? as usize,
+        num_heads: heads,
+        num_kv_heads: num("attention.head_count_kv")?.map_or(heads, |v| v as usize),
+        head_dim: num("attention.key_length")?.map_or(hidden / heads.max(1), |v| v as usize),
+        intermediate_size: need("feed_forward_length")? as usize,
+        vocab_size: 0,
+        rms_norm_eps: num("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,
+        rope_theta: num("rope.freq_base")?.unwrap_or(10000.0) as f32,
+        rope_traditional: true,
+        rope_scaling,
+        max_position_embeddings: num("context_length")?.unwrap_or(4096.0) as usize,
+        tie_word_embeddings: false,
+    })
+}
+
 fn corrupt(path: &Path, reason: String) -> Error {
     Error::CorruptModel {
         path: path.to_owned(),
@@ -88,12 +89,123 @@ fn corrupt(path: &Path, reason: String) -> Error {
     }
 }
 
-pub(crate) fn meta_string(file: &GgufFile, key: &str) -> Result<Option<String>> {
-    file.get_metadata_string(key)
-        .map_err(|e| Error::CorruptModel {
-            path: key.into(),
-            reason: e.to_string(),
-        })
+/// Typed access to a GGUF file's metadata: MLX's view of a loaded file ([`MlxMetadata`]) or
+/// what [`validate_bytes`] collected ([`CollectedMetadata`]). Errors name the file.
+pub(crate) trait Metadata {
+    /// The file the metadata comes from (for error messages).
+    fn path(&self) -> &Path;
+    /// A string value; `None` when absent.
+    fn string(&self, key: &str) -> Result<Option<String>>;
+    /// An array of strings; `None` when absent.
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>>;
+    /// A single number (any integer or float type, or a bool as 0/1); `None` when absent.
+    fn number(&self, key: &str) -> Result<Option<f64>>;
+    /// An array of integers; `None` when absent.
+    fn integers(&self, key: &str) -> Result<Option<Vec<i64>>>;
+}
+
+/// The metadata of a file MLX loaded.
+pub(crate) struct MlxMetadata<'a> {
+    pub(crate) file: &'a GgufFile,
+    pub(crate) path: &'a Path,
+}
+
+impl Metadata for MlxMetadata<'_> {
+    fn path(&self) -> &Path {
+        self.path
+    }
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        self.file
+            .get_metadata_string(key)
+            .map_err(|e| corrupt(self.path, format!("{key}: {e}")))
+    }
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        self.file
+            .get_metadata_strings(key)
+            .map_err(|e| corrupt(self.path, format!("{key}: {e}")))
+    }
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        match self.file.get_metadata_array(key) {
+            Ok(Some(a)) => Ok(Some(
+                a.try_item_cast::<f64>()
+                    .map_err(|e| corrupt(self.path, format!("{key}: {e}")))?,
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(corrupt(self.path, format!("{key}: {e}"))),
+        }
+    }
+    fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
+        match self.file.get_metadata_array(key) {
+            Ok(Some(a)) => Ok(Some(
+                a.to_vec_cast::<i64>().map_err(|e| bad(e.to_string()))?,
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(bad(e.to_string())),
+        }
+    }
+}
+
+/// One metadata value as [`validate_bytes`] collects it, in the shapes MLX exposes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum MetaValue {
+    Number(f64),
+    String(String),
+    Strings(Vec<String>),
+    Numbers(Vec<f64>),
+}
+
+/// Metadata and tensor names collected while walking a GGUF file.
+#[derive(Debug, Default)]
+pub(crate) struct CollectedMetadata {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) values: HashMap<String, MetaValue>,
+    pub(crate) tensor_names: Vec<String>,
+}
+
+impl CollectedMetadata {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.values.get(key)
+    }
+    fn wrong(&self, key: &str, want: &str) -> Error {
+        corrupt(&self.path, format!("{key}: not {want}"))
+    }
+}
+
+impl Metadata for CollectedMetadata {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.wrong(key, "a string")),
+        }
+    }
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Strings(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.wrong(key, "an array of strings")),
+        }
+    }
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Number(n)) => Ok(Some(*n)),
+            Some(MetaValue::Numbers(v)) if v.len() == 1 => Ok(Some(v[0])),
+            Some(_) => Err(self.wrong(key, "a number")),
+        }
+    }
+    fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Number(n)) => Ok(Some(vec![*n as i64])),
+            Some(MetaValue::Numbers(v)) => Ok(Some(v.iter().map(|&n| n as i64).collect())),
+            Some(_) => Err(self.wrong(key, "an array of integers")),
+        }
+    }
 }
 
 /// GGUF tensor names -> the canonical names `Model::from_tensors` expects.
@@ -152,14 +264,60 @@ fn type_name(ty: u32) -> String {
         .map_or(format!("type {ty}"), |s| s.to_string())
 }
 
+/// Reads GGUF's little-endian fields and counts how far it got.
 struct Reader<R> {
     r: R,
+    /// Bytes consumed so far.
+    pos: u64,
+    /// The file size: nothing may extend past it.
+    size: u64,
+}
+
+fn eof(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("{what} runs past the end of the file"),
+    )
+}
+
+/// Byte size of a scalar metadata type; `None` for strings, arrays and unknown types.
+fn scalar_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Decodes a little-endian scalar metadata value of type `ty` (see [`scalar_size`]) to f64.
+fn scalar_value(ty: u32, b: &[u8]) -> f64 {
+    let mut x = [0u8; 8];
+    x[..b.len()].copy_from_slice(b);
+    match ty {
+        0 => b[0] as f64,
+        1 => b[0] as i8 as f64,
+        2 => u16::from_le_bytes([b[0], b[1]]) as f64,
+        3 => i16::from_le_bytes([b[0], b[1]]) as f64,
+        4 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+        5 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+        6 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+        7 => (b[0] != 0) as u8 as f64,
+        10 => u64::from_le_bytes(x) as f64,
+        11 => i64::from_le_bytes(x) as f64,
+        _ => f64::from_le_bytes(x),
+    }
 }
 
 impl<R: Read> Reader<R> {
+    fn left(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
     fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
         let mut b = [0u8; N];
         self.r.read_exact(&mut b)?;
+        self.pos += N as u64;
         Ok(b)
     }
     fn u32(&mut self) -> std::io::Result<u32> {
@@ -169,7 +327,11 @@ impl<R: Read> Reader<R> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
     fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        if n > self.left() {
+            return Err(eof("a value"));
+        }
         let copied = std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
+        self.pos += copied;
         if copied == n {
             Ok(())
         } else {
@@ -181,43 +343,96 @@ impl<R: Read> Reader<R> {
         if n > limit {
             return Err(std::io::Error::other(format!("string of {n} bytes")));
         }
+        if n > self.left() {
+            return Err(eof(&format!("a string of {n} bytes")));
+        }
         let mut s = vec![0u8; n as usize];
         self.r.read_exact(&mut s)?;
+        self.pos += n;
         Ok(s)
     }
-    /// Skips one metadata value of type `ty`; returns its u64 value for integer types.
-    fn value(&mut self, ty: u32, depth: u32) -> std::io::Result<Option<u64>> {
-        let scalar = |ty: u32| -> Option<u64> {
-            match ty {
-                0 | 1 | 7 => Some(1),
-                2 | 3 => Some(2),
-                4..=6 => Some(4),
-                10..=12 => Some(8),
-                _ => None,
-            }
-        };
+    /// Reads (`keep`) or skips one metadata value of type `ty`. Returns its u64 value for the
+    /// u32 and u64 types, and the value when `keep` is set.
+    fn value(
+        &mut self,
+        ty: u32,
+        depth: u32,
+        keep: bool,
+    ) -> std::io::Result<(Option<u64>, Option<MetaValue>)> {
         match ty {
-            4 => Ok(Some(self.u32()? as u64)),
-            10 => Ok(Some(self.u64()?)),
-            8 => self.string(1 << 24).map(|_| None),
+            // MLX 0.32's GGUF reader crashes (SIGSEGV) on float64 values and arrays.
+            12 => Err(std::io::Error::other(
+                "a float64 metadata value, which MLX's GGUF reader cannot read",
+            )),
+
+            8 => {
+                let s = self.string(1 << 24)?;
+                Ok((
+                    None,
+                    keep.then(|| MetaValue::String(String::from_utf8_lossy(&s).into_owned())),
+                ))
+            }
             9 if depth == 0 => {
                 let elem = self.u32()?;
+                if elem == 12 {
+                    return Err(std::io::Error::other(
+                        "an array of float64 metadata values, which MLX's GGUF reader cannot read",
+                    ));
+                }
                 let n = self.u64()?;
                 if n > 1 << 26 {
                     return Err(std::io::Error::other(format!("array of {n} elements")));
                 }
-                match scalar(elem) {
-                    Some(size) => self.skip(n * size)?,
-                    None => {
+                // Every element takes at least one byte (a string at least eight).
+                let min_size = scalar_size(elem).unwrap_or(if elem == 8 { 8 } else { 1 });
+                if n * min_size > self.left() {
+                    return Err(eof(&format!("an array of {n} elements")));
+                }
+                match (scalar_size(elem), keep) {
+                    (Some(size), false) => self.skip(n * size)?,
+                    (Some(size), true) => {
+                        let mut v = Vec::with_capacity(n as usize);
+                        let mut b = [0u8; 8];
                         for _ in 0..n {
-                            self.value(elem, depth + 1)?;
+                            let b = &mut b[..size as usize];
+                            self.r.read_exact(b)?;
+                            self.pos += size;
+                            v.push(scalar_value(elem, b));
+                        }
+                        return Ok((None, Some(MetaValue::Numbers(v))));
+                    }
+                    (None, _) => {
+                        let mut strings = Vec::new();
+                        for _ in 0..n {
+                            if let (_, Some(MetaValue::String(s))) =
+                                self.value(elem, depth + 1, keep)?
+                            {
+                                strings.push(s);
+                            }
+                        }
+                        if keep && elem == 8 {
+                            return Ok((None, Some(MetaValue::Strings(strings))));
                         }
                     }
                 }
-                Ok(None)
+                Ok((None, None))
             }
-            t => match scalar(t) {
-                Some(size) => self.skip(size).map(|_| None),
+            t => match scalar_size(t) {
+                Some(size) => {
+                    let mut b = [0u8; 8];
+                    let b = &mut b[..size as usize];
+                    if size > self.left() {
+                        return Err(eof("a value"));
+                    }
+                    self.r.read_exact(b)?;
+                    self.pos += size;
+                    let int = match t {
+                        4 => Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64),
+                        10 => Some(u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))),
+                        _ => None,
+                    };
+                    Ok((int, keep.then(|| MetaValue::Number(scalar_value(t, b)))))
+                }
                 None => Err(std::io::Error::other(format!("bad metadata type {t}"))),
             },
         }
@@ -231,9 +446,27 @@ pub(crate) fn validate(path: &Path) -> Result<()> {
         reason: e.to_string(),
     })?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut r = Reader {
-        r: BufReader::new(f),
-    };
+    validate_reader(BufReader::new(f), size, path, None)
+}
+
+/// [`validate`] on the bytes of a whole GGUF file (`path` only names it in errors). With
+/// `collect`, also gathers every metadata value and tensor name, as MLX would expose them.
+pub(crate) fn validate_bytes(
+    data: &[u8],
+    path: &Path,
+    collect: Option<&mut CollectedMetadata>,
+) -> Result<()> {
+    validate_reader(data, data.len() as u64, path, collect)
+}
+
+/// The structural check over any reader of a file of `size` bytes.
+fn validate_reader(
+    r: impl Read,
+    size: u64,
+    path: &Path,
+    mut collect: Option<&mut CollectedMetadata>,
+) -> Result<()> {
+    let mut r = Reader { r, pos: 0, size };
     let bad = |reason: String| corrupt(path, reason);
     let io = |e: std::io::Error| corrupt(path, format!("while reading the header: {e}"));
 
@@ -255,12 +488,22 @@ pub(crate) fn validate(path: &Path) -> Result<()> {
     for _ in 0..n_kv {
         let key = r.string(1 << 16).map_err(io)?;
         let ty = r.u32().map_err(io)?;
-        let v = r.value(ty, 0).map_err(io)?;
-        if key == b"general.alignment" {
-            alignment = v.filter(|a| a.is_power_of_two()).unwrap_or(32);
+        let (v, value) = r.value(ty, 0, collect.is_some()).map_err(io)?;
+        // As MLX's reader does: only a u32 value counts (any other type leaves 32), and it
+        // is used as is, power of two or not. Zero would divide by zero there (SIGFPE).
+        if key == b"general.alignment" && ty == 4 {
+            alignment = v.unwrap_or(32);
+            if alignment == 0 {
+                return Err(bad("general.alignment is 0".into()));
+            }
+        }
+        if let (Some(c), Some(value)) = (collect.as_deref_mut(), value) {
+            c.values
+                .insert(String::from_utf8_lossy(&key).into_owned(), value);
         }
     }
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    // Each tensor entry takes at least 24 bytes (name length, dimensions, type, offset).
+    let mut tensors = Vec::with_capacity(n_tensors.min(r.left() / 24) as usize);
     for _ in 0..n_tensors {
         let name = String::from_utf8_lossy(&r.string(1 << 16).map_err(io)?).into_owned();
         let n_dims = r.u32().map_err(io)?;
@@ -275,8 +518,7 @@ pub(crate) fn validate(path: &Path) -> Result<()> {
         let offset = r.u64().map_err(io)?;
         tensors.push((name, elems, ty, offset));
     }
-    let pos = r.r.stream_position().map_err(io)?;
-    let data_start = pos.div_ceil(alignment) * alignment;
+    let data_start = r.pos.div_ceil(alignment) * alignment;
     for (name, elems, ty, offset) in tensors {
         let Some((block_bytes, block_elems)) = type_layout(ty) else {
             return Err(Error::UnsupportedQuantization(format!(
@@ -291,6 +533,9 @@ pub(crate) fn validate(path: &Path) -> Result<()> {
             return Err(bad(format!(
                 "tensor {name} ends at byte {end} but the file has {size} bytes (truncated?)"
             )));
+        }
+        if let Some(c) = collect.as_deref_mut() {
+            c.tensor_names.push(name);
         }
     }
     Ok(())

@@ -13,28 +13,17 @@ use crate::tokenizer::Tokenizer;
 
 pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::ModelNotFound {
+    let text = std::fs::read(&config_path).map_err(|e| Error::ModelNotFound {
         path: config_path.clone(),
         reason: format!("{e} (a model folder needs config.json)"),
     })?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::CorruptModel {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let (config, group_size) = parse_config(&cfg, &config_path)?;
-    let eos: Vec<u32> = match &cfg["eos_token_id"] {
-        Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|v| v.as_u64().map(|v| v as u32))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let (config, group_size, eos) = parse_config_json(&text, &config_path)?;
     let tokenizer = Tokenizer::from_folder(dir, &eos)?;
     tokenizer.check_fits(&config)?;
 
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
+        super::safetensors::validate(&file)?;
         let arrays = Array::load_safetensors(&file).map_err(|e| Error::CorruptModel {
             path: file.clone(),
             reason: e.to_string(),
@@ -51,32 +40,42 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// Parses `config.json` (`path` names it in errors): the model config (checked with
+/// [`ModelConfig::validate`]), the quantization group size, and the end-of-sequence ids.
+pub(crate) fn parse_config_json(text: &[u8], path: &Path) -> Result<(ModelConfig, i32, Vec<u32>)> {
+    let cfg: Value = serde_json::from_slice(text).map_err(|e| Error::CorruptModel {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let (config, group_size) = parse_config(&cfg, path)?;
+    config.validate()?;
+    let eos: Vec<u32> = match &cfg["eos_token_id"] {
+        Value::Number(n) => n.as_u64().and_then(token_id).into_iter().collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_u64().and_then(token_id))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok((config, group_size, eos))
+}
+
+/// A JSON token id as u32 (`None` when it does not fit: no such token).
+fn token_id(v: u64) -> Option<u32> {
+    u32::try_from(v).ok()
+}
+
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
     let index_path = dir.join("model.safetensors.index.json");
-    let index = std::fs::read_to_string(&index_path).map_err(|_| Error::ModelNotFound {
+    let index = std::fs::read(&index_path).map_err(|_| Error::ModelNotFound {
         path: dir.to_owned(),
         reason: "no model.safetensors or model.safetensors.index.json".into(),
     })?;
-    let index: Value = serde_json::from_str(&index).map_err(|e| Error::CorruptModel {
-        path: index_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut files: Vec<String> = index["weight_map"]
-        .as_object()
-        .ok_or_else(|| Error::CorruptModel {
-            path: index_path.clone(),
-            reason: "no weight_map".into(),
-        })?
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect();
-    files.sort();
-    files.dedup();
-    files
+    parse_index(&index, &index_path)?
         .into_iter()
         .map(|f| {
             let p = dir.join(&f);
@@ -92,7 +91,43 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32)> {
+/// Parses `model.safetensors.index.json` (`path` names it in errors) into the sorted, distinct
+/// shard file names of its `weight_map`. Every name must be a relative path inside the model
+/// folder (no `..`, no absolute paths): an index must not make convoy read other files.
+pub(crate) fn parse_index(text: &[u8], path: &Path) -> Result<Vec<String>> {
+    let bad = |reason: String| Error::CorruptModel {
+        path: path.to_owned(),
+        reason,
+    };
+    let index: Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
+    let mut files: Vec<String> = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("no weight_map".into()))?
+        .values()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("weight_map entry {v} is not a file name")))
+        })
+        .collect::<Result<_>>()?;
+    files.sort();
+    files.dedup();
+    for f in &files {
+        let p = Path::new(f);
+        let inside = !f.is_empty()
+            && !f.contains('\0')
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(bad(format!(
+                "shard {f:?} is not a file name inside the model folder"
+            )));
+        }
+    }
+    Ok(files)
+}
+
+pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32)> {
     let bad = |reason: String| Error::CorruptModel {
         path: path.to_owned(),
         reason,
@@ -139,7 +174,17 @@ fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32)> {
             if mode != "affine" {
                 return Err(Error::UnsupportedQuantization(format!("mode {mode:?}")));
             }
-            q.get("group_size").and_then(Value::as_i64).unwrap_or(64) as i32
+            // What MLX's affine quantization supports; anything else (0, negative, huge)
+            // would reach its kernels or overflow the shape arithmetic.
+            match q.get("group_size").map(Value::as_i64) {
+                None => 64,
+                Some(Some(g @ (32 | 64 | 128))) => g as i32,
+                Some(g) => {
+                    return Err(Error::UnsupportedQuantization(format!(
+                        "group size {g:?} (supported: 32, 64, 128)"
+                    )))
+                }
+            }
         }
         _ => 64,
     };

@@ -11,6 +11,7 @@
 
 pub mod gguf;
 pub mod hf;
+pub(crate) mod safetensors;
 mod weights;
 
 use std::collections::HashMap;
@@ -78,17 +79,100 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Largest values [`ModelConfig::validate`] accepts: far above any real model, low enough that
+/// sizes and products computed from them fit MLX's 32-bit shapes.
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_CONTEXT: usize = 1 << 30;
+
 impl ModelConfig {
+    /// Checks that the numbers describe a model the decoder can run: nothing zero, heads that
+    /// group evenly, sizes within bounds (so no shape overflows), finite positive norms and rope
+    /// parameters.
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::BadWeights(m));
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad(format!("degenerate config: {self:?}"));
         }
-        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        {
             return bad(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 self.num_heads, self.num_kv_heads
             ));
+        }
+        let limits = [
+            ("layers", self.num_layers, MAX_LAYERS),
+            ("attention heads", self.num_heads, MAX_HEADS),
+            ("head dimension", self.head_dim, MAX_HEAD_DIM),
+            ("hidden size", self.hidden_size, MAX_WIDTH),
+            ("intermediate size", self.intermediate_size, MAX_WIDTH),
+            ("vocabulary size", self.vocab_size, MAX_VOCAB),
+            ("context length", self.max_position_embeddings, MAX_CONTEXT),
+        ];
+        for (what, value, max) in limits {
+            if value > max {
+                return bad(format!("{what} {value} exceeds {max}"));
+            }
+        }
+        if self.head_dim < 2 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head dimension {} is not a positive even number (rotary embeddings rotate pairs)",
+                self.head_dim
+            ));
+        }
+        if self.intermediate_size == 0 || self.max_position_embeddings == 0 {
+            return bad(format!("degenerate config: {self:?}"));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "RMS norm epsilon {} is not finite",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!(
+                "rope base {} is not a positive number",
+                self.rope_theta
+            ));
+        }
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        match self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !positive(factor) => {
+                return bad(format!("linear rope scaling factor {factor}"));
+            }
+            None | Some(RopeScaling::Linear { .. }) => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let ok = positive(factor)
+                    && positive(low_freq_factor)
+                    && positive(high_freq_factor)
+                    && positive(original_max_position_embeddings)
+                    && high_freq_factor > low_freq_factor;
+                if !ok {
+                    return bad(format!(
+                        "llama3 rope scaling needs positive factors with high_freq_factor > \
+                         low_freq_factor: {:?}",
+                        self.rope_scaling
+                    ));
+                }
+                if let Some(f) =
+                    llama3_periods(self.rope_scaling.as_ref(), self.rope_theta, self.head_dim)
+                        .into_iter()
+                        .find(|f| !positive(*f))
+                {
+                    return bad(format!("llama3 rope scaling gives a period of {f}"));
+                }
+            }
         }
         Ok(())
     }
@@ -226,6 +310,58 @@ impl Model {
                 c.num_heads, c.head_dim
             )));
         }
+        // Every matrix [out, in] and norm [hidden], so that a bad file fails here with a
+        // typed error rather than inside MLX at the first request.
+        let (q, kv, h, ff) = (
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.hidden_size,
+            c.intermediate_size,
+        );
+        let norm_ok = |a: &Array| a.shape() == [h as i32];
+        if !norm_ok(&self.norm) {
+            return Err(Error::BadWeights(format!(
+                "final norm has shape {:?}, expected [{h}]",
+                self.norm.shape()
+            )));
+        }
+        if let Some(head) = &self.lm_head {
+            if head.in_features() != h || head.out_features() < c.vocab_size {
+                return Err(Error::BadWeights(format!(
+                    "lm_head is [{}, {}], expected at least [{}, {h}]",
+                    head.out_features(),
+                    head.in_features(),
+                    c.vocab_size
+                )));
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let parts = [
+                ("q", &l.q, q, h),
+                ("k", &l.k, kv, h),
+                ("v", &l.v, kv, h),
+                ("o", &l.o, h, q),
+                ("gate", &l.gate, ff, h),
+                ("up", &l.up, ff, h),
+                ("down", &l.down, h, ff),
+            ];
+            for (part, lin, out, inp) in parts {
+                if (lin.out_features(), lin.in_features()) != (out, inp) {
+                    return Err(Error::BadWeights(format!(
+                        "layer {i} {part} projection is [{}, {}], expected [{out}, {inp}]",
+                        lin.out_features(),
+                        lin.in_features()
+                    )));
+                }
+            }
+            if !norm_ok(&l.attn_norm) || !norm_ok(&l.ffn_norm) {
+                return Err(Error::BadWeights(format!(
+                    "layer {i} norms have shapes {:?} and {:?}, expected [{h}]",
+                    l.attn_norm.shape(),
+                    l.ffn_norm.shape()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -362,18 +498,24 @@ pub(crate) enum AttentionMask {
 
 /// Llama 3 rope scaling: per-dimension periods passed to MLX's rope as `freqs`.
 fn llama3_freqs(s: &RopeScaling, theta: f32, dims: i32) -> Array {
-    let RopeScaling::Llama3 {
+    let freqs = llama3_periods(Some(s), theta, dims as usize);
+    Array::from_slice(&freqs, &[dims / 2])
+}
+
+/// The `dims / 2` periods of Llama 3 rope scaling (empty for other scalings).
+pub(crate) fn llama3_periods(s: Option<&RopeScaling>, theta: f32, dims: usize) -> Vec<f32> {
+    let Some(&RopeScaling::Llama3 {
         factor,
         low_freq_factor,
         high_freq_factor,
         original_max_position_embeddings: old,
-    } = *s
+    }) = s
     else {
-        unreachable!("called with llama3 scaling only")
+        return Vec::new();
     };
     let low_wavelen = old / low_freq_factor;
     let high_wavelen = old / high_freq_factor;
-    let freqs: Vec<f32> = (0..dims / 2)
+    (0..dims / 2)
         .map(|i| {
             let f = theta.powf((2 * i) as f32 / dims as f32);
             let wavelen = 2.0 * std::f32::consts::PI * f;
@@ -387,6 +529,5 @@ fn llama3_freqs(s: &RopeScaling, theta: f32, dims: i32) -> Array {
                 f
             }
         })
-        .collect();
-    Array::from_slice(&freqs, &[dims / 2])
+        .collect()
 }

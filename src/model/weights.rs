@@ -48,15 +48,29 @@ impl Quantized {
                 "{name}: packed weight without affine scales and biases"
             )));
         };
-        let packed_cols = *w.shape().last().unwrap_or(&0);
-        let groups = *scales.shape().last().unwrap_or(&0);
-        let in_features = groups * group_size;
-        if in_features == 0 || (packed_cols * 32) % in_features != 0 {
+        let rows = w.shape()[0];
+        let groups_shape = scales.shape().get(1).copied().unwrap_or(0);
+        if scales.ndim() != 2
+            || scales.shape() != biases.shape()
+            || scales.shape()[0] != rows
+            || groups_shape <= 0
+        {
+            return Err(Error::BadWeights(format!(
+                "{name}: scales {:?} and biases {:?} do not match the packed weight {:?}",
+                scales.shape(),
+                biases.shape(),
+                w.shape()
+            )));
+        }
+        let packed_cols = *w.shape().last().unwrap_or(&0) as i64;
+        let groups = *scales.shape().last().unwrap_or(&0) as i64;
+        let in_features = groups * group_size as i64;
+        if in_features <= 0 || packed_cols <= 0 || (packed_cols * 32) % in_features != 0 {
             return Err(Error::BadWeights(format!(
                 "{name}: {packed_cols} packed columns do not fit {groups} groups of {group_size}"
             )));
         }
-        let bits = packed_cols * 32 / in_features;
+        let bits = i32::try_from(packed_cols * 32 / in_features).unwrap_or(0);
         if ![2, 3, 4, 5, 6, 8].contains(&bits) {
             return Err(Error::UnsupportedQuantization(format!(
                 "{name}: {bits}-bit weights (supported: 2, 3, 4, 5, 6, 8)"
@@ -109,7 +123,22 @@ impl Linear {
         dequantize: bool,
     ) -> Result<Self> {
         let w = take_weight(t, name)?;
+        if w.ndim() != 2 {
+            return Err(Error::BadWeights(format!(
+                "{name}.weight has shape {:?}; expected a matrix",
+                w.shape()
+            )));
+        }
         let b = t.remove(&format!("{name}.bias"));
+        if let Some(b) = &b {
+            if b.shape() != [w.shape()[0]] {
+                return Err(Error::BadWeights(format!(
+                    "{name}.bias has shape {:?}; expected [{}]",
+                    b.shape(),
+                    w.shape()[0]
+                )));
+            }
+        }
         if w.dtype() == mlx_rs::Dtype::Uint32 {
             let q = Quantized::take(t, name, w, group_size)?;
             if dequantize {
@@ -152,6 +181,14 @@ impl Linear {
         match self {
             Self::Dense { w, .. } => w.shape()[0] as usize,
             Self::Quantized { q, .. } => q.w.shape()[0] as usize,
+        }
+    }
+
+    /// Input width of the logical (dequantized) matrix.
+    pub(crate) fn in_features(&self) -> usize {
+        match self {
+            Self::Dense { w, .. } => w.shape()[1] as usize,
+            Self::Quantized { q, .. } => (q.scales.shape()[1] * q.group_size) as usize,
         }
     }
 

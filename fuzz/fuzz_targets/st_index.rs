@@ -1,0 +1,10 @@
+//! AFL++ harness: `convoy::fuzzing::safetensors_index` on each input (see src/fuzzing.rs).
+fn main() {
+    let verbose = std::env::var_os("CONVOY_FUZZ_VERBOSE").is_some();
+    afl::fuzz!(|data: &[u8]| {
+        let result = convoy::fuzzing::safetensors_index(data);
+        if verbose {
+            eprintln!("st_index: {result:?}");
+        }
+    });
+}
