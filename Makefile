@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak
+.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak install
 
 setup:
 	@scripts/setup.sh
@@ -50,6 +50,15 @@ bench: setup
 SMOKE_ARGS = --model $(MODEL) --out target/bench-smoke --n 2 --max-tokens 4 --prompt-len 16 --concurrency 1,2 --smoke
 bench-smoke:
 	$(CARGO) run --bin convoy-bench -- $(SMOKE_ARGS)
+
+# Installs the release library, headers, pkg-config files (convoy.pc, convoy-static.pc) and the
+# MLX/OpenBLAS runtime it needs into $(DESTDIR)$(PREFIX), as a tree that can be moved
+# (relative rpaths; see scripts/install.sh).
+PREFIX ?= /usr/local
+install:
+	@scripts/setup.sh --no-model
+	$(CARGO) build --release --lib
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" scripts/install.sh --lib-dir $(RELEASE)
 
 # Regenerates include/convoy.h after changing src/ffi (tests fail while it is stale).
 header:

@@ -43,8 +43,24 @@ fn generate_header(crate_dir: &std::path::Path) {
     // Version macros always equal the crate version (and so convoy_version()).
     let version = env::var("CARGO_PKG_VERSION").unwrap();
     let part = |k: &str| env::var(k).unwrap();
+    // The ABI version lives in src/ffi/mod.rs (ABI_VERSION); tests check the two agree.
+    let abi = std::fs::read_to_string(crate_dir.join("src/ffi/mod.rs"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("pub const ABI_VERSION: u32 = "))
+                .map(|v| v.trim_end_matches(';').trim().to_owned())
+        })
+        .expect("src/ffi/mod.rs defines ABI_VERSION");
     config.after_includes = Some(format!(
-        "\n#define CONVOY_VERSION \"{version}\"\n#define CONVOY_VERSION_MAJOR {}\n#define CONVOY_VERSION_MINOR {}\n#define CONVOY_VERSION_PATCH {}\n",
+        "\n#define CONVOY_VERSION \"{version}\"\n#define CONVOY_VERSION_MAJOR {}\n#define CONVOY_VERSION_MINOR {}\n#define CONVOY_VERSION_PATCH {}\n\n\
+         /** The ABI major version: equals convoy_abi_version() of a compatible library. */\n\
+         #define CONVOY_ABI_VERSION {abi}\n\n\
+         /** Whether a size-prefixed struct `s` of type `type` (a pointer) holds `field`: use it\n\
+         \x20*  for fields of structs convoy owns (convoy_request_stats) or fills (after a call,\n\
+         \x20*  `struct_size` is the number of bytes convoy wrote). */\n\
+         #define CONVOY_HAS_FIELD(s, type, field) \\\n  \
+         ((size_t)(s)->struct_size >= offsetof(type, field) + sizeof(((type *)0)->field))\n",
         part("CARGO_PKG_VERSION_MAJOR"),
         part("CARGO_PKG_VERSION_MINOR"),
         part("CARGO_PKG_VERSION_PATCH")

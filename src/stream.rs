@@ -11,8 +11,14 @@
 //! Memory: a stream holds at most `max_tokens + 1` events (one per generated token plus the
 //! terminal one), and the engine holds at most `max_requests` streams (submit answers busy
 //! beyond that) until their terminal event is polled or they are released.
+//!
+//! Events can be taken per request ([`Streams::poll`]) or from every request at once
+//! ([`Streams::poll_any`]): a ready queue lists the streams that have events waiting, each at
+//! most once, in the order they became ready; a stream that still has events after one is
+//! taken goes to the back, so one fast request cannot starve the others. Both ways take from
+//! the same queues, so exactly-once holds however a host mixes them.
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -25,16 +31,28 @@ struct State {
     closed: bool,
     /// The terminal event was taken by a poller, or the host released the request.
     gone: bool,
+    /// The stream has an entry in the ready queue (or its pusher is about to add one).
+    listed: bool,
 }
 
 /// One request's queue of events.
-#[derive(Default)]
 pub(crate) struct Stream {
+    id: RequestId,
     state: Mutex<State>,
     ready: Condvar,
+    any: Arc<ReadyQueue>,
 }
 
 impl Stream {
+    fn new(id: RequestId, any: Arc<ReadyQueue>) -> Self {
+        Self {
+            id,
+            state: Mutex::default(),
+            ready: Condvar::new(),
+            any,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -42,18 +60,24 @@ impl Stream {
     /// Queues an event (engine thread). Ignored once the stream is closed or released.
     /// Returns false if the stream was already closed (a second terminal event would have
     /// broken exactly-once: it is dropped).
-    pub(crate) fn push(&self, event: Event) -> bool {
+    pub(crate) fn push(self: &Arc<Self>, event: Event) -> bool {
         let mut st = self.lock();
         if st.closed {
             return false;
         }
         let terminal = matches!(event, Event::Finished { .. });
         st.closed = terminal;
+        let mut list = false;
         if !st.gone {
             st.events.push_back(event);
+            list = !st.listed;
+            st.listed = true;
         }
         drop(st);
         self.ready.notify_all();
+        if list {
+            self.any.push(Arc::downgrade(self));
+        }
         true
     }
 
@@ -69,10 +93,64 @@ impl Stream {
     }
 }
 
+/// Streams with events waiting, for [`Streams::poll_any`]. Lock order: this queue's lock may
+/// be held while taking a stream's lock, never the other way round.
+struct ReadyQueue {
+    queue: Mutex<Ready>,
+    cv: Condvar,
+}
+
+struct Ready {
+    entries: VecDeque<Weak<Stream>>,
+    /// Length at which stale entries (streams drained by per-id polls, released or gone)
+    /// are swept out, so hosts that never call `poll_any` do not grow the queue.
+    sweep_at: usize,
+}
+
+const SWEEP_MIN: usize = 64;
+
+impl ReadyQueue {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(Ready {
+                entries: VecDeque::new(),
+                sweep_at: SWEEP_MIN,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ready> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, stream: Weak<Stream>) {
+        let mut q = self.lock();
+        q.entries.push_back(stream);
+        if q.entries.len() >= q.sweep_at {
+            q.entries.retain(|w| {
+                let Some(s) = w.upgrade() else {
+                    return false;
+                };
+                let mut st = s.lock();
+                let keep = !st.gone && !st.events.is_empty();
+                if !keep {
+                    st.listed = false;
+                }
+                keep
+            });
+            q.sweep_at = (2 * q.entries.len()).max(SWEEP_MIN);
+        }
+        drop(q);
+        self.cv.notify_one();
+    }
+}
+
 /// The live requests' streams (host side).
 pub(crate) struct Streams {
     map: Mutex<Registry>,
     max_requests: usize,
+    any: Arc<ReadyQueue>,
 }
 
 struct Registry {
@@ -97,6 +175,7 @@ impl Streams {
                 stopped: false,
             }),
             max_requests,
+            any: Arc::new(ReadyQueue::new()),
         }
     }
 
@@ -119,7 +198,7 @@ impl Streams {
         if reg.streams.len() >= self.max_requests {
             return Err(Ok(Refused::Full(reg.streams.len())));
         }
-        let stream = Arc::new(Stream::default());
+        let stream = Arc::new(Stream::new(id, self.any.clone()));
         send(stream.clone()).map_err(Err)?;
         reg.streams.insert(id, stream);
         Ok(())
@@ -177,6 +256,61 @@ impl Streams {
                         .0
                 }
             };
+        }
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for the next event of any request, taking
+    /// requests in the order their events became ready (round robin among busy requests).
+    /// `Ok(None)` on timeout. The poller that takes a terminal event removes the request.
+    pub(crate) fn poll_any(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let entry = {
+                let mut q = self.any.lock();
+                loop {
+                    if let Some(e) = q.entries.pop_front() {
+                        break e;
+                    }
+                    q = match deadline {
+                        None => self.any.cv.wait(q).unwrap_or_else(|p| p.into_inner()),
+                        Some(d) => {
+                            let now = Instant::now();
+                            if now >= d {
+                                return Ok(None);
+                            }
+                            self.any
+                                .cv
+                                .wait_timeout(q, d - now)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0
+                        }
+                    };
+                }
+            };
+            // This poller holds the stream's only entry: it either lists it again or clears
+            // the flag, under the stream's lock, so the next push lists it anew.
+            let Some(stream) = entry.upgrade() else {
+                continue;
+            };
+            let mut st = stream.lock();
+            let event = if st.gone { None } else { st.events.pop_front() };
+            let Some(event) = event else {
+                st.listed = false;
+                continue;
+            };
+            if matches!(event, Event::Finished { .. }) {
+                st.gone = true;
+                st.listed = false;
+                drop(st);
+                stream.ready.notify_all();
+                self.forget(stream.id, &stream);
+            } else if st.events.is_empty() {
+                st.listed = false;
+            } else {
+                drop(st);
+                self.any.push(entry);
+            }
+            return Ok(Some(event));
         }
     }
 
@@ -322,6 +456,109 @@ mod tests {
         stream.push(token(7));
         assert_eq!(stream.queued(), 0, "nothing is queued after release");
         assert!(matches!(streams.release(7), Err(Error::UnknownRequest(7))));
+        assert_eq!(streams.len(), 0);
+    }
+
+    /// Per-id pollers and `poll_any` pollers on the same requests, racing: every event is
+    /// delivered once, every request ends once, and one request's events keep their order
+    /// for a single `poll_any` consumer.
+    #[test]
+    fn poll_any_and_per_id_polls_share_exactly_once() {
+        for round in 0..20u64 {
+            let streams = Arc::new(Streams::new(64));
+            let n = 16u64;
+            let handles: Vec<_> = (1..=n).map(|id| register(&streams, id)).collect();
+            let finishes = Arc::new(AtomicUsize::new(0));
+            let tokens = Arc::new(AtomicUsize::new(0));
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut pollers = Vec::new();
+            for p in 0..4u64 {
+                let (streams, finishes, tokens, done) = (
+                    streams.clone(),
+                    finishes.clone(),
+                    tokens.clone(),
+                    done.clone(),
+                );
+                pollers.push(std::thread::spawn(move || {
+                    while !done.load(Ordering::SeqCst) {
+                        let got = if p % 2 == 0 {
+                            streams.poll_any(Some(Duration::from_millis(2)))
+                        } else {
+                            let id = 1 + (p + round) % n;
+                            match streams.poll(id, Some(Duration::from_millis(2))) {
+                                Err(Error::UnknownRequest(_)) => Ok(None),
+                                other => other,
+                            }
+                        };
+                        match got.unwrap() {
+                            Some(Event::Finished { .. }) => {
+                                finishes.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Some(Event::Token { .. }) => {
+                                tokens.fetch_add(1, Ordering::SeqCst);
+                            }
+                            None => {}
+                        }
+                    }
+                }));
+            }
+            for (i, s) in handles.iter().enumerate() {
+                for _ in 0..(i as u64 + round) % 5 {
+                    s.push(token(s.id));
+                }
+                s.push(finished(s.id));
+            }
+            let start = Instant::now();
+            while finishes.load(Ordering::SeqCst) < n as usize {
+                assert!(start.elapsed() < Duration::from_secs(10), "events lost");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done.store(true, Ordering::SeqCst);
+            for p in pollers {
+                p.join().unwrap();
+            }
+            let want: u64 = (0..n).map(|i| (i + round) % 5).sum();
+            assert_eq!(finishes.load(Ordering::SeqCst), n as usize);
+            assert_eq!(tokens.load(Ordering::SeqCst), want as usize);
+            assert_eq!(streams.len(), 0);
+        }
+    }
+
+    #[test]
+    fn poll_any_keeps_order_and_takes_turns() {
+        let streams = Streams::new(8);
+        let a = register(&streams, 1);
+        let b = register(&streams, 2);
+        for _ in 0..3 {
+            a.push(token(1));
+        }
+        b.push(token(2));
+        a.push(finished(1));
+        b.push(finished(2));
+        let ids: Vec<RequestId> = std::iter::from_fn(|| {
+            streams
+                .poll_any(Some(Duration::ZERO))
+                .unwrap()
+                .map(|e| e.request_id())
+        })
+        .collect();
+        // Round robin: a, b, a, b(finished), a, a(finished).
+        assert_eq!(ids, [1, 2, 1, 2, 1, 1]);
+        assert_eq!(streams.len(), 0);
+        assert!(streams.poll_any(Some(Duration::ZERO)).unwrap().is_none());
+    }
+
+    /// A host that never calls `poll_any` does not grow the ready queue without bound.
+    #[test]
+    fn ready_queue_stays_bounded_without_poll_any() {
+        let streams = Streams::new(4);
+        for id in 1..=10_000u64 {
+            let s = register(&streams, id);
+            s.push(token(id));
+            s.push(finished(id));
+            while streams.poll(id, Some(Duration::ZERO)).is_ok() {}
+        }
+        assert!(streams.any.lock().entries.len() <= SWEEP_MIN);
         assert_eq!(streams.len(), 0);
     }
 

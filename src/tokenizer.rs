@@ -458,6 +458,23 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// Decodes ids to text; special tokens (such as `<|im_end|>`) are written out unless
+    /// `skip_special`. Ids outside the vocabulary are an `InvalidArgument` error.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let vocab = self.vocab_size() as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// The beginning-of-sequence token, if the model has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(
         &self,

@@ -17,6 +17,22 @@ fn lib_dir() -> PathBuf {
 }
 
 fn compile(compiler: &str, std: &str, src: &Path, out: &Path, static_link: bool) {
+    compile_full(compiler, std, src, out, static_link, &[]);
+}
+
+/// Compiles against the shared library with extra flags first (e.g. another include dir).
+fn compile_with(compiler: &str, std: &str, src: &Path, out: &Path, extra: &[String]) {
+    compile_full(compiler, std, src, out, false, extra);
+}
+
+fn compile_full(
+    compiler: &str,
+    std: &str,
+    src: &Path,
+    out: &Path,
+    static_link: bool,
+    extra: &[String],
+) {
     let lib = lib_dir();
     for name in ["libconvoy.a", "libconvoy.so"] {
         assert!(
@@ -28,6 +44,7 @@ fn compile(compiler: &str, std: &str, src: &Path, out: &Path, static_link: bool)
     let mlx = env!("CONVOY_MLX_LIB_DIR");
     let mut cmd = Command::new(compiler);
     cmd.args([std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-g"])
+        .args(extra)
         .arg(format!("-I{}", root().join("include").display()));
     if compiler.contains("++") {
         cmd.args(["-x", "c++"]);
@@ -197,4 +214,170 @@ fn committed_header_matches_a_fresh_generation() {
         fresh == committed,
         "include/convoy.h is stale: run `cargo build` and commit the regenerated header"
     );
+}
+
+/// One host thread serves 256 concurrent requests through `convoy_engine_poll_any`, with
+/// cancels and releases mixed in (exactly-once, greedy outputs equal to each prompt alone).
+#[test]
+fn one_thread_serves_256_requests_with_poll_any() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("host_loop");
+    compile(
+        "cc",
+        "-std=c11",
+        &root().join("tests/c/host_loop.c"),
+        &exe,
+        false,
+    );
+    run(&exe, false);
+}
+
+/// The size-prefixed structs of ABI v1: a host built against an older, smaller header (a copy
+/// of convoy.h whose structs lack their last fields) and one claiming larger structs than the
+/// library knows both run against this library.
+#[test]
+fn hosts_built_against_older_and_newer_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_include = dir.path().join("old-include");
+    std::fs::create_dir_all(&old_include).unwrap();
+    let header = std::fs::read_to_string(root().join("include/convoy.h")).unwrap();
+    let (old, dropped) = older_header(&header);
+    assert_eq!(dropped.len(), 10, "dropped fields: {dropped:?}");
+    std::fs::write(old_include.join("convoy.h"), old).unwrap();
+    let src = root().join("tests/c/abi_compat.c");
+    let old_exe = dir.path().join("abi_old_host");
+    compile_with(
+        "cc",
+        "-std=c11",
+        &src,
+        &old_exe,
+        &[
+            format!("-I{}", old_include.display()),
+            "-DOLD_HEADER".into(),
+        ],
+    );
+    run(&old_exe, false);
+    let new_exe = dir.path().join("abi_new_host");
+    compile("cc", "-std=c11", &src, &new_exe, false);
+    run(&new_exe, false);
+}
+
+/// `header` as an older 1.x release would have had it: the last two fields of each
+/// size-prefixed struct a host allocates removed. Returns it and the fields dropped.
+fn older_header(header: &str) -> (String, Vec<String>) {
+    const SHRINK: [&str; 5] = [
+        "convoy_engine_config",
+        "convoy_request_params",
+        "convoy_event",
+        "convoy_engine_stats",
+        "convoy_model_info",
+    ];
+    let lines: Vec<&str> = header.lines().collect();
+    let mut drop = vec![false; lines.len()];
+    let mut dropped = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i] == "typedef struct {" {
+            let end = (i..lines.len())
+                .find(|&j| lines[j].starts_with("} "))
+                .unwrap();
+            let name = lines[end].trim_start_matches("} ").trim_end_matches(';');
+            if SHRINK.contains(&name) {
+                let fields: Vec<usize> = (i + 1..end)
+                    .filter(|&j| lines[j].starts_with("  ") && lines[j].ends_with(';'))
+                    .collect();
+                assert!(lines[fields[0]].contains("uint32_t struct_size;"), "{name}");
+                for &j in &fields[fields.len() - 2..] {
+                    drop[j] = true;
+                    dropped.push(format!("{name}: {}", lines[j].trim()));
+                }
+            }
+            i = end;
+        }
+        i += 1;
+    }
+    let old = lines
+        .iter()
+        .zip(&drop)
+        .filter(|(_, &d)| !d)
+        .map(|(l, _)| *l)
+        .collect::<Vec<_>>()
+        .join("\n");
+    (old, dropped)
+}
+
+/// Every name the header defines carries the `convoy_` / `CONVOY_` prefix: macros, types,
+/// enum constants, struct fields excepted.
+#[test]
+fn every_name_in_the_header_is_prefixed() {
+    let header = std::fs::read_to_string(root().join("include/convoy.h")).unwrap();
+    let mut bad = Vec::new();
+    let mut in_comment = false;
+    let mut in_enum = false;
+    for line in header.lines() {
+        let t = line.trim();
+        if in_comment {
+            in_comment = !t.contains("*/");
+            continue;
+        }
+        if t.starts_with("/*") {
+            in_comment = !t.contains("*/");
+            continue;
+        }
+        let word = |s: &str| {
+            s.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .find(|w| !w.is_empty())
+                .unwrap_or("")
+                .to_owned()
+        };
+        if let Some(rest) = t.strip_prefix("#define ") {
+            let name = word(rest);
+            if !name.starts_with("CONVOY_") {
+                bad.push(format!("macro {name}"));
+            }
+        } else if let Some(rest) = t.strip_prefix("enum ") {
+            in_enum = !t.ends_with(';');
+            let name = word(rest);
+            if !name.starts_with("convoy_") {
+                bad.push(format!("enum {name}"));
+            }
+        } else if in_enum && t.starts_with('}') {
+            in_enum = false;
+        } else if in_enum && t.contains(" = ") {
+            let name = word(t);
+            if !name.starts_with("CONVOY_") {
+                bad.push(format!("enum constant {name}"));
+            }
+        } else if let Some(rest) = t.strip_prefix("} ").filter(|r| !r.trim().starts_with("//")) {
+            let name = word(rest);
+            if !name.starts_with("convoy_") {
+                bad.push(format!("type {name}"));
+            }
+        } else if t.starts_with("typedef ") && t.ends_with(';') {
+            // `typedef ... name;` or a function pointer `typedef void (*name)(...);`
+            let name = match t.find("(*") {
+                Some(k) => word(&t[k + 2..]),
+                None => t
+                    .trim_end_matches(';')
+                    .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or("")
+                    .to_owned(),
+            };
+            if !name.starts_with("convoy_") {
+                bad.push(format!("typedef {name}"));
+            }
+        } else if !line.starts_with(' ') && !t.starts_with('#') && t.contains('(') {
+            // A function declaration's first line: `type name(...`.
+            let k = t.find('(').unwrap();
+            let name = t[..k]
+                .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("");
+            if !name.starts_with("convoy_") {
+                bad.push(format!("function {name}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "unprefixed names in convoy.h: {bad:?}");
 }

@@ -44,7 +44,10 @@ fn engine() -> *const convoy_engine {
     ENGINE
         .get_or_init(|| unsafe {
             let mut cfg = std::mem::zeroed::<convoy_engine_config>();
-            check(convoy_engine_config_init(&mut cfg), "config_init");
+            check(
+                convoy_engine_config_init(&mut cfg, std::mem::size_of::<convoy_engine_config>()),
+                "config_init",
+            );
             cfg.max_batch_size = 4;
             cfg.max_waiting = 8;
             cfg.max_context = 128;
@@ -158,9 +161,19 @@ impl Params {
         }
         let mut raw = unsafe { std::mem::zeroed::<convoy_request_params>() };
         check(
-            unsafe { convoy_request_params_init(&mut raw) },
+            unsafe {
+                convoy_request_params_init(&mut raw, std::mem::size_of::<convoy_request_params>())
+            },
             "params_init",
         );
+        // A caller's struct may be smaller (older header: the rest keeps its defaults),
+        // larger (newer header: the tail is ignored), or have no size set (refused).
+        raw.struct_size = match input.u8() % 16 {
+            0 => 0,
+            1 => input.u8() as u32,
+            2 => std::mem::size_of::<convoy_request_params>() as u32 + 64,
+            _ => std::mem::size_of::<convoy_request_params>() as u32,
+        };
         raw.max_tokens = match input.u8() % 8 {
             0 => 0,
             1 => u32::MAX,
@@ -263,16 +276,45 @@ impl Run {
     }
 
     fn poll(&mut self, id: u64, timeout_ms: u32) -> convoy_status {
-        let mut ev = std::mem::MaybeUninit::<convoy_event>::uninit();
+        let mut ev = new_event();
         let st = check(
             unsafe { convoy_engine_poll(self.engine, id, timeout_ms, ev.as_mut_ptr()) },
             "poll",
         );
+        self.record(st, id, ev)
+    }
+
+    /// Polls any request; the event must belong to a live request of this run.
+    fn poll_any(&mut self, timeout_ms: u32) -> convoy_status {
+        let mut ev = new_event();
+        let st = check(
+            unsafe { convoy_engine_poll_any(self.engine, timeout_ms, ev.as_mut_ptr()) },
+            "poll_any",
+        );
+        let id = if st == convoy_status::Ok {
+            // SAFETY: written in full (struct_size is this header's size).
+            unsafe { (*ev.as_ptr()).request_id }
+        } else {
+            0
+        };
+        match st {
+            convoy_status::Ok => self.record(st, id, ev),
+            other => other,
+        }
+    }
+
+    fn record(
+        &mut self,
+        st: convoy_status,
+        id: u64,
+        ev: std::mem::MaybeUninit<convoy_event>,
+    ) -> convoy_status {
         let live = self.live.iter_mut().find(|l| l.id == id);
         match (st, live) {
             (convoy_status::Ok, Some(l)) => {
                 // SAFETY: poll wrote the event (it returned OK).
                 let ev = unsafe { ev.assume_init() };
+                assert_eq!(ev.struct_size as usize, std::mem::size_of::<convoy_event>());
                 assert_eq!(ev.request_id, id);
                 assert_eq!(l.finished, 0, "event for request {id} after FINISHED");
                 assert!(!ev.text.is_null() && !ev.error.is_null());
@@ -284,6 +326,7 @@ impl Run {
                 );
                 match ev.kind {
                     convoy_event_kind::Token => {
+                        assert!(ev.stats.is_null(), "stats on a TOKEN event");
                         l.tokens += 1;
                         assert!(
                             ev.token < 49_152,
@@ -298,10 +341,12 @@ impl Run {
                             ev.finish_reason != convoy_finish_reason::Error,
                             "request {id} failed: {err}"
                         );
+                        assert!(!ev.stats.is_null(), "no stats on FINISHED");
+                        let stats = unsafe { &*ev.stats };
                         assert!(
-                            ev.stats.generated_tokens >= l.tokens,
+                            stats.generated_tokens >= l.tokens,
                             "stats say {} tokens, {} TOKEN events seen",
-                            ev.stats.generated_tokens,
+                            stats.generated_tokens,
                             l.tokens
                         );
                     }
@@ -319,7 +364,7 @@ impl Run {
     fn step(&mut self, input: &mut Input) {
         let e = self.engine;
         let mut id = 0u64;
-        match input.u8() % 14 {
+        match input.u8() % 18 {
             0 | 1 => {
                 let prompt = input.c_string();
                 let params = Params::read(input);
@@ -361,6 +406,7 @@ impl Run {
                     .iter()
                     .enumerate()
                     .map(|(i, (r, c))| convoy_chat_message {
+                        struct_size: std::mem::size_of::<convoy_chat_message>() as u32,
                         role: if nulls == 1 + 2 * i as u8 {
                             null()
                         } else {
@@ -397,6 +443,7 @@ impl Run {
             }
             9 => {
                 let mut s = unsafe { std::mem::zeroed::<convoy_engine_stats>() };
+                s.struct_size = std::mem::size_of::<convoy_engine_stats>() as u32;
                 let st = match input.u8() % 3 {
                     0 => unsafe { convoy_engine_get_stats(null(), &mut s) },
                     1 => unsafe { convoy_engine_get_stats(e, null_mut()) },
@@ -436,7 +483,7 @@ impl Run {
             }
             12 => {
                 // NULL pointers everywhere else.
-                let mut ev = std::mem::MaybeUninit::<convoy_event>::uninit();
+                let mut ev = new_event();
                 let ev = ev.as_mut_ptr();
                 let which = input.u8() % 6;
                 let st = unsafe {
@@ -446,18 +493,133 @@ impl Run {
                         2 => convoy_engine_submit_text(null(), c"x".as_ptr(), null(), &mut id),
                         3 => convoy_engine_submit_text(e, c"x".as_ptr(), null(), null_mut()),
                         4 => convoy_engine_cancel(null(), 1),
-                        _ => convoy_engine_config_init(null_mut()),
+                        _ => convoy_engine_config_init(null_mut(), 64),
                     }
                 };
                 assert_eq!(check(st, "NULL argument"), convoy_status::NullPointer);
                 assert_eq!(
-                    unsafe { convoy_request_params_init(null_mut()) },
+                    unsafe { convoy_request_params_init(null_mut(), 64) },
                     convoy_status::NullPointer
                 );
             }
+            14 | 15 => {
+                let timeout = if input.u8() < 240 { 0 } else { 2 };
+                self.poll_any(timeout);
+            }
+            16 => self.utilities(input),
             _ => {
                 // Let the engine run a little.
                 std::thread::sleep(Duration::from_millis((input.u8() % 4) as u64));
+            }
+        }
+    }
+
+    /// Tokenize, detokenize, render a chat and model info, with fuzzed buffer sizes: the
+    /// snprintf-style outputs never write past what the caller said it has.
+    fn utilities(&mut self, input: &mut Input) {
+        let e = self.engine;
+        const CANARY: u32 = 0xA5A5_A5A5;
+        match input.u8() % 4 {
+            0 => {
+                let text = input.c_string();
+                let cap = (input.u8() % 12) as usize;
+                let mut buf = vec![CANARY; 16];
+                let mut n = usize::MAX;
+                let ptr = if cap == 0 && input.u8() & 1 == 0 {
+                    null_mut()
+                } else {
+                    buf.as_mut_ptr()
+                };
+                let st = unsafe {
+                    convoy_engine_tokenize(
+                        e,
+                        text.as_ptr() as _,
+                        input.u8() & 1 == 0,
+                        ptr,
+                        cap,
+                        &mut n,
+                    )
+                };
+                if check(st, "tokenize") == convoy_status::Ok {
+                    assert!(
+                        buf[n.min(cap)..].iter().all(|&c| c == CANARY),
+                        "tokenize wrote past capacity"
+                    );
+                }
+            }
+            1 => {
+                let n = (input.u8() % 9) as usize;
+                let tokens: Vec<u32> = (0..n).map(|_| input.token()).collect();
+                let len = (input.u8() % 12) as usize;
+                let mut buf = vec![0x55u8 as c_char; 16];
+                let mut out = usize::MAX;
+                let st = unsafe {
+                    convoy_engine_detokenize(
+                        e,
+                        tokens.as_ptr(),
+                        n,
+                        input.u8() & 1 == 0,
+                        buf.as_mut_ptr(),
+                        len,
+                        &mut out,
+                    )
+                };
+                if check(st, "detokenize") == convoy_status::Ok && len > 0 {
+                    assert_eq!(buf[out.min(len - 1)], 0, "not NUL-terminated");
+                    assert!(
+                        buf[len..].iter().all(|&c| c == 0x55),
+                        "detokenize wrote past len"
+                    );
+                }
+            }
+            2 => {
+                let content = input.c_string();
+                let msg = convoy_chat_message {
+                    struct_size: match input.u8() % 8 {
+                        0 => input.u8() as u32,
+                        _ => std::mem::size_of::<convoy_chat_message>() as u32,
+                    },
+                    role: c"user".as_ptr(),
+                    content: content.as_ptr() as _,
+                };
+                let len = (input.u8() % 200) as usize;
+                let mut buf = vec![0x55u8 as c_char; 256];
+                let mut out = usize::MAX;
+                let st = unsafe {
+                    convoy_engine_render_chat(e, &msg, 1, true, buf.as_mut_ptr(), len, &mut out)
+                };
+                if check(st, "render_chat") == convoy_status::Ok && len > 0 {
+                    assert_eq!(buf[out.min(len - 1)], 0, "not NUL-terminated");
+                    assert!(
+                        buf[len..].iter().all(|&c| c == 0x55),
+                        "render_chat wrote past len"
+                    );
+                }
+            }
+            _ => {
+                // A caller's struct of any size: convoy writes at most that many bytes.
+                let full = std::mem::size_of::<convoy_model_info>();
+                let size = match input.u8() % 4 {
+                    0 => (input.u8() as usize) % (full + 16),
+                    _ => full,
+                };
+                let mut buf = vec![0xA5u8; full + 32];
+                unsafe { std::ptr::write_unaligned(buf.as_mut_ptr() as *mut u32, size as u32) };
+                let st = unsafe {
+                    convoy_engine_model_info(e, buf.as_mut_ptr() as *mut convoy_model_info)
+                };
+                if check(st, "model_info") == convoy_status::Ok {
+                    let wrote = size.min(full);
+                    let got =
+                        unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const u32) } as usize;
+                    assert_eq!(got, wrote, "struct_size after the call");
+                    assert!(
+                        buf[wrote.max(4)..].iter().all(|&b| b == 0xA5),
+                        "model_info wrote past struct_size"
+                    );
+                } else {
+                    assert!(size < 4, "model_info refused size {size}");
+                }
             }
         }
     }
@@ -489,6 +651,17 @@ impl Run {
             assert_eq!(self.poll(id, 0), convoy_status::UnknownRequest);
         }
     }
+}
+
+/// An event with only its `struct_size` set, as a host prepares it.
+fn new_event() -> std::mem::MaybeUninit<convoy_event> {
+    let mut ev = std::mem::MaybeUninit::<convoy_event>::uninit();
+    // SAFETY: writes the first field of the (uninitialised) struct.
+    unsafe {
+        std::ptr::addr_of_mut!((*ev.as_mut_ptr()).struct_size)
+            .write(std::mem::size_of::<convoy_event>() as u32)
+    };
+    ev
 }
 
 fn main() {

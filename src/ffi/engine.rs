@@ -4,7 +4,10 @@ use std::ffi::{c_char, CString};
 use std::time::Duration;
 
 use super::types::*;
-use super::{arg, convoy_status, fail, guard, out_arg, slice_arg, str_arg, Failure};
+use super::{
+    arg, convoy_status, copy_out_str, fail, guard, init_sized, out_arg, out_sized, read_sized,
+    slice_arg, str_arg, write_sized, Failure,
+};
 use crate::engine::Engine;
 use crate::request::{Event, Prompt, Request};
 use crate::tokenizer::ChatMessage;
@@ -12,32 +15,152 @@ use crate::tokenizer::ChatMessage;
 /// An inference engine: a model plus the background thread that runs it. Opaque.
 pub struct convoy_engine {
     inner: Engine,
+    /// Backing storage of `convoy_model_info`'s strings and EOS array.
+    info: InfoStrings,
 }
 
-/// Fills `*config` with the defaults (continuous batching, 8 rows, model context).
-///
-/// Returns CONVOY_STATUS_NULL_POINTER if `config` is NULL, else CONVOY_STATUS_OK.
+struct InfoStrings {
+    name: CString,
+    architecture: CString,
+    weight_dtype: CString,
+    backend: CString,
+    eos: Vec<u32>,
+}
+
+impl InfoStrings {
+    fn new(engine: &Engine) -> Self {
+        let i = engine.model_info();
+        let c = |s: &str| CString::new(s.replace('\0', " ")).unwrap_or_default();
+        Self {
+            name: c(&i.name),
+            architecture: c(&i.architecture),
+            weight_dtype: c(&i.weight_dtype),
+            backend: c(&i.backend),
+            eos: i.eos_token_ids.clone(),
+        }
+    }
+}
+
+/// Fills `*config` (a struct of `struct_size` bytes: pass `sizeof(convoy_engine_config)`)
+/// with the defaults: continuous batching, 8 rows, the model's context. Returns OK,
+/// NULL_POINTER, or INVALID_ARGUMENT (a size smaller than ABI 1.0's struct).
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_config_init(
     config: *mut convoy_engine_config,
+    struct_size: usize,
 ) -> convoy_status {
     guard(|| {
-        out_arg(config, "config")?.write(convoy_engine_config::default());
-        Ok(())
+        init_sized(
+            config,
+            struct_size,
+            convoy_engine_config::default(),
+            "config",
+        )
     })
 }
 
-/// Fills `*params` with the defaults: greedy decoding, max_tokens 256, no stop strings.
-///
-/// Returns CONVOY_STATUS_NULL_POINTER if `params` is NULL, else CONVOY_STATUS_OK.
+/// Fills `*params` (pass `sizeof(convoy_request_params)` as `struct_size`) with the
+/// defaults: greedy decoding, max_tokens 256, no stop strings. Returns OK, NULL_POINTER or
+/// INVALID_ARGUMENT.
 #[no_mangle]
 pub unsafe extern "C" fn convoy_request_params_init(
     params: *mut convoy_request_params,
+    struct_size: usize,
 ) -> convoy_status {
     guard(|| {
-        out_arg(params, "params")?.write(convoy_request_params::default());
-        Ok(())
+        init_sized(
+            params,
+            struct_size,
+            convoy_request_params::default(),
+            "params",
+        )
     })
+}
+
+/// Prepares `*event` (pass `sizeof(convoy_event)`) for the poll functions: sets
+/// `struct_size`, zeros the rest. Returns OK, NULL_POINTER or INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_event_init(
+    event: *mut convoy_event,
+    struct_size: usize,
+) -> convoy_status {
+    guard(|| init_sized(event, struct_size, empty_event(), "event"))
+}
+
+/// Prepares `*stats` (pass `sizeof(convoy_engine_stats)`) for `convoy_engine_get_stats`.
+/// Returns OK, NULL_POINTER or INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_stats_init(
+    stats: *mut convoy_engine_stats,
+    struct_size: usize,
+) -> convoy_status {
+    guard(|| init_sized(stats, struct_size, convoy_engine_stats::default(), "stats"))
+}
+
+/// Prepares `*info` (pass `sizeof(convoy_model_info)`) for `convoy_engine_model_info`.
+/// Returns OK, NULL_POINTER or INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_model_info_init(
+    info: *mut convoy_model_info,
+    struct_size: usize,
+) -> convoy_status {
+    guard(|| init_sized(info, struct_size, empty_info(), "info"))
+}
+
+/// Fills `*message` (pass `sizeof(convoy_chat_message)`) with `role` and `content` (stored
+/// as given, not copied: they must stay valid while the message is used). Returns OK,
+/// NULL_POINTER or INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_chat_message_init(
+    message: *mut convoy_chat_message,
+    struct_size: usize,
+    role: *const c_char,
+    content: *const c_char,
+) -> convoy_status {
+    guard(|| {
+        let value = convoy_chat_message {
+            struct_size: std::mem::size_of::<convoy_chat_message>() as u32,
+            role,
+            content,
+        };
+        init_sized(message, struct_size, value, "message")
+    })
+}
+
+fn empty_event() -> convoy_event {
+    convoy_event {
+        struct_size: std::mem::size_of::<convoy_event>() as u32,
+        kind: convoy_event_kind::Token,
+        request_id: 0,
+        token: 0,
+        text: c"".as_ptr(),
+        text_len: 0,
+        finish_reason: convoy_finish_reason::None,
+        stats: std::ptr::null(),
+        error: c"".as_ptr(),
+    }
+}
+
+fn empty_info() -> convoy_model_info {
+    convoy_model_info {
+        struct_size: std::mem::size_of::<convoy_model_info>() as u32,
+        context_length: 0,
+        name: c"".as_ptr(),
+        architecture: c"".as_ptr(),
+        vocab_size: 0,
+        has_bos_token: false,
+        bos_token_id: 0,
+        eos_token_ids: std::ptr::null(),
+        n_eos_token_ids: 0,
+        has_chat_template: false,
+        weight_dtype: c"".as_ptr(),
+        backend: c"".as_ptr(),
+        num_layers: 0,
+        hidden_size: 0,
+        num_heads: 0,
+        num_kv_heads: 0,
+        max_context: 0,
+    }
 }
 
 /// Loads a model and starts an engine on it. Blocks while the model loads (seconds).
@@ -60,12 +183,17 @@ pub unsafe extern "C" fn convoy_engine_create(
     guard(|| {
         let path = str_arg(model_path, "model_path")?;
         let out_engine = out_arg(out_engine, "out_engine")?;
-        let config = match config.as_ref() {
-            Some(c) => c.to_engine_config()?,
-            None => convoy_engine_config::default().to_engine_config()?,
+        let config = if config.is_null() {
+            convoy_engine_config::default()
+        } else {
+            read_sized(config, convoy_engine_config::default(), "config")?
         };
-        let engine = Engine::new(path, config)?;
-        out_engine.write(Box::into_raw(Box::new(convoy_engine { inner: engine })));
+        let engine = Engine::new(path, config.to_engine_config()?)?;
+        let info = InfoStrings::new(&engine);
+        out_engine.write(Box::into_raw(Box::new(convoy_engine {
+            inner: engine,
+            info,
+        })));
         Ok(())
     })
 }
@@ -151,29 +279,59 @@ pub unsafe extern "C" fn convoy_engine_submit_chat(
     out_id: *mut u64,
 ) -> convoy_status {
     submit(engine, params, out_id, || {
-        let msgs = slice_arg(messages, n_messages, "messages")?;
-        if msgs.is_empty() {
-            return Err(fail(
-                convoy_status::InvalidArgument,
-                "a chat needs at least one message",
-            ));
-        }
-        let chat = msgs
-            .iter()
-            .map(|m| {
-                Ok(ChatMessage::new(
-                    str_arg(m.role, "message role")?,
-                    str_arg(m.content, "message content")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, Failure>>()?;
-        Ok(Prompt::Chat(chat))
+        Ok(Prompt::Chat(read_messages(messages, n_messages)?))
     })
 }
 
+/// Reads a caller's array of chat messages: the first element's `struct_size` is the stride,
+/// and every element must carry the same size.
+unsafe fn read_messages(
+    messages: *const convoy_chat_message,
+    n: usize,
+) -> Result<Vec<ChatMessage>, Failure> {
+    if n == 0 {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            "a chat needs at least one message",
+        ));
+    }
+    let first = read_sized(messages, empty_message(), "messages")?;
+    let stride = first.struct_size as usize;
+    // The whole array must be addressable.
+    slice_arg(messages as *const u8, n.saturating_mul(stride), "messages")?;
+    (0..n)
+        .map(|i| {
+            let ptr = (messages as *const u8).add(i * stride) as *const convoy_chat_message;
+            let m = read_sized(ptr, empty_message(), "a message")?;
+            if m.struct_size as usize != stride {
+                return Err(fail(
+                    convoy_status::InvalidArgument,
+                    format!(
+                        "messages[{i}].struct_size is {} but messages[0]'s is {stride}",
+                        m.struct_size
+                    ),
+                ));
+            }
+            Ok(ChatMessage::new(
+                str_arg(m.role, &format!("messages[{i}].role"))?,
+                str_arg(m.content, &format!("messages[{i}].content"))?,
+            ))
+        })
+        .collect()
+}
+
+fn empty_message() -> convoy_chat_message {
+    convoy_chat_message {
+        struct_size: 0,
+        role: std::ptr::null(),
+        content: std::ptr::null(),
+    }
+}
+
 thread_local! {
-    /// Backing storage for the strings of the last event polled on this thread.
-    static EVENT_TEXT: RefCell<(CString, CString)> = RefCell::new(Default::default());
+    /// Backing storage for the strings and stats of the last event polled on this thread.
+    static EVENT_DATA: RefCell<(CString, CString, convoy_request_stats)> =
+        RefCell::new(Default::default());
 }
 
 /// Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of request `id`
@@ -193,18 +351,47 @@ pub unsafe extern "C" fn convoy_engine_poll(
     timeout_ms: u32,
     out_event: *mut convoy_event,
 ) -> convoy_status {
+    poll_with(engine, out_event, |e| {
+        e.poll(id, Duration::from_millis(timeout_ms as u64))
+    })
+}
+
+/// Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of *any*
+/// request of this engine and writes it to `*out_event` (`request_id` says whose). One host
+/// thread can serve every request this way. Requests take turns: after an event of one
+/// request, other requests with events waiting come first. The rules of
+/// `convoy_engine_poll` hold: each event (and each request's one FINISHED event) goes to
+/// exactly one caller, also when several threads call this or mix it with
+/// `convoy_engine_poll`; use one way per request to see its events in order.
+///
+/// Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched),
+/// NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Thread-safe; strings and stats
+/// live in thread-local storage until this thread's next poll.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_poll_any(
+    engine: *const convoy_engine,
+    timeout_ms: u32,
+    out_event: *mut convoy_event,
+) -> convoy_status {
+    poll_with(engine, out_event, |e| {
+        e.poll_any(Duration::from_millis(timeout_ms as u64))
+    })
+}
+
+unsafe fn poll_with(
+    engine: *const convoy_engine,
+    out_event: *mut convoy_event,
+    poll: impl FnOnce(&Engine) -> crate::error::Result<Option<Event>>,
+) -> convoy_status {
     let mut timed_out = false;
     let status = guard(|| {
         let engine = arg(engine, "engine")?;
-        let out_event = out_arg(out_event, "out_event")?;
-        let Some(event) = engine
-            .inner
-            .poll(id, Duration::from_millis(timeout_ms as u64))?
-        else {
+        let out_event = out_sized(out_event, "out_event")?;
+        let Some(event) = poll(&engine.inner)? else {
             timed_out = true;
             return Ok(());
         };
-        out_event.write(to_c_event(event));
+        write_sized(out_event, to_c_event(event));
         Ok(())
     });
     if timed_out {
@@ -241,19 +428,25 @@ fn to_c_event(event: Event) -> convoy_event {
             error.unwrap_or_default(),
         ),
     };
-    EVENT_TEXT.with(|slot| {
+    EVENT_DATA.with(|slot| {
         let mut slot = slot.borrow_mut();
         // Model text can contain NUL bytes; C strings cannot: replace them.
         slot.0 = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();
         slot.1 = CString::new(error.replace('\0', " ")).unwrap_or_default();
+        slot.2 = stats;
         convoy_event {
+            struct_size: std::mem::size_of::<convoy_event>() as u32,
             kind,
             request_id,
             token,
             text: slot.0.as_ptr(),
             text_len: slot.0.as_bytes().len(),
             finish_reason: reason,
-            stats,
+            stats: if kind == convoy_event_kind::Finished {
+                &slot.2
+            } else {
+                std::ptr::null()
+            },
             error: slot.1.as_ptr(),
         }
     })
@@ -302,8 +495,139 @@ pub unsafe extern "C" fn convoy_engine_get_stats(
 ) -> convoy_status {
     guard(|| {
         let engine = arg(engine, "engine")?;
-        let out_stats = out_arg(out_stats, "out_stats")?;
-        out_stats.write(engine.inner.stats().into());
+        let out_stats = out_sized(out_stats, "out_stats")?;
+        write_sized(out_stats, engine.inner.stats().into());
+        Ok(())
+    })
+}
+
+/// Writes what the engine's model is to `*out_info` (set its `struct_size` first). Its
+/// strings and EOS array are owned by the engine and valid until `convoy_engine_destroy`.
+/// Returns OK, NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_model_info(
+    engine: *const convoy_engine,
+    out_info: *mut convoy_model_info,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        let out_info = out_sized(out_info, "out_info")?;
+        let i = engine.inner.model_info();
+        let s = &engine.info;
+        let u32_of = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        write_sized(
+            out_info,
+            convoy_model_info {
+                struct_size: std::mem::size_of::<convoy_model_info>() as u32,
+                context_length: u32_of(i.context_length),
+                name: s.name.as_ptr(),
+                architecture: s.architecture.as_ptr(),
+                vocab_size: u32_of(i.vocab_size),
+                has_bos_token: i.bos_token_id.is_some(),
+                bos_token_id: i.bos_token_id.unwrap_or(0),
+                eos_token_ids: if s.eos.is_empty() {
+                    std::ptr::null()
+                } else {
+                    s.eos.as_ptr()
+                },
+                n_eos_token_ids: s.eos.len(),
+                has_chat_template: i.has_chat_template,
+                weight_dtype: s.weight_dtype.as_ptr(),
+                backend: s.backend.as_ptr(),
+                num_layers: u32_of(i.num_layers),
+                hidden_size: u32_of(i.hidden_size),
+                num_heads: u32_of(i.num_heads),
+                num_kv_heads: u32_of(i.num_kv_heads),
+                max_context: u32_of(engine.inner.context_length()),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Tokenizes `text` (NUL-terminated UTF-8) the way a text prompt is, with the model's BOS
+/// token first when `add_special` is true and the model wants one. Writes at most
+/// `capacity` ids to `out_tokens` (may be NULL when `capacity` is 0) and the full count to
+/// `*out_count`, like `snprintf`: if `*out_count > capacity` the output was cut; call again
+/// with a larger buffer. Returns OK, NULL_POINTER, INVALID_UTF8, TOKENIZER_ERROR, PANIC.
+/// Never waits for the model; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_tokenize(
+    engine: *const convoy_engine,
+    text: *const c_char,
+    add_special: bool,
+    out_tokens: *mut u32,
+    capacity: usize,
+    out_count: *mut usize,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        let text = str_arg(text, "text")?;
+        let out_count = out_arg(out_count, "out_count")?;
+        if capacity > 0 && out_tokens.is_null() {
+            return Err(fail(
+                convoy_status::NullPointer,
+                format!("out_tokens is NULL but capacity is {capacity}"),
+            ));
+        }
+        let ids = engine.inner.tokenize(text, add_special)?;
+        let n = ids.len().min(capacity);
+        if n > 0 {
+            std::ptr::copy_nonoverlapping(ids.as_ptr(), out_tokens, n);
+        }
+        out_count.write(ids.len());
+        Ok(())
+    })
+}
+
+/// Turns `n_tokens` token ids back into UTF-8 text; special tokens (such as end-of-turn
+/// markers) are left out when `skip_special` is true. Writes at most `len - 1` bytes and a
+/// NUL to `buf` (may be NULL when `len` is 0) and the full length in bytes, without the NUL,
+/// to `*out_len`, like `snprintf`. Returns OK, NULL_POINTER, INVALID_ARGUMENT (an id outside
+/// the vocabulary), TOKENIZER_ERROR, PANIC. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_detokenize(
+    engine: *const convoy_engine,
+    tokens: *const u32,
+    n_tokens: usize,
+    skip_special: bool,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        let ids = slice_arg(tokens, n_tokens, "tokens")?;
+        let out_len = out_arg(out_len, "out_len")?;
+        let text = engine.inner.detokenize(ids, skip_special)?;
+        let text = text.replace('\0', "\u{FFFD}");
+        out_len.write(copy_out_str(text.as_bytes(), buf, len, "buf")?);
+        Ok(())
+    })
+}
+
+/// Renders `n_messages` chat messages with the model's chat template, followed by the
+/// assistant's generation prompt when `add_generation_prompt` is true (what
+/// `convoy_engine_submit_chat` tokenizes). Output as `convoy_engine_detokenize`. Returns OK,
+/// NULL_POINTER, INVALID_UTF8, INVALID_ARGUMENT, TEMPLATE_ERROR (no template, or it
+/// failed), PANIC. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_render_chat(
+    engine: *const convoy_engine,
+    messages: *const convoy_chat_message,
+    n_messages: usize,
+    add_generation_prompt: bool,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        let out_len = out_arg(out_len, "out_len")?;
+        let chat = read_messages(messages, n_messages)?;
+        let text = engine.inner.render_chat(&chat, add_generation_prompt)?;
+        let text = text.replace('\0', "\u{FFFD}");
+        out_len.write(copy_out_str(text.as_bytes(), buf, len, "buf")?);
         Ok(())
     })
 }

@@ -9,6 +9,14 @@
 //! - `const convoy_engine *` parameters may be used from many threads at once;
 //!   `convoy_engine *` (destroy) needs exclusive access;
 //! - no panic crosses the boundary: it becomes `CONVOY_STATUS_PANIC`.
+//!
+//! ABI v1 (see "ABI policy" in the header): every struct that crosses the boundary starts
+//! with `uint32_t struct_size`. Structs the caller passes in are read through
+//! [`read_sized`] (only the bytes the caller's size covers; later fields keep their
+//! defaults); structs convoy fills are written through [`write_sized`] (at most the caller's
+//! size, which is then set to the bytes written). Any size from 4 (the size field alone)
+//! up is accepted, so a header from any 1.x release works. Fields are only ever appended, so a host
+//! compiled against an older header keeps working with a newer library.
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
@@ -128,6 +136,111 @@ pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> convoy_status
     }
 }
 
+/// The ABI major version (`CONVOY_ABI_VERSION`; the SONAME is `libconvoy.so.<this>`).
+pub const ABI_VERSION: u32 = 1;
+
+/// The smallest `struct_size` accepted: the size field alone. A caller's struct may end after
+/// any field; the fields it lacks keep their defaults (in) or are not written (out).
+pub(crate) const MIN_STRUCT_SIZE: usize = std::mem::size_of::<u32>();
+
+/// Reads the leading `struct_size` of a caller's struct and checks it against `min`.
+unsafe fn struct_size<T>(ptr: *const T, name: &str) -> Result<usize, Failure> {
+    let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
+    if size < MIN_STRUCT_SIZE {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            format!(
+                "{name}->struct_size is {size}; set it with the struct's _init function or to \
+                 sizeof"
+            ),
+        ));
+    }
+    Ok(size)
+}
+
+/// Reads a size-prefixed struct the caller passes in: its `struct_size` bytes (at most
+/// `size_of::<T>()`) over `defaults`, so fields the caller's header lacks keep their defaults
+/// and fields beyond this library's struct are ignored. `T` must be valid for any bytes
+/// (integers, floats, raw pointers, optional function pointers; no `bool` or enum fields).
+pub(crate) unsafe fn read_sized<T: Copy>(
+    ptr: *const T,
+    defaults: T,
+    name: &str,
+) -> Result<T, Failure> {
+    if ptr.is_null() {
+        return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
+    }
+    let n = struct_size(ptr, name)?.min(std::mem::size_of::<T>());
+    let mut out = std::mem::MaybeUninit::new(defaults);
+    std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr() as *mut u8, n);
+    Ok(out.assume_init())
+}
+
+/// Checks a size-prefixed out-parameter and returns the bytes convoy may write to it. Only
+/// its `struct_size` is read.
+pub(crate) unsafe fn out_sized<T>(ptr: *mut T, name: &str) -> Result<(*mut T, usize), Failure> {
+    if ptr.is_null() {
+        return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
+    }
+    let n = struct_size(ptr, name)?.min(std::mem::size_of::<T>());
+    Ok((ptr, n))
+}
+
+/// Writes the first `n` bytes of `value` (from [`out_sized`]) to the caller's struct and sets
+/// its `struct_size` to `n`.
+pub(crate) unsafe fn write_sized<T: Copy>((ptr, n): (*mut T, usize), value: T) {
+    let value = std::mem::MaybeUninit::new(value);
+    std::ptr::copy_nonoverlapping(value.as_ptr() as *const u8, ptr as *mut u8, n);
+    std::ptr::write_unaligned(ptr as *mut u32, n as u32);
+}
+
+/// Fills a caller's struct of `size` bytes (its `sizeof`) with `value` for the `_init`
+/// functions: the bytes this library knows, zeros beyond them, `struct_size = size`.
+pub(crate) unsafe fn init_sized<T: Copy>(
+    ptr: *mut T,
+    size: usize,
+    value: T,
+    name: &str,
+) -> Result<(), Failure> {
+    if ptr.is_null() {
+        return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
+    }
+    if size < MIN_STRUCT_SIZE || size > u32::MAX as usize {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            format!("struct_size {size} for {name} is not a size of this struct; pass sizeof"),
+        ));
+    }
+    let n = size.min(std::mem::size_of::<T>());
+    let value = std::mem::MaybeUninit::new(value);
+    std::ptr::copy_nonoverlapping(value.as_ptr() as *const u8, ptr as *mut u8, n);
+    std::ptr::write_bytes((ptr as *mut u8).add(n), 0, size - n);
+    std::ptr::write_unaligned(ptr as *mut u32, size as u32);
+    Ok(())
+}
+
+/// Copies `bytes` into a caller's buffer snprintf-style: at most `len - 1` bytes and a NUL
+/// (nothing when `len` is 0; `buf` may then be NULL). Returns the full length.
+pub(crate) unsafe fn copy_out_str(
+    bytes: &[u8],
+    buf: *mut c_char,
+    len: usize,
+    name: &str,
+) -> Result<usize, Failure> {
+    if len > 0 {
+        if buf.is_null() {
+            return Err(fail(
+                convoy_status::NullPointer,
+                format!("{name} is NULL but its length is {len}"),
+            ));
+        }
+        let n = bytes.len().min(len - 1);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+        *buf.add(n) = 0;
+    }
+    Ok(bytes.len())
+}
+
 /// Dereferences a pointer argument or fails with `NullPointer` naming it.
 pub(crate) unsafe fn arg<'a, T>(ptr: *const T, name: &str) -> Result<&'a T, Failure> {
     ptr.as_ref()
@@ -234,6 +347,14 @@ pub unsafe extern "C" fn convoy_last_error_message(buf: *mut c_char, len: usize)
 #[no_mangle]
 pub extern "C" fn convoy_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The ABI major version of the library, `CONVOY_ABI_VERSION` of the header it was built
+/// with. A host checks at run time that it equals the `CONVOY_ABI_VERSION` it was compiled
+/// against; within one ABI version structs and functions are only ever added.
+#[no_mangle]
+pub extern "C" fn convoy_abi_version() -> u32 {
+    ABI_VERSION
 }
 
 /// The MLX backend compiled in: "cpu", "metal" or "cuda" (static storage).

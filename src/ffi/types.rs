@@ -1,7 +1,7 @@
 //! Plain C structs and enums of the API, and their conversions to the safe types.
 use std::ffi::{c_char, c_void};
 
-use super::{fail, slice_arg, str_arg, Failure};
+use super::{fail, read_sized, slice_arg, str_arg, Failure};
 use crate::engine::{EngineConfig, EngineStats};
 use crate::model::WeightsPolicy;
 use crate::request::{FinishReason, RequestStats, StopConditions};
@@ -39,6 +39,8 @@ pub type convoy_log_callback =
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct convoy_engine_config {
+    /// `sizeof(convoy_engine_config)` as the caller compiled it (set by the init function).
+    pub struct_size: u32,
     /// A `convoy_batch_mode` value. Default CONVOY_BATCH_MODE_CONTINUOUS.
     pub mode: u32,
     /// A `convoy_weights` value. Default CONVOY_WEIGHTS_AUTO.
@@ -71,6 +73,8 @@ pub struct convoy_engine_config {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct convoy_request_params {
+    /// `sizeof(convoy_request_params)` as the caller compiled it (set by the init function).
+    pub struct_size: u32,
     /// Most tokens to generate (>= 1).
     pub max_tokens: u32,
     /// 0 = greedy.
@@ -101,10 +105,13 @@ pub struct convoy_request_params {
     pub n_stop_strings: usize,
 }
 
-/// One chat message for `convoy_engine_submit_chat`.
+/// One chat message for `convoy_engine_submit_chat` and `convoy_engine_render_chat`. Set
+/// `struct_size` to `sizeof(convoy_chat_message)` in every element (or use
+/// `convoy_chat_message_init`); an array is read with the first element's size as stride.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct convoy_chat_message {
+    pub struct_size: u32,
     /// "system", "user" or "assistant" (NUL-terminated UTF-8).
     pub role: *const c_char,
     /// NUL-terminated UTF-8.
@@ -138,10 +145,13 @@ pub enum convoy_finish_reason {
     Error = 4,
 }
 
-/// Per-request statistics (in the FINISHED event).
+/// Per-request statistics, pointed to by FINISHED events. Owned by convoy; `struct_size` is
+/// the library's size: read a field only if `CONVOY_HAS_FIELD(stats, convoy_request_stats,
+/// field)` (always true for the fields of ABI 1.0).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct convoy_request_stats {
+    pub struct_size: u32,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
     /// Seconds from submit to the first generated token.
@@ -154,13 +164,17 @@ pub struct convoy_request_stats {
     pub total_latency: f64,
 }
 
-/// An event of one request.
+/// An event of one request. Set `struct_size` (`convoy_event_init` or
+/// `sizeof(convoy_event)`) before polling; convoy writes at most that many bytes and sets
+/// `struct_size` to the number it wrote.
 ///
-/// `text` and `error` point to thread-local storage owned by convoy: valid until the next
-/// `convoy_engine_poll` call on the same thread. Copy them to keep them.
+/// `text`, `error` and `stats` point to thread-local storage owned by convoy: valid until the
+/// next `convoy_engine_poll` or `convoy_engine_poll_any` call on the same thread. Copy them
+/// to keep them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct convoy_event {
+    pub struct_size: u32,
     pub kind: convoy_event_kind,
     pub request_id: u64,
     /// The token id (TOKEN events).
@@ -171,15 +185,19 @@ pub struct convoy_event {
     /// Length of `text` in bytes.
     pub text_len: usize,
     pub finish_reason: convoy_finish_reason,
-    pub stats: convoy_request_stats,
+    /// The request's statistics (FINISHED events); NULL for TOKEN events.
+    pub stats: *const convoy_request_stats,
     /// Error message for `CONVOY_FINISH_REASON_ERROR`, else an empty string (never NULL).
     pub error: *const c_char,
 }
 
-/// Engine-wide counters.
+/// Engine-wide counters. Set `struct_size` (`convoy_engine_stats_init` or
+/// `sizeof(convoy_engine_stats)`) first; convoy writes at most that many bytes and sets
+/// `struct_size` to the number it wrote.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct convoy_engine_stats {
+    pub struct_size: u32,
     /// Requests prefilling or decoding.
     pub running: u32,
     pub waiting: u32,
@@ -205,10 +223,48 @@ pub struct convoy_engine_stats {
     pub prefilling: u32,
 }
 
+/// What the engine's model is (`convoy_engine_model_info`). Set `struct_size`
+/// (`convoy_model_info_init` or `sizeof(convoy_model_info)`) first; convoy writes at most
+/// that many bytes and sets `struct_size` to the number it wrote. Strings and the EOS array
+/// are owned by the engine and valid until `convoy_engine_destroy`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_model_info {
+    pub struct_size: u32,
+    /// The model's own context length in tokens.
+    pub context_length: u32,
+    /// GGUF `general.name`, a folder's `_name_or_path`, or the file or folder name.
+    pub name: *const c_char,
+    /// Model family, e.g. "llama" or "qwen2".
+    pub architecture: *const c_char,
+    /// Token ids are below this.
+    pub vocab_size: u32,
+    /// Whether `bos_token_id` is set.
+    pub has_bos_token: bool,
+    pub bos_token_id: u32,
+    /// Ids that end generation (`n_eos_token_ids` of them).
+    pub eos_token_ids: *const u32,
+    pub n_eos_token_ids: usize,
+    /// Whether the model has a chat template (needed by submit_chat and render_chat).
+    pub has_chat_template: bool,
+    /// How the matmul weights are held in memory: "float32", "float16", "bfloat16", or
+    /// "q<bits>_g<group>" (MLX affine quantization, e.g. "q4_g32").
+    pub weight_dtype: *const c_char,
+    /// The MLX backend: "cpu", "metal" or "cuda".
+    pub backend: *const c_char,
+    pub num_layers: u32,
+    pub hidden_size: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    /// The context length this engine holds requests to (the model's, or `max_context`).
+    pub max_context: u32,
+}
+
 impl Default for convoy_engine_config {
     fn default() -> Self {
         let s = SchedulerConfig::default();
         Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
             mode: convoy_batch_mode::Continuous as u32,
             weights: convoy_weights::Auto as u32,
             max_batch_size: s.max_batch_size as u32,
@@ -227,6 +283,7 @@ impl Default for convoy_request_params {
     fn default() -> Self {
         let s = SamplingParams::default();
         Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
             max_tokens: StopConditions::default().max_tokens as u32,
             temperature: s.temperature,
             top_k: s.top_k,
@@ -319,6 +376,7 @@ impl convoy_engine_config {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawRequestParams {
+    struct_size: u32,
     max_tokens: u32,
     temperature: f32,
     top_k: u32,
@@ -346,6 +404,7 @@ const _: () = {
         ($($f:ident),*) => { $(assert!(offset_of!(P, $f) == offset_of!(R, $f));)* };
     }
     same!(
+        struct_size,
         max_tokens,
         temperature,
         top_k,
@@ -364,6 +423,29 @@ const _: () = {
     );
 };
 
+impl From<convoy_request_params> for RawRequestParams {
+    fn from(p: convoy_request_params) -> Self {
+        Self {
+            struct_size: p.struct_size,
+            max_tokens: p.max_tokens,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            has_seed: p.has_seed as u8,
+            seed: p.seed,
+            ignore_eos: p.ignore_eos as u8,
+            stop_token_ids: p.stop_token_ids,
+            n_stop_token_ids: p.n_stop_token_ids,
+            stop_strings: p.stop_strings,
+            n_stop_strings: p.n_stop_strings,
+        }
+    }
+}
+
 impl convoy_request_params {
     /// Reads caller-provided parameters (NULL: the defaults) without trusting `bool` bytes.
     pub(crate) unsafe fn read(
@@ -372,8 +454,13 @@ impl convoy_request_params {
         if params.is_null() {
             return Self::default().to_parts();
         }
-        let raw = std::ptr::read(params as *const RawRequestParams);
+        let raw = read_sized(
+            params as *const RawRequestParams,
+            RawRequestParams::from(Self::default()),
+            "params",
+        )?;
         Self {
+            struct_size: raw.struct_size,
             max_tokens: raw.max_tokens,
             temperature: raw.temperature,
             top_k: raw.top_k,
@@ -442,6 +529,7 @@ impl From<FinishReason> for convoy_finish_reason {
 impl From<&RequestStats> for convoy_request_stats {
     fn from(s: &RequestStats) -> Self {
         Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
             prompt_tokens: s.prompt_tokens as u32,
             generated_tokens: s.generated_tokens as u32,
             time_to_first_token: s.time_to_first_token,
@@ -456,6 +544,7 @@ impl From<&RequestStats> for convoy_request_stats {
 impl From<EngineStats> for convoy_engine_stats {
     fn from(s: EngineStats) -> Self {
         Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
             running: s.running as u32,
             waiting: s.waiting as u32,
             kv_tokens: s.kv_tokens as u64,

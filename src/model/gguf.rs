@@ -31,6 +31,12 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let meta = MlxMetadata { file: &file, path };
     let mut config = model_config(&meta)?;
     let tokenizer = Tokenizer::from_gguf(&meta)?;
+    let name = meta
+        .string("general.name")
+        .ok()
+        .flatten()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| super::file_name(path));
     let mut tensors = canonical_names(file.arrays().map_err(|e| corrupt(path, e.to_string()))?);
     let tie = !tensors.contains_key("lm_head.weight");
     config.vocab_size = tokenizer.vocab_size();
@@ -43,6 +49,7 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         model,
         tokenizer: std::sync::Arc::new(tokenizer),
+        name,
     })
 }
 

@@ -18,6 +18,12 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
         reason: format!("{e} (a model folder needs config.json)"),
     })?;
     let (config, group_size, eos) = parse_config_json(&text, &config_path)?;
+    // `_name_or_path` is a hub id or a local path: keep its last component.
+    let name = serde_json::from_slice::<Value>(&text)
+        .ok()
+        .and_then(|v| v["_name_or_path"].as_str().map(str::to_owned))
+        .and_then(|n| n.rsplit('/').find(|c| !c.is_empty()).map(str::to_owned))
+        .unwrap_or_else(|| super::file_name(dir));
     let tokenizer = Tokenizer::from_folder(dir, &eos)?;
     tokenizer.check_fits(&config)?;
 
@@ -37,6 +43,7 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         model,
         tokenizer: std::sync::Arc::new(tokenizer),
+        name,
     })
 }
 

@@ -36,6 +36,14 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// The family name, as in GGUF's `general.architecture` ("llama", "qwen2").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
     pub(crate) fn parse(name: &str) -> Result<Self> {
         match name {
             "llama" | "mistral" | "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Self::Llama),
@@ -207,12 +215,26 @@ pub struct LoadedModel {
     pub model: Model,
     /// Shared with the host side of the engine (tokenizing happens on callers' threads).
     pub tokenizer: std::sync::Arc<Tokenizer>,
+    /// A human-readable model name: GGUF `general.name`, a folder's `_name_or_path`, or the
+    /// file or folder name.
+    pub name: String,
 }
 
 /// Options for [`load`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     pub weights: WeightsPolicy,
+}
+
+/// The last component of `path` without a `.gguf` extension (a model's fallback name).
+pub(crate) fn file_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.strip_suffix(".gguf")
+        .map(str::to_owned)
+        .unwrap_or(name)
 }
 
 /// Loads a model from a `.gguf` file or an MLX/Hugging Face folder.
@@ -384,6 +406,14 @@ impl Model {
     /// Whether the matmul weights are kept quantized.
     pub fn is_quantized(&self) -> bool {
         self.quantized
+    }
+
+    /// How the matmul weights are held in memory: "float32", "float16", "bfloat16", or
+    /// "q<bits>_g<group>" for MLX affine quantization (e.g. "q4_g32").
+    pub fn weight_dtype(&self) -> String {
+        self.layers
+            .first()
+            .map_or_else(|| "none".into(), |l| l.q.dtype_name())
     }
 
     /// Runs the decoder over `tokens` (`[B, L]` int32), appending keys/values to `cache`, and

@@ -116,6 +116,19 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// The in-memory format of the weight (see [`super::Model::weight_dtype`]).
+    pub(crate) fn dtype_name(&self) -> String {
+        match self {
+            Self::Dense { w, .. } => match w.dtype() {
+                mlx_rs::Dtype::Float32 => "float32".into(),
+                mlx_rs::Dtype::Float16 => "float16".into(),
+                mlx_rs::Dtype::Bfloat16 => "bfloat16".into(),
+                other => format!("{other:?}").to_lowercase(),
+            },
+            Self::Quantized { q, .. } => format!("q{}_g{}", q.bits, q.group_size),
+        }
+    }
+
     pub(crate) fn take(
         t: &mut HashMap<String, Array>,
         name: &str,

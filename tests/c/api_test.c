@@ -33,17 +33,22 @@ static convoy_status drain(const convoy_engine *e, uint64_t id, outcome *o) {
   memset(o, 0, sizeof *o);
   for (int spins = 0; spins < 600; spins++) {
     convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
     convoy_status st = convoy_engine_poll(e, id, 1000, &ev);
     if (st == CONVOY_STATUS_TIMEOUT) continue;
     if (st != CONVOY_STATUS_OK) return st;
     CHECK(ev.request_id == id);
     CHECK(ev.text != NULL && ev.error != NULL && strlen(ev.text) == ev.text_len);
     strncat(o->text, ev.text, sizeof(o->text) - strlen(o->text) - 1);
-    if (ev.kind == CONVOY_EVENT_KIND_TOKEN) o->tokens++;
+    if (ev.kind == CONVOY_EVENT_KIND_TOKEN) {
+      o->tokens++;
+      CHECK(ev.stats == NULL);
+    }
     if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
       o->finished++;
       o->reason = ev.finish_reason;
-      o->generated = ev.stats.generated_tokens;
+      CHECK(ev.stats != NULL && ev.stats->struct_size >= sizeof(convoy_request_stats));
+      o->generated = ev.stats->generated_tokens;
       /* Exactly one terminal event: the id is unknown afterwards. */
       CHECK(convoy_engine_poll(e, id, 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
       CHECK(convoy_engine_cancel(e, id) == CONVOY_STATUS_UNKNOWN_REQUEST);
@@ -67,17 +72,32 @@ static void test_without_engine(void) {
   CHECK(convoy_engine_create(bad_utf8, NULL, &e) == CONVOY_STATUS_INVALID_UTF8);
   CHECK(convoy_engine_create("x", NULL, NULL) == CONVOY_STATUS_NULL_POINTER);
   convoy_engine_config cfg;
-  CHECK(convoy_engine_config_init(&cfg) == CONVOY_STATUS_OK);
-  CHECK(convoy_engine_config_init(NULL) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_config_init(&cfg, sizeof cfg) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_config_init(NULL, sizeof cfg) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_config_init(&cfg, 3) == CONVOY_STATUS_INVALID_ARGUMENT);
   cfg.mode = 99;
   CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
-  convoy_engine_config_init(&cfg);
+  convoy_engine_config_init(&cfg, sizeof cfg);
   cfg.max_batch_size = 0;
   CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
+  /* A config whose struct_size was never set is refused, not read blindly. */
+  convoy_engine_config_init(&cfg, sizeof cfg);
+  cfg.struct_size = 0;
+  CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "struct_size") != NULL);
+  CHECK(convoy_abi_version() == CONVOY_ABI_VERSION);
   /* Calls on a NULL engine. */
   uint64_t id;
   convoy_event ev;
+  convoy_event_init(&ev, sizeof ev);
   convoy_engine_stats stats;
+  convoy_engine_stats_init(&stats, sizeof stats);
+  CHECK(convoy_engine_poll_any(NULL, 0, &ev) == CONVOY_STATUS_NULL_POINTER);
+  size_t n = 0;
+  CHECK(convoy_engine_tokenize(NULL, "hi", true, NULL, 0, &n) == CONVOY_STATUS_NULL_POINTER);
+  convoy_model_info info;
+  CHECK(convoy_model_info_init(&info, sizeof info) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_model_info(NULL, &info) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_submit_text(NULL, "hi", NULL, &id) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_poll(NULL, 1, 0, &ev) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_cancel(NULL, 1) == CONVOY_STATUS_NULL_POINTER);
@@ -87,9 +107,63 @@ static void test_without_engine(void) {
   convoy_last_error_message(NULL, 0);
 }
 
+/* Tokenize, detokenize, render a chat, model info: snprintf-style buffers. */
+static void test_utilities(const convoy_engine *e) {
+  size_t n = 0;
+  CHECK(convoy_engine_tokenize(e, "Hello world", false, NULL, 0, &n) == CONVOY_STATUS_OK && n == 2);
+  uint32_t ids[8] = {0};
+  uint32_t canary = 0xdeadbeef;
+  ids[1] = canary;
+  CHECK(convoy_engine_tokenize(e, "Hello world", false, ids, 1, &n) == CONVOY_STATUS_OK && n == 2);
+  CHECK(ids[1] == canary); /* cut at the capacity */
+  CHECK(convoy_engine_tokenize(e, "Hello world", false, ids, 8, &n) == CONVOY_STATUS_OK && n == 2);
+  CHECK(convoy_engine_tokenize(e, "Hello", false, NULL, 3, &n) == CONVOY_STATUS_NULL_POINTER);
+  char text[64];
+  size_t len = 0;
+  CHECK(convoy_engine_detokenize(e, ids, n, true, text, sizeof text, &len) == CONVOY_STATUS_OK);
+  CHECK(len == 11 && strcmp(text, "Hello world") == 0);
+  CHECK(convoy_engine_detokenize(e, ids, n, true, text, 6, &len) == CONVOY_STATUS_OK);
+  CHECK(len == 11 && strcmp(text, "Hello") == 0); /* truncated, NUL-terminated */
+  CHECK(convoy_engine_detokenize(e, ids, n, true, NULL, 0, &len) == CONVOY_STATUS_OK && len == 11);
+  uint32_t bad = 49152;
+  CHECK(convoy_engine_detokenize(e, &bad, 1, true, text, sizeof text, &len) == CONVOY_STATUS_INVALID_ARGUMENT);
+  uint32_t special = 2; /* <|im_end|> */
+  CHECK(convoy_engine_detokenize(e, &special, 1, false, text, sizeof text, &len) == CONVOY_STATUS_OK);
+  CHECK(strcmp(text, "<|im_end|>") == 0);
+  CHECK(convoy_engine_detokenize(e, &special, 1, true, text, sizeof text, &len) == CONVOY_STATUS_OK && len == 0);
+
+  convoy_chat_message chat[2];
+  convoy_chat_message_init(&chat[0], sizeof chat[0], "system", SYSTEM);
+  convoy_chat_message_init(&chat[1], sizeof chat[1], "user", "Hi there");
+  CHECK(convoy_engine_render_chat(e, chat, 2, true, NULL, 0, &len) == CONVOY_STATUS_OK && len > 0);
+  char *rendered = (char *)malloc(len + 1);
+  size_t len2 = 0;
+  CHECK(convoy_engine_render_chat(e, chat, 2, true, rendered, len + 1, &len2) == CONVOY_STATUS_OK);
+  CHECK(len2 == len && strlen(rendered) == len);
+  CHECK(strstr(rendered, "<|im_start|>user\nHi there<|im_end|>") != NULL);
+  CHECK(len > 22 && strcmp(rendered + len - 22, "<|im_start|>assistant\n") == 0);
+  free(rendered);
+  CHECK(convoy_engine_render_chat(e, chat, 2, false, text, sizeof text, &len2) == CONVOY_STATUS_OK);
+  CHECK(len2 < len);
+  chat[1].struct_size = 0;
+  CHECK(convoy_engine_render_chat(e, chat, 2, true, text, sizeof text, &len2) == CONVOY_STATUS_INVALID_ARGUMENT);
+  /* The rendered chat tokenizes to what submit_chat prefills (its prompt_tokens). */
+
+  convoy_model_info info;
+  CHECK(convoy_model_info_init(&info, sizeof info) == CONVOY_STATUS_OK);
+  CHECK(convoy_engine_model_info(e, &info) == CONVOY_STATUS_OK);
+  CHECK(info.struct_size == sizeof info);
+  CHECK(strcmp(info.architecture, "llama") == 0 && strlen(info.name) > 0);
+  CHECK(info.vocab_size == 49152 && info.context_length == 8192 && info.max_context == 8192);
+  CHECK(info.n_eos_token_ids >= 1 && info.eos_token_ids != NULL && info.eos_token_ids[0] < info.vocab_size);
+  CHECK(info.has_chat_template && (!info.has_bos_token || info.bos_token_id < info.vocab_size));
+  CHECK(strcmp(info.backend, convoy_backend()) == 0 && strcmp(info.weight_dtype, "float32") == 0);
+  CHECK(info.num_layers == 30 && info.hidden_size == 576 && info.num_heads == 9 && info.num_kv_heads == 3);
+}
+
 static void test_engine(const char *model, int full) {
   convoy_engine_config cfg;
-  convoy_engine_config_init(&cfg);
+  convoy_engine_config_init(&cfg, sizeof cfg);
   cfg.max_batch_size = 2;
   cfg.max_waiting = 3;
   cfg.prefill_chunk = 8;
@@ -103,10 +177,12 @@ static void test_engine(const char *model, int full) {
     return;
   }
   CHECK(convoy_engine_context_length(e) == 8192);
+  test_utilities(e);
 
   /* Garbage arguments. */
   uint64_t id = 0;
   convoy_event ev;
+  convoy_event_init(&ev, sizeof ev);
   const char bad_utf8[] = {'h', (char)0xc3, 0};
   CHECK(convoy_engine_submit_text(e, bad_utf8, NULL, &id) == CONVOY_STATUS_INVALID_UTF8);
   CHECK(convoy_engine_submit_text(e, NULL, NULL, &id) == CONVOY_STATUS_NULL_POINTER);
@@ -116,13 +192,13 @@ static void test_engine(const char *model, int full) {
   CHECK(convoy_engine_submit_tokens(e, &huge_token, 1, NULL, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
   CHECK(convoy_engine_submit_chat(e, NULL, 0, NULL, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
   convoy_request_params p;
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.top_p = -3.0f;
   CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 0;
   CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.n_stop_strings = 2; /* with a NULL array */
   CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_poll(e, 123456, 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
@@ -130,8 +206,9 @@ static void test_engine(const char *model, int full) {
   CHECK(convoy_engine_cancel(e, 123456) == CONVOY_STATUS_UNKNOWN_REQUEST);
 
   /* The known answer, with a stop string in another request. */
-  convoy_chat_message chat[2] = {{"system", SYSTEM}, {"user", "What is the capital of France?"}};
-  convoy_request_params_init(&p);
+  convoy_chat_message chat[2] = {{sizeof(convoy_chat_message), "system", SYSTEM},
+                                 {sizeof(convoy_chat_message), "user", "What is the capital of France?"}};
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 20;
   outcome o;
   CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
@@ -146,7 +223,7 @@ static void test_engine(const char *model, int full) {
   CHECK(strcmp(o.text, "The capital of ") == 0 && o.reason == CONVOY_FINISH_REASON_STOP);
 
   /* Cancel during decode. */
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 400;
   p.ignore_eos = true;
   uint64_t decoding;
@@ -170,14 +247,16 @@ static void test_engine(const char *model, int full) {
   CHECK(o.finished == 1 && o.reason == CONVOY_FINISH_REASON_CANCELLED && o.tokens < 399 && o.generated == (uint32_t)o.tokens + 1);
 
   convoy_engine_stats stats;
+  convoy_engine_stats_init(&stats, sizeof stats);
   CHECK(convoy_engine_get_stats(e, &stats) == CONVOY_STATUS_OK);
+  CHECK(stats.struct_size == sizeof stats);
   CHECK(stats.tokens_generated > 0 && stats.steps > 0 && stats.requests_finished == 4);
 
   if (full) {
     /* Busy when the queue is full: 2 rows decode, 3 may wait, the rest are refused. */
     uint64_t ids[12];
     int accepted = 0, busy = 0;
-    convoy_request_params_init(&p);
+    convoy_request_params_init(&p, sizeof p);
     p.max_tokens = 24;
     p.ignore_eos = true;
     for (int i = 0; i < 12; i++) {

@@ -15,7 +15,7 @@ int main(int argc, char **argv) {
   convoy_engine *e;
   if (convoy_engine_create(argv[1], NULL, &e) != CONVOY_STATUS_OK) return 3;
   convoy_request_params p;
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 200;
   p.ignore_eos = true;
   uint64_t id;

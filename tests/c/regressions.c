@@ -58,6 +58,7 @@ static int drain(const convoy_engine *e, uint64_t id, outcome *o, double limit_s
   double end = now_s() + limit_s;
   while (now_s() < end) {
     convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
     convoy_status st = convoy_engine_poll(e, id, 200, &ev);
     if (st == CONVOY_STATUS_TIMEOUT) continue;
     if (st != CONVOY_STATUS_OK) return 0;
@@ -75,7 +76,7 @@ static int drain(const convoy_engine *e, uint64_t id, outcome *o, double limit_s
 
 static convoy_engine *make_engine(const char *model, uint32_t prefill_chunk, uint32_t max_requests) {
   convoy_engine_config cfg;
-  convoy_engine_config_init(&cfg);
+  convoy_engine_config_init(&cfg, sizeof cfg);
   cfg.max_batch_size = 4;
   cfg.prefill_chunk = prefill_chunk;
   cfg.max_requests = max_requests;
@@ -101,7 +102,7 @@ static void cancel_mid_prefill_does_not_hang_the_group_mate(const char *model) {
   prompt_ids(long_prompt, 1000, 2);
   prompt_ids(decoding_prompt, 12, 3);
   convoy_request_params p;
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 16;
   p.ignore_eos = true;
 
@@ -116,12 +117,13 @@ static void cancel_mid_prefill_does_not_hang_the_group_mate(const char *model) {
 
   for (int delay_ms = 0; delay_ms <= 300; delay_ms += 150) {
     convoy_request_params dp;
-    convoy_request_params_init(&dp);
+    convoy_request_params_init(&dp, sizeof dp);
     dp.max_tokens = 200;
     dp.ignore_eos = true;
     uint64_t decoding, short_id, long_id;
     CHECK(convoy_engine_submit_tokens(e, decoding_prompt, 12, &dp, &decoding) == CONVOY_STATUS_OK);
     convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
     convoy_status st;
     do {
       st = convoy_engine_poll(e, decoding, 1000, &ev);
@@ -132,6 +134,7 @@ static void cancel_mid_prefill_does_not_hang_the_group_mate(const char *model) {
     /* Both in one prefill group, then a varying moment inside its prefill (16 prompt tokens
      * per step over two rows: the long prompt needs about 125 steps). */
     convoy_engine_stats s;
+    convoy_engine_stats_init(&s, sizeof s);
     int in_prefill = 0;
     for (int i = 0; i < 2000 && !in_prefill; i++) {
       convoy_engine_get_stats(e, &s);
@@ -150,6 +153,8 @@ static void cancel_mid_prefill_does_not_hang_the_group_mate(const char *model) {
     CHECK(drain(e, decoding, &o, 60) && o.finished == 1);
     /* Idle now: the engine thread must not step (no spinning). */
     convoy_engine_stats a, b;
+    convoy_engine_stats_init(&a, sizeof a);
+    convoy_engine_stats_init(&b, sizeof b);
     sleep_ms(100);
     CHECK(convoy_engine_get_stats(e, &a) == CONVOY_STATUS_OK);
     sleep_ms(300);
@@ -172,6 +177,7 @@ static void *poll_thread(void *arg) {
   poller *p = (poller *)arg;
   for (;;) {
     convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
     convoy_status st = convoy_engine_poll(p->engine, p->id, 50, &ev);
     if (st == CONVOY_STATUS_TIMEOUT) continue;
     if (st == CONVOY_STATUS_UNKNOWN_REQUEST) {
@@ -193,7 +199,7 @@ static void several_pollers_get_one_ending(const char *model) {
   enum { POLLERS = 4 };
   for (int round = 0; round < 6; round++) {
     convoy_request_params p;
-    convoy_request_params_init(&p);
+    convoy_request_params_init(&p, sizeof p);
     p.max_tokens = 12;
     p.ignore_eos = true;
     uint64_t id;
@@ -234,6 +240,7 @@ static void several_pollers_get_one_ending(const char *model) {
     }
   }
   convoy_engine_stats s;
+  convoy_engine_stats_init(&s, sizeof s);
   CHECK(convoy_engine_get_stats(e, &s) == CONVOY_STATUS_OK && s.requests_held == 0);
   convoy_engine_destroy(e);
 }
@@ -244,7 +251,7 @@ static void unpolled_requests_are_bounded_and_releasable(const char *model) {
   CHECK(e != NULL);
   if (!e) return;
   convoy_request_params p;
-  convoy_request_params_init(&p);
+  convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 3;
   uint64_t ids[6], extra;
   for (int i = 0; i < 6; i++) {
@@ -252,6 +259,7 @@ static void unpolled_requests_are_bounded_and_releasable(const char *model) {
   }
   /* All six finish without being polled; they stay held, so a seventh is refused. */
   convoy_engine_stats s;
+  convoy_engine_stats_init(&s, sizeof s);
   for (int i = 0; i < 200; i++) {
     convoy_engine_get_stats(e, &s);
     if (s.requests_finished == 6) break;
@@ -261,6 +269,7 @@ static void unpolled_requests_are_bounded_and_releasable(const char *model) {
   CHECK(convoy_engine_submit_text(e, "Hello.", &p, &extra) == CONVOY_STATUS_BUSY);
   for (int i = 0; i < 6; i++) CHECK(convoy_engine_release(e, ids[i]) == CONVOY_STATUS_OK);
   convoy_event ev;
+  convoy_event_init(&ev, sizeof ev);
   CHECK(convoy_engine_poll(e, ids[0], 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
   CHECK(convoy_engine_release(e, ids[0]) == CONVOY_STATUS_UNKNOWN_REQUEST);
   CHECK(convoy_engine_release(NULL, ids[0]) == CONVOY_STATUS_NULL_POINTER);
@@ -280,14 +289,14 @@ static void unpolled_requests_are_bounded_and_releasable(const char *model) {
   convoy_engine_destroy(e);
 }
 
-/* Any byte in a bool field is read soundly (nonzero = true); out-parameters may point to
- * uninitialised memory. */
+/* Any byte in a bool field is read soundly (nonzero = true); of an out-parameter only its
+ * struct_size is read: the rest may be uninitialised memory. */
 static void odd_bools_and_uninitialised_out_params(const char *model) {
   convoy_engine *e = make_engine(model, 256, 1024);
   CHECK(e != NULL);
   if (!e) return;
   convoy_request_params *p = (convoy_request_params *)malloc(sizeof *p);
-  convoy_request_params_init(p);
+  convoy_request_params_init(p, sizeof *p);
   p->max_tokens = 4;
   memset(&p->ignore_eos, 0x7f, 1);
   memset(&p->has_seed, 0xff, 1);
@@ -296,6 +305,7 @@ static void odd_bools_and_uninitialised_out_params(const char *model) {
   uint64_t *id = (uint64_t *)malloc(sizeof *id);
   CHECK(convoy_engine_submit_text(e, "Hi.", p, id) == CONVOY_STATUS_OK);
   convoy_event *ev = (convoy_event *)malloc(sizeof *ev);
+  ev->struct_size = sizeof *ev;
   int tokens = 0;
   convoy_status st;
   do {
@@ -304,6 +314,7 @@ static void odd_bools_and_uninitialised_out_params(const char *model) {
   } while (st == CONVOY_STATUS_TIMEOUT || (st == CONVOY_STATUS_OK && ev->kind == CONVOY_EVENT_KIND_TOKEN));
   CHECK(st == CONVOY_STATUS_OK && ev->finish_reason == CONVOY_FINISH_REASON_LENGTH && tokens == 4);
   convoy_engine_stats *s = (convoy_engine_stats *)malloc(sizeof *s);
+  s->struct_size = sizeof *s;
   CHECK(convoy_engine_get_stats(e, s) == CONVOY_STATUS_OK && s->requests_finished == 1);
   free(s);
   free(ev);

@@ -29,6 +29,13 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// target/<profile>, where cargo put libconvoy.{so,a} for this test run (`cargo test` builds
+/// only the rlib: `cargo build --lib` with the same profile and features builds those).
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
 pub const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 pub fn chat(user: &str) -> Vec<ChatMessage> {
