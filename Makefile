@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak install
+.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -25,16 +25,28 @@ test: setup
 	target/debug/convoy-bench $(SMOKE_ARGS)
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
-# with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, and a 1,000-request soak.
-# Results land in target/reliability/.
+# with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, every fuzz input replayed
+# through its harness, and a 1,000-request soak. Results land in target/reliability/.
 RELIABILITY_SEQUENCES ?= 60
 reliability: setup
 	mkdir -p target/reliability
 	$(MAKE) sanitize
+	$(MAKE) fuzz-smoke
 	CONVOY_RELIABILITY_SEQUENCES=$(RELIABILITY_SEQUENCES) CONVOY_RELIABILITY_LONG=1 \
 	  CONVOY_RELIABILITY_REPORT=$(CURDIR)/target/reliability/sequences.jsonl \
 	  $(CARGO) test --release $(TEST_FEATURES) --test reliability -- --nocapture
 	$(MAKE) soak
+
+# Coverage-guided fuzzing with cargo-afl (AFL++): every parser of untrusted bytes and the C ABI,
+# 1M executions per parser target (hours on 2 cores; FUZZ_ARGS="--execs N" or "--seconds S"
+# for shorter runs, or target names). Findings: fuzz/target/fuzz-out/<target>.
+FUZZ_ARGS ?=
+fuzz: setup
+	scripts/fuzz.sh $(FUZZ_ARGS)
+
+# Builds the harnesses and replays every seed and committed finding once (no AFL).
+fuzz-smoke: setup
+	scripts/fuzz.sh --smoke
 
 sanitize: setup
 	$(CARGO) build --lib $(TEST_FEATURES)

@@ -28,7 +28,8 @@
  *
  * ABI policy (ABI version CONVOY_ABI_VERSION = 1, shared library SONAME libconvoy.so.1):
  * - Every struct that crosses the ABI starts with `uint32_t struct_size`. Set it with the
- *   struct's _init function (pass sizeof), or to sizeof yourself. For structs you pass in,
+ *   struct's _init function (pass sizeof; from Swift MemoryLayout<T>.stride, from Python
+ *   ctypes.sizeof), or to sizeof yourself. For structs you pass in,
  *   convoy reads only the bytes your struct_size covers (fields your header lacks keep their
  *   defaults; fields a newer header added that this library does not know are ignored). For
  *   structs convoy fills, it writes at most struct_size bytes and sets struct_size to the
@@ -686,7 +687,8 @@ void convoy_engine_destroy(convoy_engine *engine);
  *
  * - `prompt` (in): NUL-terminated UTF-8.
  * - `params` (in, may be NULL for the defaults): read during the call only.
- * - `out_id` (out): the request id on success.
+ * - `out_id` (out): the request id on success (ids start at 1 and are never reused within
+ *   an engine).
  *
  * Returns at once (never waits for the model): OK, NULL_POINTER, INVALID_UTF8,
  * INVALID_ARGUMENT, BUSY (queue full: retry later), PROMPT_TOO_LONG, TOKENIZER_ERROR,

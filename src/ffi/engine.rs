@@ -233,7 +233,8 @@ unsafe fn submit(
 ///
 /// - `prompt` (in): NUL-terminated UTF-8.
 /// - `params` (in, may be NULL for the defaults): read during the call only.
-/// - `out_id` (out): the request id on success.
+/// - `out_id` (out): the request id on success (ids start at 1 and are never reused within
+///   an engine).
 ///
 /// Returns at once (never waits for the model): OK, NULL_POINTER, INVALID_UTF8,
 /// INVALID_ARGUMENT, BUSY (queue full: retry later), PROMPT_TOO_LONG, TOKENIZER_ERROR,
