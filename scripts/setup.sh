@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what convoy needs to build and test, idempotently, saying what it installs:
-#   - system tools: a C/C++ compiler, cmake, python3 with pip, libclang (bindgen), OpenBLAS,
+#   - system tools: a C/C++ compiler, cmake, python3 with pip and venv, libclang (bindgen), OpenBLAS,
 #     pkg-config and patchelf (make install and its test), clang (the Swift module map and
 #     C++ wrapper checks) (Debian/Ubuntu through apt as root;
 #     macOS through Xcode's tools and Homebrew);
@@ -116,6 +116,8 @@ install_system_packages() {
   command -v clang >/dev/null && command -v clang++ >/dev/null || missing+=(clang)
   command -v "$PY" >/dev/null || missing+=(python3)
   "$PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+  # scripts/test-python.sh makes a venv for the Python bindings' tests.
+  "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
   find_libclang >/dev/null || missing+=(libclang-dev)
   local arch
   arch="$(uname -m)"
