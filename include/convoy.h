@@ -21,20 +21,24 @@
  * CONVOY_STATUS_OK; convoy_last_error_message() explains the last failure on this thread.
  * Failures of a request after submission arrive as its FINISHED event (reason ERROR).
  *
- * Ownership: the caller owns what it passes (read during the call only). Strings in a
- * convoy_event live in thread-local storage until the same thread's next convoy_engine_poll.
+ * Ownership: the caller owns what it passes (read during the call only). Strings and stats
+ * in a convoy_event live in thread-local storage until the same thread's next
+ * convoy_engine_poll or convoy_engine_poll_any.
  *
  * Versioning: CONVOY_VERSION equals convoy_version() of the library built with this header.
  *
- * ABI policy (ABI version CONVOY_ABI_VERSION = 1, shared library SONAME libconvoy.so.1):
+ * ABI policy (ABI version CONVOY_ABI_VERSION = 1; `make install` gives the shared library the
+ * SONAME libconvoy.so.1):
  * - Every struct that crosses the ABI starts with `uint32_t struct_size`. Set it with the
  *   struct's _init function (pass sizeof; from Swift MemoryLayout<T>.stride, from Python
- *   ctypes.sizeof), or to sizeof yourself. For structs you pass in,
- *   convoy reads only the bytes your struct_size covers (fields your header lacks keep their
- *   defaults; fields a newer header added that this library does not know are ignored). For
- *   structs convoy fills, it writes at most struct_size bytes and sets struct_size to the
- *   number it wrote (test fields with CONVOY_HAS_FIELD). Structs convoy owns and points to
- *   (convoy_request_stats) carry the library's size.
+ *   ctypes.sizeof), or to sizeof yourself. convoy reads and writes whole fields only: for
+ *   structs you pass in, the fields your struct_size covers (fields your header lacks keep
+ *   their defaults; fields a newer header added that this library does not know are
+ *   ignored). For structs convoy fills, it writes no byte past struct_size and sets
+ *   struct_size to the end of the last field it wrote (test fields with CONVOY_HAS_FIELD;
+ *   tail padding never counts). Structs convoy owns and points to (convoy_request_stats)
+ *   carry the library's size. A struct_size below 4 (below the end of request_id for
+ *   convoy_event) is refused with INVALID_ARGUMENT.
  * - Within ABI version 1, fields are only ever appended to structs, and functions, enum
  *   values and status codes are only ever added; nothing is removed, reordered or retyped.
  *   A host compiled against an older 1.x header runs unchanged against a newer 1.x library.
@@ -528,7 +532,7 @@ typedef struct {
    */
   const char *architecture;
   /**
-   * Token ids are below this.
+   * The tokenizer's vocabulary (added tokens included): valid token ids are below this.
    */
   uint32_t vocab_size;
   /**
@@ -619,7 +623,7 @@ const char *convoy_backend(void);
 /**
  * Fills `*config` (a struct of `struct_size` bytes: pass `sizeof(convoy_engine_config)`)
  * with the defaults: continuous batching, 8 rows, the model's context. Returns OK,
- * NULL_POINTER, or INVALID_ARGUMENT (a size smaller than ABI 1.0's struct).
+ * NULL_POINTER, or INVALID_ARGUMENT (a size below 4).
  */
 convoy_status convoy_engine_config_init(convoy_engine_config *config, size_t struct_size);
 
@@ -729,6 +733,7 @@ convoy_status convoy_engine_submit_chat(const convoy_engine *engine,
  * engine failure or during shutdown; every request ends.
  *
  * Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched), NULL_POINTER,
+ * INVALID_ARGUMENT (`out_event->struct_size` too small to hold `kind` and `request_id`),
  * UNKNOWN_REQUEST, PANIC. Blocks for at most the timeout. Thread-safe; the event's strings
  * live in thread-local storage until this thread's next poll.
  */
@@ -744,11 +749,16 @@ convoy_status convoy_engine_poll(const convoy_engine *engine,
  * request, other requests with events waiting come first. The rules of
  * `convoy_engine_poll` hold: each event (and each request's one FINISHED event) goes to
  * exactly one caller, also when several threads call this or mix it with
- * `convoy_engine_poll`; use one way per request to see its events in order.
+ * `convoy_engine_poll`. So: a request consumed with `convoy_engine_poll` loses events to a
+ * concurrent poll_any (use one way per request), and with several poll_any threads one
+ * request's events may be handled by different threads at once (its FINISHED possibly
+ * before another thread has handled its last TOKEN): serialize per request if order matters.
  *
  * Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched),
- * NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Thread-safe; strings and stats
- * live in thread-local storage until this thread's next poll.
+ * ENGINE_FAILED or SHUT_DOWN (the engine thread has stopped and every event has been
+ * taken: nothing more will come; returned at once), NULL_POINTER, INVALID_ARGUMENT
+ * (`struct_size`), PANIC. Thread-safe; strings and stats live in thread-local storage until
+ * this thread's next poll.
  */
 convoy_status convoy_engine_poll_any(const convoy_engine *engine,
                                      uint32_t timeout_ms,
@@ -775,10 +785,11 @@ convoy_status convoy_engine_cancel(const convoy_engine *engine, uint64_t id);
 convoy_status convoy_engine_release(const convoy_engine *engine, uint64_t id);
 
 /**
- * Writes a snapshot of the engine's counters to `*out_stats`. Returns OK, NULL_POINTER,
- * PANIC. Never blocks on the model; thread-safe.
+ * Writes a snapshot of the engine's counters to `*out_stats` (set its `struct_size` first).
+ * Returns OK, NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Never blocks on the model; thread-safe.
  */
-convoy_status convoy_engine_get_stats(const convoy_engine *engine, convoy_engine_stats *out_stats);
+convoy_status convoy_engine_get_stats(const convoy_engine *engine,
+                                      convoy_engine_stats *out_stats);
 
 /**
  * Writes what the engine's model is to `*out_info` (set its `struct_size` first). Its

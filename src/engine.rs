@@ -144,7 +144,8 @@ pub struct ModelInfo {
     /// The model's own context length (the engine may hold requests to less; see
     /// [`Engine::context_length`]).
     pub context_length: usize,
-    /// Rows of the embedding matrix (token ids are below this).
+    /// The tokenizer's vocabulary, added tokens included: valid token ids are below this
+    /// (the embedding matrix may have more rows, as padding).
     pub vocab_size: usize,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<u32>,
@@ -503,10 +504,20 @@ impl Engine {
     /// Waits up to `timeout` for the next event of any request this engine holds (see
     /// [`Event::request_id`]); `Ok(None)` on timeout. Requests take turns: after an event of
     /// one request, other requests with events waiting come first. The same exactly-once
-    /// rules as [`poll`](Self::poll) hold, also when both are used on one request (each event
-    /// goes to one caller; use one way per request to see its events in order).
+    /// rules as [`poll`](Self::poll) hold, also when both are used on one request: each event
+    /// goes to one caller, so a request consumed per id ([`poll`](Self::poll),
+    /// [`generate`](Self::generate)) loses events to a concurrent `poll_any`, and with several
+    /// `poll_any` threads one request's events may be handled by different threads at once.
+    /// Once the engine thread has stopped (failure or shutdown) and every event has been
+    /// taken, returns `EngineFailed` or `ShutDown` at once instead of waiting.
     pub fn poll_any(&self, timeout: Duration) -> Result<Option<Event>> {
-        self.streams.poll_any(Some(timeout))
+        match self.streams.poll_any(Some(timeout)) {
+            Err(Error::ShutDown) => {
+                self.check_alive()?;
+                Err(Error::ShutDown)
+            }
+            other => other,
+        }
     }
 
     /// Asks for a request to end; it ends with `Cancelled` at the next step boundary (its
@@ -835,7 +846,7 @@ fn engine_thread(
         name: lm.name.clone(),
         architecture: c.architecture.as_str().into(),
         context_length: context,
-        vocab_size: c.vocab_size,
+        vocab_size: tokenizer.vocab_size(),
         eos_token_ids: tokenizer.eos_ids().to_vec(),
         bos_token_id: tokenizer.bos_id(),
         has_chat_template: tokenizer.has_chat_template(),

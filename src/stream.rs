@@ -102,6 +102,8 @@ struct ReadyQueue {
 
 struct Ready {
     entries: VecDeque<Weak<Stream>>,
+    /// The engine thread has exited: once the entries are taken, nothing more will come.
+    stopped: bool,
     /// Length at which stale entries (streams drained by per-id polls, released or gone)
     /// are swept out, so hosts that never call `poll_any` do not grow the queue.
     sweep_at: usize,
@@ -114,6 +116,7 @@ impl ReadyQueue {
         Self {
             queue: Mutex::new(Ready {
                 entries: VecDeque::new(),
+                stopped: false,
                 sweep_at: SWEEP_MIN,
             }),
             cv: Condvar::new(),
@@ -261,7 +264,8 @@ impl Streams {
 
     /// Waits up to `timeout` (`None`: forever) for the next event of any request, taking
     /// requests in the order their events became ready (round robin among busy requests).
-    /// `Ok(None)` on timeout. The poller that takes a terminal event removes the request.
+    /// `Ok(None)` on timeout; `ShutDown` at once when the engine thread has exited and every
+    /// event has been taken. The poller that takes a terminal event removes the request.
     pub(crate) fn poll_any(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
@@ -270,6 +274,9 @@ impl Streams {
                 loop {
                     if let Some(e) = q.entries.pop_front() {
                         break e;
+                    }
+                    if q.stopped {
+                        return Err(Error::ShutDown);
                     }
                     q = match deadline {
                         None => self.any.cv.wait(q).unwrap_or_else(|p| p.into_inner()),
@@ -323,6 +330,11 @@ impl Streams {
             .remove(&id)
             .ok_or(Error::UnknownRequest(id))?;
         let mut st = stream.lock();
+        if st.gone {
+            // Another poller took the terminal event a moment ago: the request has ended and
+            // been delivered, so it is no longer there to release.
+            return Err(Error::UnknownRequest(id));
+        }
         let open = !st.closed;
         st.gone = true;
         st.events = VecDeque::new();
@@ -355,6 +367,9 @@ impl Streams {
                 error: message.map(str::to_owned),
             });
         }
+        // Wakes every `poll_any` waiter: once the last events are taken, they return.
+        self.any.lock().stopped = true;
+        self.any.cv.notify_all();
     }
 }
 
@@ -546,6 +561,38 @@ mod tests {
         assert_eq!(ids, [1, 2, 1, 2, 1, 1]);
         assert_eq!(streams.len(), 0);
         assert!(streams.poll_any(Some(Duration::ZERO)).unwrap().is_none());
+    }
+
+    /// After the engine thread's final sweep, `poll_any` hands out what is left and then
+    /// answers `ShutDown` at once instead of waiting out its timeout; a waiting caller wakes.
+    #[test]
+    fn poll_any_ends_after_shutdown() {
+        let streams = Arc::new(Streams::new(4));
+        let a = register(&streams, 1);
+        a.push(token(1));
+        let s2 = streams.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            loop {
+                match s2.poll_any(Some(Duration::from_secs(600))) {
+                    Ok(Some(e)) => got.push(e),
+                    Ok(None) => panic!("timed out"),
+                    Err(e) => return (got, e),
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        streams.close_all(FinishReason::Cancelled, None);
+        let (got, end) = waiter.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(matches!(end, Error::ShutDown));
+        assert_eq!(got.len(), 2);
+        assert!(matches!(got[1], Event::Finished { .. }));
+        assert!(matches!(
+            streams.poll_any(Some(Duration::from_secs(600))),
+            Err(Error::ShutDown)
+        ));
     }
 
     /// A host that never calls `poll_any` does not grow the ready queue without bound.

@@ -232,18 +232,12 @@ fn one_thread_serves_256_requests_with_poll_any() {
     run(&exe, false);
 }
 
-/// The size-prefixed structs of ABI v1: a host built against an older, smaller header (a copy
-/// of convoy.h whose structs lack their last fields) and one claiming larger structs than the
-/// library knows both run against this library.
+/// The size-prefixed structs of ABI v1: a host built against an older, smaller header
+/// (tests/c/old-header/convoy.h, a frozen copy whose structs lack their last fields) and one
+/// claiming larger structs than the library knows both run against this library.
 #[test]
 fn hosts_built_against_older_and_newer_headers() {
     let dir = tempfile::tempdir().unwrap();
-    let old_include = dir.path().join("old-include");
-    std::fs::create_dir_all(&old_include).unwrap();
-    let header = std::fs::read_to_string(root().join("include/convoy.h")).unwrap();
-    let (old, dropped) = older_header(&header);
-    assert_eq!(dropped.len(), 10, "dropped fields: {dropped:?}");
-    std::fs::write(old_include.join("convoy.h"), old).unwrap();
     let src = root().join("tests/c/abi_compat.c");
     let old_exe = dir.path().join("abi_old_host");
     compile_with(
@@ -252,7 +246,7 @@ fn hosts_built_against_older_and_newer_headers() {
         &src,
         &old_exe,
         &[
-            format!("-I{}", old_include.display()),
+            format!("-I{}", root().join("tests/c/old-header").display()),
             "-DOLD_HEADER".into(),
         ],
     );
@@ -262,48 +256,85 @@ fn hosts_built_against_older_and_newer_headers() {
     run(&new_exe, false);
 }
 
-/// `header` as an older 1.x release would have had it: the last two fields of each
-/// size-prefixed struct a host allocates removed. Returns it and the fields dropped.
-fn older_header(header: &str) -> (String, Vec<String>) {
-    const SHRINK: [&str; 5] = [
-        "convoy_engine_config",
-        "convoy_request_params",
-        "convoy_event",
-        "convoy_engine_stats",
-        "convoy_model_info",
-    ];
+/// Fields are only ever appended: every field of every struct in the frozen older header
+/// has the same offset and size in the current header (catches a field inserted, reordered
+/// or retyped in the middle of a struct).
+#[test]
+fn older_header_fields_keep_their_offsets() {
+    let old = std::fs::read_to_string(root().join("tests/c/old-header/convoy.h")).unwrap();
+    let structs = struct_fields(&old);
+    assert!(structs.len() >= 7, "{structs:?}");
+    let mut prog = String::from(
+        "#include <stdio.h>\n#include <stddef.h>\n#include \"convoy.h\"\nint main(void) {\n",
+    );
+    for (name, fields) in &structs {
+        for f in fields {
+            prog += &format!(
+                "  printf(\"{name}.{f} %zu %zu\\n\", offsetof({name}, {f}), sizeof((({name} *)0)->{f}));\n"
+            );
+        }
+        prog += &format!("  printf(\"{name} align %zu\\n\", _Alignof({name}));\n");
+    }
+    prog += "  return 0;\n}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("offsets.c");
+    std::fs::write(&src, prog).unwrap();
+    let layout = |include: &Path, exe: &str| {
+        let exe = dir.path().join(exe);
+        let out = Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Werror"])
+            .arg(format!("-I{}", include.display()))
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap()
+    };
+    let frozen = layout(&root().join("tests/c/old-header"), "old");
+    let current = layout(&root().join("include"), "new");
+    assert_eq!(
+        frozen, current,
+        "a field of the older header moved or changed size"
+    );
+}
+
+/// The `typedef struct { ... } name;` blocks of a cbindgen header: name and field names.
+fn struct_fields(header: &str) -> Vec<(String, Vec<String>)> {
     let lines: Vec<&str> = header.lines().collect();
-    let mut drop = vec![false; lines.len()];
-    let mut dropped = Vec::new();
+    let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
         if lines[i] == "typedef struct {" {
             let end = (i..lines.len())
                 .find(|&j| lines[j].starts_with("} "))
                 .unwrap();
-            let name = lines[end].trim_start_matches("} ").trim_end_matches(';');
-            if SHRINK.contains(&name) {
-                let fields: Vec<usize> = (i + 1..end)
-                    .filter(|&j| lines[j].starts_with("  ") && lines[j].ends_with(';'))
-                    .collect();
-                assert!(lines[fields[0]].contains("uint32_t struct_size;"), "{name}");
-                for &j in &fields[fields.len() - 2..] {
-                    drop[j] = true;
-                    dropped.push(format!("{name}: {}", lines[j].trim()));
-                }
-            }
+            let name = lines[end]
+                .trim_start_matches("} ")
+                .trim_end_matches(';')
+                .to_owned();
+            let fields = lines[i + 1..end]
+                .iter()
+                .filter(|l| l.starts_with("  ") && l.ends_with(';'))
+                .map(|l| {
+                    l.trim_end_matches(';')
+                        .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            out.push((name, fields));
             i = end;
         }
         i += 1;
     }
-    let old = lines
-        .iter()
-        .zip(&drop)
-        .filter(|(_, &d)| !d)
-        .map(|(l, _)| *l)
-        .collect::<Vec<_>>()
-        .join("\n");
-    (old, dropped)
+    out
 }
 
 /// Every name the header defines carries the `convoy_` / `CONVOY_` prefix: macros, types,

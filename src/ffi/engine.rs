@@ -43,7 +43,7 @@ impl InfoStrings {
 
 /// Fills `*config` (a struct of `struct_size` bytes: pass `sizeof(convoy_engine_config)`)
 /// with the defaults: continuous batching, 8 rows, the model's context. Returns OK,
-/// NULL_POINTER, or INVALID_ARGUMENT (a size smaller than ABI 1.0's struct).
+/// NULL_POINTER, or INVALID_ARGUMENT (a size below 4).
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_config_init(
     config: *mut convoy_engine_config,
@@ -343,6 +343,7 @@ thread_local! {
 /// engine failure or during shutdown; every request ends.
 ///
 /// Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched), NULL_POINTER,
+/// INVALID_ARGUMENT (`out_event->struct_size` too small to hold `kind` and `request_id`),
 /// UNKNOWN_REQUEST, PANIC. Blocks for at most the timeout. Thread-safe; the event's strings
 /// live in thread-local storage until this thread's next poll.
 #[no_mangle]
@@ -363,11 +364,16 @@ pub unsafe extern "C" fn convoy_engine_poll(
 /// request, other requests with events waiting come first. The rules of
 /// `convoy_engine_poll` hold: each event (and each request's one FINISHED event) goes to
 /// exactly one caller, also when several threads call this or mix it with
-/// `convoy_engine_poll`; use one way per request to see its events in order.
+/// `convoy_engine_poll`. So: a request consumed with `convoy_engine_poll` loses events to a
+/// concurrent poll_any (use one way per request), and with several poll_any threads one
+/// request's events may be handled by different threads at once (its FINISHED possibly
+/// before another thread has handled its last TOKEN): serialize per request if order matters.
 ///
 /// Returns OK (event written), TIMEOUT (nothing yet; `*out_event` untouched),
-/// NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Thread-safe; strings and stats
-/// live in thread-local storage until this thread's next poll.
+/// ENGINE_FAILED or SHUT_DOWN (the engine thread has stopped and every event has been
+/// taken: nothing more will come; returned at once), NULL_POINTER, INVALID_ARGUMENT
+/// (`struct_size`), PANIC. Thread-safe; strings and stats live in thread-local storage until
+/// this thread's next poll.
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_poll_any(
     engine: *const convoy_engine,
@@ -487,8 +493,8 @@ pub unsafe extern "C" fn convoy_engine_release(
     })
 }
 
-/// Writes a snapshot of the engine's counters to `*out_stats`. Returns OK, NULL_POINTER,
-/// PANIC. Never blocks on the model; thread-safe.
+/// Writes a snapshot of the engine's counters to `*out_stats` (set its `struct_size` first).
+/// Returns OK, NULL_POINTER, INVALID_ARGUMENT (`struct_size`), PANIC. Never blocks on the model; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn convoy_engine_get_stats(
     engine: *const convoy_engine,

@@ -14,8 +14,9 @@
 //! with `uint32_t struct_size`. Structs the caller passes in are read through
 //! [`read_sized`] (only the bytes the caller's size covers; later fields keep their
 //! defaults); structs convoy fills are written through [`write_sized`] (at most the caller's
-//! size, which is then set to the bytes written). Any size from 4 (the size field alone)
-//! up is accepted, so a header from any 1.x release works. Fields are only ever appended, so a host
+//! size, which is then set to the bytes written). Sizes count whole fields ([`AbiStruct`]);
+//! any size from 4 (the size field alone) up is accepted, except for events, which must at
+//! least hold `kind` and `request_id`. Fields are only ever appended, so a host
 //! compiled against an older header keeps working with a newer library.
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
@@ -139,30 +140,87 @@ pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> convoy_status
 /// The ABI major version (`CONVOY_ABI_VERSION`; the SONAME is `libconvoy.so.<this>`).
 pub const ABI_VERSION: u32 = 1;
 
-/// The smallest `struct_size` accepted: the size field alone. A caller's struct may end after
-/// any field; the fields it lacks keep their defaults (in) or are not written (out).
+/// The smallest `struct_size` accepted: the size field alone.
 pub(crate) const MIN_STRUCT_SIZE: usize = std::mem::size_of::<u32>();
 
-/// Reads the leading `struct_size` of a caller's struct and checks it against `min`.
-unsafe fn struct_size<T>(ptr: *const T, name: &str) -> Result<usize, Failure> {
+/// A size-prefixed struct of the ABI: where each field ends, in declaration order. convoy
+/// reads and writes whole fields only: a caller's `struct_size` is rounded down to the end of
+/// the last field it covers, and the library's own size is the end of its last field (never
+/// its tail padding, which a later release's appended field may occupy).
+pub(crate) trait AbiStruct: Copy {
+    const FIELD_ENDS: &'static [usize];
+    /// The smallest `struct_size` accepted.
+    const MIN: usize = MIN_STRUCT_SIZE;
+    /// The bytes this library knows.
+    const SIZE: usize = Self::FIELD_ENDS[Self::FIELD_ENDS.len() - 1];
+
+    /// `size` rounded down to whole fields this library knows.
+    fn whole_fields(size: usize) -> usize {
+        Self::FIELD_ENDS
+            .iter()
+            .copied()
+            .take_while(|&end| end <= size)
+            .last()
+            .unwrap_or(0)
+    }
+}
+
+/// Implements [`AbiStruct`] from the struct's fields, listed in order with their types (both
+/// checked at compile time: a missing, misspelt, mistyped or misordered field fails to build).
+macro_rules! abi_struct {
+    ($t:ty { $($f:ident: $ft:ty),+ $(,)? } $(min = $min:expr)?) => {
+        impl $crate::ffi::AbiStruct for $t {
+            const FIELD_ENDS: &'static [usize] =
+                &[$(std::mem::offset_of!($t, $f) + std::mem::size_of::<$ft>()),+];
+            $(const MIN: usize = $min;)?
+        }
+        const _: () = {
+            #[allow(dead_code)]
+            fn types(s: &$t) {
+                $(let _: &$ft = &s.$f;)+
+            }
+            let ends: &[usize] = <$t as $crate::ffi::AbiStruct>::FIELD_ENDS;
+            let sizes: &[usize] = &[$(std::mem::size_of::<$ft>()),+];
+            let aligns: &[usize] = &[$(std::mem::align_of::<$ft>()),+];
+            // Every field is listed: each starts where the previous one ends, rounded up to
+            // its alignment, and the last one ends where the struct's tail padding begins.
+            let mut i = 1;
+            while i < ends.len() {
+                let start = ends[i] - sizes[i];
+                let expected = ends[i - 1].div_ceil(aligns[i]) * aligns[i];
+                assert!(start == expected, "a field is missing or out of order");
+                i += 1;
+            }
+            assert!(ends[0] == 4, "struct_size comes first");
+            let size = std::mem::size_of::<$t>();
+            let align = std::mem::align_of::<$t>();
+            assert!(ends[ends.len() - 1].div_ceil(align) * align == size, "fields missing at the end");
+        };
+    };
+}
+pub(crate) use abi_struct;
+
+/// Reads the leading `struct_size` of a caller's struct and checks it against `T::MIN`.
+unsafe fn struct_size<T: AbiStruct>(ptr: *const T, name: &str) -> Result<usize, Failure> {
     let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
-    if size < MIN_STRUCT_SIZE {
+    if size < T::MIN {
         return Err(fail(
             convoy_status::InvalidArgument,
             format!(
-                "{name}->struct_size is {size}; set it with the struct's _init function or to \
-                 sizeof"
+                "{name}->struct_size is {size}, below {}; set it with the struct's _init \
+                 function or to sizeof",
+                T::MIN
             ),
         ));
     }
     Ok(size)
 }
 
-/// Reads a size-prefixed struct the caller passes in: its `struct_size` bytes (at most
-/// `size_of::<T>()`) over `defaults`, so fields the caller's header lacks keep their defaults
-/// and fields beyond this library's struct are ignored. `T` must be valid for any bytes
-/// (integers, floats, raw pointers, optional function pointers; no `bool` or enum fields).
-pub(crate) unsafe fn read_sized<T: Copy>(
+/// Reads a size-prefixed struct the caller passes in: the whole fields its `struct_size`
+/// covers, over `defaults`, so fields the caller's header lacks keep their defaults and fields
+/// beyond this library's struct are ignored. `T` must be valid for any bytes (integers,
+/// floats, raw pointers, optional function pointers; no `bool` or enum fields).
+pub(crate) unsafe fn read_sized<T: AbiStruct>(
     ptr: *const T,
     defaults: T,
     name: &str,
@@ -170,33 +228,36 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     if ptr.is_null() {
         return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
     }
-    let n = struct_size(ptr, name)?.min(std::mem::size_of::<T>());
+    let n = T::whole_fields(struct_size(ptr, name)?.min(T::SIZE));
     let mut out = std::mem::MaybeUninit::new(defaults);
     std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr() as *mut u8, n);
     Ok(out.assume_init())
 }
 
-/// Checks a size-prefixed out-parameter and returns the bytes convoy may write to it. Only
-/// its `struct_size` is read.
-pub(crate) unsafe fn out_sized<T>(ptr: *mut T, name: &str) -> Result<(*mut T, usize), Failure> {
+/// Checks a size-prefixed out-parameter and returns the bytes convoy may write to it (whole
+/// fields). Only its `struct_size` is read.
+pub(crate) unsafe fn out_sized<T: AbiStruct>(
+    ptr: *mut T,
+    name: &str,
+) -> Result<(*mut T, usize), Failure> {
     if ptr.is_null() {
         return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
     }
-    let n = struct_size(ptr, name)?.min(std::mem::size_of::<T>());
+    let n = T::whole_fields(struct_size(ptr, name)?.min(T::SIZE));
     Ok((ptr, n))
 }
 
 /// Writes the first `n` bytes of `value` (from [`out_sized`]) to the caller's struct and sets
 /// its `struct_size` to `n`.
-pub(crate) unsafe fn write_sized<T: Copy>((ptr, n): (*mut T, usize), value: T) {
+pub(crate) unsafe fn write_sized<T: AbiStruct>((ptr, n): (*mut T, usize), value: T) {
     let value = std::mem::MaybeUninit::new(value);
     std::ptr::copy_nonoverlapping(value.as_ptr() as *const u8, ptr as *mut u8, n);
     std::ptr::write_unaligned(ptr as *mut u32, n as u32);
 }
 
 /// Fills a caller's struct of `size` bytes (its `sizeof`) with `value` for the `_init`
-/// functions: the bytes this library knows, zeros beyond them, `struct_size = size`.
-pub(crate) unsafe fn init_sized<T: Copy>(
+/// functions: the whole fields this library knows, zeros beyond them, `struct_size = size`.
+pub(crate) unsafe fn init_sized<T: AbiStruct>(
     ptr: *mut T,
     size: usize,
     value: T,
@@ -205,13 +266,13 @@ pub(crate) unsafe fn init_sized<T: Copy>(
     if ptr.is_null() {
         return Err(fail(convoy_status::NullPointer, format!("{name} is NULL")));
     }
-    if size < MIN_STRUCT_SIZE || size > u32::MAX as usize {
+    if size < T::MIN || size > u32::MAX as usize {
         return Err(fail(
             convoy_status::InvalidArgument,
             format!("struct_size {size} for {name} is not a size of this struct; pass sizeof"),
         ));
     }
-    let n = size.min(std::mem::size_of::<T>());
+    let n = T::whole_fields(size.min(T::SIZE));
     let value = std::mem::MaybeUninit::new(value);
     std::ptr::copy_nonoverlapping(value.as_ptr() as *const u8, ptr as *mut u8, n);
     std::ptr::write_bytes((ptr as *mut u8).add(n), 0, size - n);

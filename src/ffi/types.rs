@@ -237,7 +237,7 @@ pub struct convoy_model_info {
     pub name: *const c_char,
     /// Model family, e.g. "llama" or "qwen2".
     pub architecture: *const c_char,
-    /// Token ids are below this.
+    /// The tokenizer's vocabulary (added tokens included): valid token ids are below this.
     pub vocab_size: u32,
     /// Whether `bos_token_id` is set.
     pub has_bos_token: bool,
@@ -529,7 +529,7 @@ impl From<FinishReason> for convoy_finish_reason {
 impl From<&RequestStats> for convoy_request_stats {
     fn from(s: &RequestStats) -> Self {
         Self {
-            struct_size: std::mem::size_of::<Self>() as u32,
+            struct_size: <Self as super::AbiStruct>::SIZE as u32,
             prompt_tokens: s.prompt_tokens as u32,
             generated_tokens: s.generated_tokens as u32,
             time_to_first_token: s.time_to_first_token,
@@ -563,3 +563,118 @@ impl From<EngineStats> for convoy_engine_stats {
         }
     }
 }
+
+// The ABI's size-prefixed structs, field by field (see `AbiStruct`).
+super::abi_struct!(convoy_engine_config {
+    struct_size: u32,
+    mode: u32,
+    weights: u32,
+    max_batch_size: u32,
+    max_waiting: u32,
+    max_requests: u32,
+    max_context: u32,
+    prefill_chunk: u32,
+    log_callback: convoy_log_callback,
+    log_user_data: *mut c_void,
+    max_kv_bytes: u64,
+});
+super::abi_struct!(convoy_request_params {
+    struct_size: u32,
+    max_tokens: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    has_seed: bool,
+    seed: u64,
+    ignore_eos: bool,
+    stop_token_ids: *const u32,
+    n_stop_token_ids: usize,
+    stop_strings: *const *const c_char,
+    n_stop_strings: usize,
+});
+super::abi_struct!(RawRequestParams {
+    struct_size: u32,
+    max_tokens: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    has_seed: u8,
+    seed: u64,
+    ignore_eos: u8,
+    stop_token_ids: *const u32,
+    n_stop_token_ids: usize,
+    stop_strings: *const *const c_char,
+    n_stop_strings: usize,
+});
+super::abi_struct!(convoy_chat_message {
+    struct_size: u32,
+    role: *const c_char,
+    content: *const c_char,
+});
+// An event that cannot say whose it is or what it is would lose the request's ending.
+super::abi_struct!(convoy_event {
+    struct_size: u32,
+    kind: convoy_event_kind,
+    request_id: u64,
+    token: u32,
+    text: *const c_char,
+    text_len: usize,
+    finish_reason: convoy_finish_reason,
+    stats: *const convoy_request_stats,
+    error: *const c_char,
+} min = std::mem::offset_of!(convoy_event, request_id) + 8);
+super::abi_struct!(convoy_request_stats {
+    struct_size: u32,
+    prompt_tokens: u32,
+    generated_tokens: u32,
+    time_to_first_token: f64,
+    queue_time: f64,
+    prompt_tokens_per_second: f64,
+    generation_tokens_per_second: f64,
+    total_latency: f64,
+});
+super::abi_struct!(convoy_engine_stats {
+    struct_size: u32,
+    running: u32,
+    waiting: u32,
+    kv_tokens: u64,
+    steps: u64,
+    tokens_generated: u64,
+    requests_finished: u64,
+    step_seconds: f64,
+    mlx_seconds: f64,
+    eval_seconds: f64,
+    peak_memory_bytes: u64,
+    kv_bytes: u64,
+    requests_held: u64,
+    active_memory_bytes: u64,
+    cache_memory_bytes: u64,
+    prefilling: u32,
+});
+super::abi_struct!(convoy_model_info {
+    struct_size: u32,
+    context_length: u32,
+    name: *const c_char,
+    architecture: *const c_char,
+    vocab_size: u32,
+    has_bos_token: bool,
+    bos_token_id: u32,
+    eos_token_ids: *const u32,
+    n_eos_token_ids: usize,
+    has_chat_template: bool,
+    weight_dtype: *const c_char,
+    backend: *const c_char,
+    num_layers: u32,
+    hidden_size: u32,
+    num_heads: u32,
+    num_kv_heads: u32,
+    max_context: u32,
+});
