@@ -145,6 +145,11 @@ static void test_utilities(const convoy_engine *e) {
   free(rendered);
   CHECK(convoy_engine_render_chat(e, chat, 2, false, text, sizeof text, &len2) == CONVOY_STATUS_OK);
   CHECK(len2 < len);
+  /* A struct_size ending inside a field: whole fields only, so `role` is missing (found by
+   * the c_api fuzz target: a pointer half from the caller, half default, crashed). */
+  convoy_chat_message half = chat[1];
+  half.struct_size = 13;
+  CHECK(convoy_engine_render_chat(e, &half, 1, true, text, sizeof text, &len2) == CONVOY_STATUS_NULL_POINTER);
   chat[1].struct_size = 0;
   CHECK(convoy_engine_render_chat(e, chat, 2, true, text, sizeof text, &len2) == CONVOY_STATUS_INVALID_ARGUMENT);
   /* The rendered chat tokenizes to what submit_chat prefills (its prompt_tokens). */
