@@ -42,8 +42,10 @@ const TIE: f32 = 5e-3;
 /// the engine has made no progress at all (no token generated, no KV growth, no request
 /// finished) for `STALL_BOUND`, or after `REQUEST_BOUND` in any case. Progress, not wall
 /// time, so a slow or shared machine does not fail the test, while a hang or a spinning
-/// engine (steps that compute nothing) does.
-const STALL_BOUND: Duration = Duration::from_secs(120);
+/// engine (steps that compute nothing) does. Counters move only between steps, and one
+/// static-mode step prefills a whole group (up to 6 prompts of 2,000 tokens): on 2 shared
+/// cores that took over 120 s once, hence the generous bound.
+const STALL_BOUND: Duration = Duration::from_secs(900);
 const REQUEST_BOUND: Duration = Duration::from_secs(3600);
 /// Dropping an engine with requests in flight must return within this long.
 const DROP_BOUND: Duration = Duration::from_secs(30);
