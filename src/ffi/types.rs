@@ -596,24 +596,10 @@ super::abi_struct!(convoy_request_params {
     stop_strings: *const *const c_char,
     n_stop_strings: usize,
 });
-super::abi_struct!(RawRequestParams {
-    struct_size: u32,
-    max_tokens: u32,
-    temperature: f32,
-    top_k: u32,
-    top_p: f32,
-    min_p: f32,
-    repetition_penalty: f32,
-    presence_penalty: f32,
-    frequency_penalty: f32,
-    has_seed: u8,
-    seed: u64,
-    ignore_eos: u8,
-    stop_token_ids: *const u32,
-    n_stop_token_ids: usize,
-    stop_strings: *const *const c_char,
-    n_stop_strings: usize,
-});
+// The mirror has the public struct's layout (asserted field by field above).
+impl super::AbiStruct for RawRequestParams {
+    const FIELD_ENDS: &'static [usize] = <convoy_request_params as super::AbiStruct>::FIELD_ENDS;
+}
 super::abi_struct!(convoy_chat_message {
     struct_size: u32,
     role: *const c_char,
