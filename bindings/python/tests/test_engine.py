@@ -61,7 +61,11 @@ def test_chat_generate_gives_the_known_answer(engine):
     assert completion.text == PARIS_TEXT
     assert completion.finish_reason == convoy.FinishReason.STOP
     # The log callback saw one line for it (on the engine thread).
-    assert any(f"request_id={completion.id}" in line for line in LOG_LINES), LOG_LINES
+    # The log line is written on the engine thread, possibly just after FINISHED is delivered.
+    deadline = time.monotonic() + 10
+    while not any(f"request_id={completion.id}" in line for line in LOG_LINES):
+        assert time.monotonic() < deadline, LOG_LINES
+        time.sleep(0.05)
 
 
 def test_token_prompt_equals_the_chat_prompt(engine):
