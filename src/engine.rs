@@ -164,14 +164,18 @@ pub struct ModelInfo {
     pub num_kv_heads: usize,
 }
 
+/// A request on its way to the engine thread.
+struct Submission {
+    id: RequestId,
+    prompt: Vec<u32>,
+    request: Request,
+    events: Arc<Stream>,
+    at: Instant,
+}
+
 enum Command {
-    Submit {
-        id: RequestId,
-        prompt: Vec<u32>,
-        request: Request,
-        events: Arc<Stream>,
-        at: Instant,
-    },
+    /// Requests submitted together: the engine thread takes all of them before its next step.
+    Submit(Vec<Submission>),
     Cancel(RequestId),
     /// The process is exiting: stop at once and call nothing of the host's.
     Exit,
@@ -456,37 +460,60 @@ impl Engine {
     /// requests are queued or `max_requests` are held, `PromptTooLong`, `InvalidArgument`,
     /// `EngineFailed`, `ShutDown`.
     pub fn submit(&self, request: Request) -> Result<RequestId> {
+        Ok(self.submit_batch(vec![request])?[0])
+    }
+
+    /// Queues several requests as one: all are checked first and either all are queued or
+    /// none is (the error says why), and the engine thread takes them together, before its
+    /// next step. So a batch reaches the scheduler as one group of arrivals, as when a
+    /// caller hands a whole batch over at once (static batching, offline jobs). Returns the
+    /// ids in order. Errors as [`submit`](Self::submit); `Busy` when the batch does not fit
+    /// whole under `max_waiting` or `max_requests`; `InvalidArgument` for an empty batch.
+    pub fn submit_batch(&self, requests: Vec<Request>) -> Result<Vec<RequestId>> {
         self.check_alive()?;
-        let prompt = self.prompt_tokens(&request.prompt)?;
-        // Same checks the scheduler makes, answered here without a round trip.
-        self.config
-            .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
-        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
-        if queued >= self.config.max_waiting {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        if requests.is_empty() {
+            return Err(Error::InvalidArgument("the batch has no requests".into()));
+        }
+        let mut checked = Vec::with_capacity(requests.len());
+        for request in requests {
+            let prompt = self.prompt_tokens(&request.prompt)?;
+            // Same checks the scheduler makes, answered here without a round trip.
+            self.config
+                .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
+            checked.push((prompt, request));
+        }
+        let n = checked.len();
+        let queued = self.shared.queued.fetch_add(n, Ordering::SeqCst);
+        if queued.saturating_add(n) > self.config.max_waiting {
+            self.shared.queued.fetch_sub(n, Ordering::SeqCst);
             return Err(Error::Busy(queued));
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let first = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        let ids: Vec<RequestId> = (first..first + n as u64).collect();
         let at = Instant::now();
-        let registered = self.streams.register(id, |events| {
-            // The command comes back in the error if the thread is gone: drop it here.
-            self.commands
-                .send(Command::Submit {
+        let registered = self.streams.register_many(&ids, |streams| {
+            let batch = ids
+                .iter()
+                .zip(checked)
+                .zip(streams)
+                .map(|((&id, (prompt, request)), events)| Submission {
                     id,
                     prompt,
                     request,
                     events,
                     at,
                 })
-                .map_err(drop)
+                .collect();
+            // The command comes back in the error if the thread is gone: drop it here.
+            self.commands.send(Command::Submit(batch)).map_err(drop)
         });
         match registered {
-            Ok(()) => Ok(id),
+            Ok(()) => Ok(ids),
             Err(refused) => {
-                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                self.shared.queued.fetch_sub(n, Ordering::SeqCst);
                 self.check_alive()?;
                 match refused {
-                    Ok(Refused::Full(n)) => Err(Error::Busy(n)),
+                    Ok(Refused::Full(held)) => Err(Error::Busy(held)),
                     Ok(Refused::Stopped) | Err(_) => Err(Error::ShutDown),
                 }
             }
@@ -675,34 +702,42 @@ impl Loop {
         }
     }
 
+    /// Hands a submitted request to the scheduler, or ends it at once if refused.
+    fn admit(&mut self, sub: Submission) {
+        let Submission {
+            id,
+            prompt,
+            request,
+            events,
+            at,
+        } = sub;
+        let eos = self.runner.model().tokenizer.eos_ids().to_vec();
+        match self
+            .sched
+            .submit(id, prompt, request.sampling, request.stop, eos, at)
+        {
+            Ok(()) => {
+                self.senders.insert(id, events);
+            }
+            Err(e) => {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                events.push(Event::Finished {
+                    id,
+                    reason: FinishReason::Error,
+                    text: String::new(),
+                    stats: RequestStats::default(),
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+
     /// Applies one command; returns false on shutdown.
     fn command(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Submit {
-                id,
-                prompt,
-                request,
-                events,
-                at,
-            } => {
-                let eos = self.runner.model().tokenizer.eos_ids().to_vec();
-                match self
-                    .sched
-                    .submit(id, prompt, request.sampling, request.stop, eos, at)
-                {
-                    Ok(()) => {
-                        self.senders.insert(id, events);
-                    }
-                    Err(e) => {
-                        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                        events.push(Event::Finished {
-                            id,
-                            reason: FinishReason::Error,
-                            text: String::new(),
-                            stats: RequestStats::default(),
-                            error: Some(e.to_string()),
-                        });
-                    }
+            Command::Submit(batch) => {
+                for sub in batch {
+                    self.admit(sub);
                 }
             }
             Command::Cancel(id) => {

@@ -189,21 +189,37 @@ impl Streams {
     /// Creates the stream of a new request and, under the same lock, hands it to `send`
     /// (which queues the submit command), so the engine thread's final sweep cannot miss it.
     /// If `send` fails the stream is removed again.
+    #[cfg(test)]
     pub(crate) fn register<E>(
         &self,
         id: RequestId,
         send: impl FnOnce(Arc<Stream>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), std::result::Result<Refused, E>> {
+        self.register_many(&[id], |mut streams| send(streams.remove(0)))
+    }
+
+    /// [`register`](Self::register) for several requests at once: all or none (refused as
+    /// `Full` unless every one fits under `max_requests`), with one `send` for all of them.
+    pub(crate) fn register_many<E>(
+        &self,
+        ids: &[RequestId],
+        send: impl FnOnce(Vec<Arc<Stream>>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), std::result::Result<Refused, E>> {
         let mut reg = self.lock();
         if reg.stopped {
             return Err(Ok(Refused::Stopped));
         }
-        if reg.streams.len() >= self.max_requests {
+        if reg.streams.len().saturating_add(ids.len()) > self.max_requests {
             return Err(Ok(Refused::Full(reg.streams.len())));
         }
-        let stream = Arc::new(Stream::new(id, self.any.clone()));
-        send(stream.clone()).map_err(Err)?;
-        reg.streams.insert(id, stream);
+        let streams: Vec<Arc<Stream>> = ids
+            .iter()
+            .map(|&id| Arc::new(Stream::new(id, self.any.clone())))
+            .collect();
+        send(streams.clone()).map_err(Err)?;
+        for (&id, stream) in ids.iter().zip(streams) {
+            reg.streams.insert(id, stream);
+        }
         Ok(())
     }
 

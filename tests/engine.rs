@@ -484,3 +484,66 @@ fn failures_on_the_engine_thread_end_requests_and_never_hang() {
     ));
     assert_eq!(e.requests_held(), 0);
 }
+
+/// A batch submitted as one reaches the scheduler together: in static mode it runs as one
+/// batch (as many steps as a single request of the same shape), with the same answers as
+/// one at a time. A batch with one bad request queues nothing.
+#[test]
+fn submit_batch_runs_as_one_group_and_is_all_or_nothing() {
+    let refs = reference();
+    let len = refs.iter().map(|(p, _)| p.len()).min().unwrap();
+    let prompts: Vec<Vec<u32>> = refs
+        .iter()
+        .take(3)
+        .map(|(p, _)| p[..len].to_vec())
+        .collect();
+
+    let fixed = |p: &[u32]| {
+        let mut r = request(p, 4);
+        r.stop.ignore_eos = true;
+        r
+    };
+    let single = engine(BatchMode::Static, 3);
+    let id = single.submit(fixed(&prompts[0])).unwrap();
+    drain(&single, id);
+    let single_steps = single.stats().steps;
+
+    let e = engine(BatchMode::Static, 3);
+    let ids = e
+        .submit_batch(prompts.iter().map(|p| fixed(p)).collect())
+        .unwrap();
+    assert_eq!(ids.len(), 3);
+    let lm = model::load(model_path(), LoadOptions::default()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let (toks, _, reason) = drain(&e, *id);
+        assert_eq!(reason, FinishReason::Length);
+        let expect = generate_greedy(&lm, &prompts[i], 4).unwrap();
+        assert_eq!(toks[..expect.len()], expect[..], "row {i}");
+    }
+    assert_eq!(
+        e.stats().steps,
+        single_steps,
+        "the three requests ran as one static batch"
+    );
+
+    assert!(matches!(
+        e.submit_batch(vec![]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let bad = vec![
+        request(&prompts[0], 4),
+        Request::new(Prompt::Tokens(vec![49152])),
+    ];
+    assert!(matches!(
+        e.submit_batch(bad),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(e.requests_held(), 0, "nothing of a refused batch is queued");
+
+    let mut cfg = EngineConfig::default().max_batch_size(1);
+    cfg.scheduler.max_waiting = 2;
+    let small = Engine::new(model_path(), cfg).unwrap();
+    let three = (0..3).map(|_| request(&prompts[0], 2)).collect();
+    assert!(matches!(small.submit_batch(three), Err(Error::Busy(_))));
+    assert_eq!(small.requests_held(), 0);
+}
