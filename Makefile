@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
+.PHONY: setup demo test bench bench-smoke bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -57,6 +57,17 @@ soak: setup
 
 bench: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --out bench-results
+
+# convoy against mlx-lm 0.32.2 (pinned, in a venv in the cache) on the same machine, model
+# (float32 MLX folder), MLX and BLAS, side by side in one run: closed loops at c = 1, 2, 4, 8,
+# 16 and a mixed Poisson workload. Writes bench-results/compare/{report.md, summary.jsonl,
+# compare.png, results.jsonl}. About 15 minutes on 2 cores.
+bench-compare: setup
+	scripts/bench-compare.sh $(BENCH_COMPARE_ARGS)
+
+# The same pipeline at a tiny size: both engines run every workload and the report is built.
+bench-compare-smoke: setup
+	scripts/bench-compare.sh --smoke --out target/bench-compare-smoke
 
 # The benchmark once at a tiny size: proves it runs and writes sane output.
 SMOKE_ARGS = --model $(MODEL) --out target/bench-smoke --n 2 --max-tokens 4 --prompt-len 16 --concurrency 1,2 --smoke

@@ -5,6 +5,8 @@
 //!
 //! Writes a table to stdout, JSON lines to `<out>/results.jsonl` and a plot to
 //! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
+#[path = "shared/compare.rs"]
+mod compare;
 #[path = "shared/font.rs"]
 mod font;
 
@@ -66,6 +68,44 @@ struct Args {
     /// Internal: run only the batch-1 benchmark for the dequantized path under this label.
     #[arg(long, hide = true)]
     single_only: Option<String>,
+
+    // Side by side with mlx-lm (`make bench-compare`, scripts/bench-compare.sh).
+    /// Write the float32 MLX folder of the (GGUF) model into this folder and exit.
+    #[arg(long)]
+    export_mlx: Option<PathBuf>,
+    /// Write the comparison workloads (JSON, token ids) into this folder and exit: closed
+    /// loops at each --concurrency (n = max(--n, 2c), --prompt-len, --max-tokens) and the
+    /// mixed workload.
+    #[arg(long)]
+    write_workloads: Option<PathBuf>,
+    /// Mixed workload: requests, Poisson arrival rate (req/s), batch size, prompt and
+    /// output length ranges (uniform, inclusive), seed.
+    #[arg(long, default_value_t = 24)]
+    mixed_requests: usize,
+    #[arg(long, default_value_t = 0.25)]
+    mixed_rate: f64,
+    #[arg(long, default_value_t = 8)]
+    mixed_batch: usize,
+    #[arg(long, value_delimiter = ',', default_value = "24,600")]
+    mixed_prompt: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "8,200")]
+    mixed_output: Vec<usize>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Run this workload file on convoy in --mode and append the raw result line to
+    /// --result.
+    #[arg(long)]
+    run_workload: Option<PathBuf>,
+    #[arg(long, default_value = "continuous")]
+    mode: String,
+    #[arg(long)]
+    result: Option<PathBuf>,
+    /// Build the side-by-side report from this results file (both engines' lines) into
+    /// --out; --report-header is a file whose text goes on top.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    #[arg(long)]
+    report_header: Option<PathBuf>,
 }
 
 fn default_model() -> PathBuf {
@@ -542,6 +582,61 @@ fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
 fn main() {
     let args = Args::parse();
     let model = args.model.clone().unwrap_or_else(default_model);
+    if let Some(dir) = &args.export_mlx {
+        if let Err(e) = compare::export_mlx_folder(&model, dir) {
+            eprintln!("export failed: {e}");
+            std::process::exit(1);
+        }
+        println!("wrote {}", dir.display());
+        return;
+    }
+    if let Some(dir) = &args.write_workloads {
+        let lm = model::load(&model, LoadOptions::default()).expect("load the model");
+        let corpus = lm.tokenizer.encode(CORPUS, false).expect("encode corpus");
+        let pair = |v: &[usize], what: &str| match v {
+            [a, b] if a <= b && *a > 0 => (*a, *b),
+            _ => panic!("--{what} takes two lengths, low,high"),
+        };
+        let spec = compare::Spec {
+            concurrency: args.concurrency.clone(),
+            min_requests: args.n,
+            prompt_len: args.prompt_len,
+            max_tokens: args.max_tokens,
+            mixed_requests: args.mixed_requests,
+            mixed_rate: args.mixed_rate,
+            mixed_batch: args.mixed_batch,
+            mixed_prompt: pair(&args.mixed_prompt, "mixed-prompt"),
+            mixed_output: pair(&args.mixed_output, "mixed-output"),
+            seed: args.seed,
+        };
+        for w in compare::write_workloads(dir, &corpus, &spec) {
+            println!(
+                "{}/{}.json: {} requests",
+                dir.display(),
+                w.name,
+                w.requests.len()
+            );
+        }
+        return;
+    }
+    if let Some(w) = &args.run_workload {
+        let result = args.result.clone().expect("--run-workload needs --result");
+        compare::run_convoy(&model, w, &args.mode, &result);
+        return;
+    }
+    if let Some(results) = &args.report {
+        let header = args
+            .report_header
+            .as_ref()
+            .map(|p| std::fs::read_to_string(p).expect("read the report header"))
+            .unwrap_or_default();
+        let slo = compare::Slo {
+            ttft: args.slo_ttft,
+            itl: args.slo_itl,
+        };
+        print!("{}", compare::report(results, &args.out, &slo, &header));
+        return;
+    }
     if let Some(label) = &args.single_only {
         println!(
             "{}",

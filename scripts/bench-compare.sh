@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
+#   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
+#
+# 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
+#    MLX 0.32.2 (scripts/bench-compare-requirements.txt, every package pinned).
+# 2. The float32 MLX folder of the bundled model ($CONVOY_CACHE_DIR/models/...-f32-mlx,
+#    written once by convoy-bench --export-mlx): both engines load this same folder.
+# 3. The workloads as token ids (convoy-bench --write-workloads): closed loops at each c
+#    (n = max(8, 2c), prompt 128, 64 tokens, EOS ignored) and a mixed open-loop workload
+#    (Poisson arrivals, prompts 24-600 tokens, outputs 8-200, fixed seed, batch 8).
+# 4. Every (workload, mode) on both engines, each run in its own process (peak RSS is the
+#    run's own), the engine that goes first alternating between configurations. mlx-lm runs
+#    with the same OpenMP OpenBLAS that libconvoy links (LD_PRELOAD over the wheel's
+#    reference BLAS), so both use one BLAS.
+# 5. convoy-bench --report: report.md (tables, ratios, memory), summary.jsonl, compare.png;
+#    raw timings in results.jsonl.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${CONVOY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/convoy}"
+VENV="$CACHE/venv-mlx-lm"
+PY="${CONVOY_PYTHON:-python3}"
+OUT="$ROOT/bench-results/compare"
+SMOKE=0
+CONCURRENCY=1,2,4,8,16
+ONLY=""
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+die() { echo "bench-compare: error: $*" >&2; exit 1; }
+say() { echo "bench-compare: $*" >&2; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    --concurrency) CONCURRENCY="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    *) die "unknown option $1" ;;
+  esac
+done
+
+"$ROOT/scripts/setup.sh"
+GGUF="$("$ROOT/scripts/setup.sh" --model-path)"
+MLX_MODEL="$CACHE/models/$(basename "$GGUF" .gguf | sed 's/\.Q[0-9_A-Z]*$//')-f32-mlx"
+cd "$ROOT"
+cargo build --release --bin convoy-bench
+BENCH="$ROOT/target/release/convoy-bench"
+
+# The BLAS libconvoy links (see build.rs): preloaded for mlx-lm too.
+BLAS="$(ldd "$ROOT/target/release/convoy-bench" | awk '/libopenblas/ {print $3; exit}')"
+[[ -n "$BLAS" && -f "$BLAS" ]] || die "cannot find the OpenBLAS convoy-bench links"
+
+mkdir -p "$CACHE"
+if command -v flock >/dev/null; then
+  exec 9>"$CACHE/venv-mlx-lm.lock"
+  flock 9
+fi
+REQ="$ROOT/scripts/bench-compare-requirements.txt"
+STAMP="$(sha256sum "$REQ" | cut -c1-16) $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "$STAMP" ]]; then
+  "$PY" -c 'import ensurepip, venv' 2>/dev/null ||
+    die "$PY cannot create virtual environments: install python3-venv"
+  say "creating $VENV (mlx-lm 0.32.2, pinned: $REQ)"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet -r "$REQ"
+  echo "$STAMP" >"$VENV/.convoy-stamp"
+fi
+
+if [[ ! -f "$MLX_MODEL/model.safetensors" ]]; then
+  say "writing the float32 MLX folder $MLX_MODEL"
+  "$BENCH" --model "$GGUF" --export-mlx "$MLX_MODEL"
+fi
+
+mkdir -p "$OUT"
+rm -f "$OUT/results.jsonl"
+if [[ $SMOKE == 1 ]]; then
+  WL_ARGS=(--concurrency 1,2 --n 2 --prompt-len 16 --max-tokens 4 --mixed-requests 3
+           --mixed-rate 4 --mixed-batch 2 --mixed-prompt 8,40 --mixed-output 2,6)
+else
+  WL_ARGS=(--concurrency "$CONCURRENCY")
+fi
+"$BENCH" --model "$MLX_MODEL" --write-workloads "$OUT/workloads" "${WL_ARGS[@]}"
+
+run_mlx_lm() {
+  LD_PRELOAD="$BLAS" "$VENV/bin/python" "$ROOT/scripts/bench_mlx_lm.py" --model "$MLX_MODEL" \
+    --workload "$1" --mode "$2" --result "$OUT/results.jsonl"
+}
+run_convoy() {
+  "$BENCH" --model "$MLX_MODEL" --run-workload "$1" --mode "$2" --result "$OUT/results.jsonl"
+}
+
+first=convoy
+for wl in "$OUT"/workloads/closed-c*.json "$OUT"/workloads/mixed.json; do
+  [[ -f "$wl" ]] || continue
+  modes=(static continuous)
+  [[ "$(basename "$wl")" == mixed.json ]] && modes=(continuous)
+  for mode in "${modes[@]}"; do
+    if [[ $first == convoy ]]; then order=(convoy mlx-lm); first=mlx-lm; else order=(mlx-lm convoy); first=convoy; fi
+    for engine in "${order[@]}"; do
+      [[ -z "$ONLY" || "$ONLY" == "$engine" ]] || continue
+      say "$(date +%H:%M:%S) $engine $(basename "$wl" .json) $mode"
+      if [[ $engine == convoy ]]; then run_convoy "$wl" "$mode"; else run_mlx_lm "$wl" "$mode"; fi
+    done
+  done
+done
+
+HEADER="$OUT/header.md"
+{
+  echo "Run of \`make bench-compare\` on $(date -u +%Y-%m-%d) ($(date -u +%H:%M) UTC)."
+  echo
+  echo "- Machine: $(uname -sm), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GB", $2/1e6}' /proc/meminfo 2>/dev/null) RAM."
+  echo "- MLX $("$VENV/bin/python" -c 'import mlx.core as mx; print(mx.__version__)') CPU for both; mlx-lm $("$VENV/bin/python" -c 'import mlx_lm; print(mlx_lm.__version__)'); convoy $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); BLAS $(basename "$(dirname "$BLAS")") $(dpkg-query -W -f '${Version}' libopenblas0-openmp 2>/dev/null || true) for both."
+  echo "- Model: $(basename "$MLX_MODEL") (float32, from $(basename "$GGUF"))."
+  echo "- Workloads: $("$VENV/bin/python" -c "
+import json,glob,os
+out=[]
+for p in sorted(glob.glob('$OUT/workloads/*.json')):
+    w=json.load(open(p)); r=w['requests']
+    pl=[len(x['prompt']) for x in r]; ml=[x['max_tokens'] for x in r]
+    out.append(f\"{w['name']}: n={len(r)}, prompt {min(pl)}-{max(pl)}, output {min(ml)}-{max(ml)}, batch {w['batch']}\")
+print('; '.join(out))")."
+} >"$HEADER"
+"$BENCH" --report "$OUT/results.jsonl" --report-header "$HEADER" --out "$OUT"
+say "wrote $OUT/report.md, $OUT/summary.jsonl, $OUT/compare.png, $OUT/results.jsonl"
+
+if [[ $SMOKE == 1 ]]; then
+  # Both engines produced every run with every token, and the report has its tables.
+  "$VENV/bin/python" - "$OUT" <<'EOF'
+import glob, json, sys
+out = sys.argv[1]
+want = {}
+for p in glob.glob(f"{out}/workloads/*.json"):
+    w = json.load(open(p))
+    want[w["name"]] = (sum(r["max_tokens"] for r in w["requests"]), w["kind"])
+seen = {}
+for line in open(f"{out}/results.jsonl"):
+    r = json.loads(line)
+    toks = sum(len(t["tokens"]) for t in r["traces"])
+    total, kind = want[r["workload"]]
+    assert toks == total, f"{r['engine']} {r['workload']} {r['mode']}: {toks} tokens, want {total}"
+    assert all(t["tokens"] and t["tokens"][0] >= t["submitted"] for t in r["traces"])
+    seen[(r["engine"], r["workload"], r["mode"])] = True
+expect = sum(2 if k == "closed" else 1 for _, k in want.values()) * 2
+assert len(seen) == expect, f"{len(seen)} runs, want {expect}"
+report = open(f"{out}/report.md").read()
+assert "| 1 |" in report and "Mixed workload" in report and "mlx-lm" in report
+print("bench-compare smoke check: ok")
+EOF
+fi
