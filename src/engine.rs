@@ -42,6 +42,12 @@ pub struct EngineConfig {
     /// answers busy beyond this, so a host that never polls cannot grow memory without
     /// bound. Default 1024.
     pub max_requests: usize,
+    /// Performance switches, on by default; off only to measure what each buys
+    /// (`convoy-bench --ablate`). `fuse_projections`: q/k/v and gate/up as one matmul each
+    /// (see [`LoadOptions`](crate::model::LoadOptions)). `decode_ahead`: queue the next
+    /// greedy decode step before handing this step's tokens to the scheduler.
+    pub fuse_projections: bool,
+    pub decode_ahead: bool,
 }
 
 /// The default of [`EngineConfig::max_requests`].
@@ -54,6 +60,8 @@ impl Default for EngineConfig {
             weights: WeightsPolicy::default(),
             log: None,
             max_requests: DEFAULT_MAX_REQUESTS,
+            fuse_projections: true,
+            decode_ahead: true,
         }
     }
 }
@@ -65,6 +73,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("weights", &self.weights)
             .field("log", &self.log.is_some())
             .field("max_requests", &self.max_requests)
+            .field("fuse_projections", &self.fuse_projections)
+            .field("decode_ahead", &self.decode_ahead)
             .finish()
     }
 }
@@ -857,6 +867,7 @@ fn engine_thread(
             &path,
             LoadOptions {
                 weights: config.weights,
+                fuse_projections: config.fuse_projections,
             },
         )
     });
@@ -896,7 +907,11 @@ fn engine_thread(
     sched_cfg.max_context = sched_cfg.max_context.min(context).max(2);
     let mut state = Loop {
         sched: Scheduler::new(sched_cfg, layout),
-        runner: MlxRunner::new(lm),
+        runner: {
+            let mut runner = MlxRunner::new(lm);
+            runner.set_pipelining(config.decode_ahead);
+            runner
+        },
         senders: HashMap::new(),
         shared: shared.clone(),
         log: config.log.clone(),

@@ -188,7 +188,18 @@ impl Runner for MlxRunner {
         Ok(())
     }
 
-    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+    fn prefill_remaining(&self) -> usize {
+        self.group
+            .as_ref()
+            .map_or(0, |g| g.tokens.width() - g.tokens.done())
+    }
+
+    fn decode(
+        &mut self,
+        inputs: &[u32],
+        samplers: &mut [&mut Sampler],
+        ahead: bool,
+    ) -> Result<Vec<u32>> {
         let (greedy, logits) = match self.pending.take() {
             // Queued last step with exactly these inputs (the rows' greedy tokens).
             Some(p) => (p.tokens, p.logits),
@@ -217,7 +228,7 @@ impl Runner for MlxRunner {
                 let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
                 tokens[r] = samplers[r].sample(&mut row);
             }
-        } else if self.pipeline {
+        } else if self.pipeline && ahead {
             // Every row is greedy, so the next inputs are `greedy` itself: queue that step now.
             let next_input = greedy.reshape(&[tokens.len() as i32, 1])?;
             let (next_tokens, next_logits) = self.decode_graph(&next_input)?;

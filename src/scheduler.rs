@@ -31,7 +31,17 @@ pub trait Runner {
     /// Appends the prefilled group to the running batch.
     fn join(&mut self) -> Result<()>;
     /// One decode step: `inputs[r]` is row r's next input token; returns each row's next token.
-    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>>;
+    /// `ahead`: the rows will all go on decoding unchanged after this step, so a runner may
+    /// start the next step before returning (decode-ahead). False when a group joins or every
+    /// row ends this step, where a step queued ahead would be thrown away.
+    fn decode(
+        &mut self,
+        inputs: &[u32],
+        samplers: &mut [&mut Sampler],
+        ahead: bool,
+    ) -> Result<Vec<u32>>;
+    /// Prompt columns the prefill group still has to process (0 without a group).
+    fn prefill_remaining(&self) -> usize;
     /// Keeps only these rows of the running batch.
     fn retain(&mut self, rows: &[usize]) -> Result<()>;
     /// Drops all state (after an error).
@@ -78,6 +88,9 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Most requests prefilled together in one group.
     pub max_prefill_group: usize,
+    /// Do not let the runner queue a decode step ahead when it would be thrown away (a
+    /// group joins, or every row ends by length). Default true; off only to measure it.
+    pub skip_wasted_ahead: bool,
 }
 
 impl SchedulerConfig {
@@ -135,6 +148,7 @@ impl Default for SchedulerConfig {
             max_context: 8192,
             prefill_chunk: 256,
             max_prefill_group: 8,
+            skip_wasted_ahead: true,
         }
     }
 }
@@ -210,8 +224,16 @@ impl Runner for TimedRunner<'_> {
     fn join(&mut self) -> Result<()> {
         self.time(|r| r.join())
     }
-    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
-        self.time(|r| r.decode(inputs, samplers))
+    fn decode(
+        &mut self,
+        inputs: &[u32],
+        samplers: &mut [&mut Sampler],
+        ahead: bool,
+    ) -> Result<Vec<u32>> {
+        self.time(|r| r.decode(inputs, samplers, ahead))
+    }
+    fn prefill_remaining(&self) -> usize {
+        self.inner.prefill_remaining()
     }
     fn retain(&mut self, rows: &[usize]) -> Result<()> {
         self.time(|r| r.retain(rows))
@@ -374,15 +396,9 @@ impl Scheduler {
         if self.prefilling.is_empty() {
             self.admit(runner)?;
         }
-        if !self.prefilling.is_empty() {
-            let chunk = match self.cfg.mode {
-                BatchMode::Continuous => (self.cfg.prefill_chunk / self.prefilling.len()).max(1),
-                BatchMode::Static => usize::MAX,
-            };
-            if runner.prefill_step(chunk)? {
-                runner.join()?;
-                self.running.append(&mut self.prefilling);
-            }
+        if !self.prefilling.is_empty() && runner.prefill_step(self.chunk(self.prefilling.len()))? {
+            runner.join()?;
+            self.running.append(&mut self.prefilling);
         }
         Ok(())
     }
@@ -416,32 +432,69 @@ impl Scheduler {
         Ok(())
     }
 
-    fn admit(&mut self, runner: &mut dyn Runner) -> Result<()> {
-        if self.waiting.is_empty() {
-            return Ok(());
+    /// Prompt columns prefilled per step for a group of `rows`.
+    fn chunk(&self, rows: usize) -> usize {
+        match self.cfg.mode {
+            BatchMode::Continuous => (self.cfg.prefill_chunk / rows.max(1)).max(1),
+            BatchMode::Static => usize::MAX,
         }
+    }
+
+    /// How many requests from the head of the queue a group admitted now would take, if
+    /// `leaving` running rows were gone.
+    fn admissible(&self, leaving: usize) -> usize {
+        if !self.prefilling.is_empty() {
+            return 0;
+        }
+        let staying = self.running.len() - leaving;
         let room = match self.cfg.mode {
-            BatchMode::Static if !self.running.is_empty() => return Ok(()),
+            BatchMode::Static if staying > 0 => return 0,
             BatchMode::Static => self.cfg.max_batch_size,
-            BatchMode::Continuous => {
-                (self.cfg.max_batch_size - self.running.len()).min(self.cfg.max_prefill_group)
-            }
+            BatchMode::Continuous => self
+                .cfg
+                .max_batch_size
+                .saturating_sub(staying)
+                .min(self.cfg.max_prefill_group),
         };
         // The KV footprint if every admitted request grows to its limit (FIFO: the head of
         // the queue waits for room rather than being overtaken).
-        let mut rows = self.running.len();
+        // (With rows leaving, this over-counts the footprint: a prediction may say no where
+        // admission then says yes; admission itself is always called with none leaving.)
+        let rows = self.running.len();
         let mut max_len = self.running.iter().map(Seq::final_len).max().unwrap_or(0);
-        while self.prefilling.len() < room {
-            let Some(next) = self.waiting.front() else {
-                break;
-            };
+        let mut n = 0;
+        for next in self.waiting.iter().take(room) {
             let len = max_len.max(next.final_len());
-            if footprint_bytes(&self.layout, rows + 1, len) > self.cfg.max_kv_bytes {
+            if footprint_bytes(&self.layout, rows + n + 1, len) > self.cfg.max_kv_bytes {
                 break;
             }
-            rows += 1;
             max_len = len;
-            let mut seq = self.waiting.pop_front().expect("front exists");
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether a prefill group will join the running batch at the end of this step, with
+    /// `leaving` rows ending in its decode (the group now prefilling finishes with this
+    /// step's chunk, or a group admitted this step fits in one chunk).
+    fn join_expected(&self, runner: &dyn Runner, leaving: usize) -> bool {
+        if !self.prefilling.is_empty() {
+            return runner.prefill_remaining() <= self.chunk(self.prefilling.len());
+        }
+        let n = self.admissible(leaving);
+        let widest = self
+            .waiting
+            .iter()
+            .take(n)
+            .map(|s| s.prompt.len() - 1)
+            .max();
+        widest.is_some_and(|w| w <= self.chunk(n))
+    }
+
+    fn admit(&mut self, runner: &mut dyn Runner) -> Result<()> {
+        let n = self.admissible(0);
+        for _ in 0..n {
+            let mut seq = self.waiting.pop_front().expect("counted above");
             seq.admitted = Some(Instant::now());
             self.prefilling.push(seq);
         }
@@ -463,9 +516,17 @@ impl Scheduler {
         events: &mut Vec<Event>,
     ) -> Result<()> {
         let inputs: Vec<u32> = self.running.iter().map(|s| s.next_input).collect();
+        // A step queued ahead is wasted if every row ends now (by length) or a group joins.
+        let leaving = self
+            .running
+            .iter()
+            .filter(|s| s.generated + 1 >= s.stop.max_tokens)
+            .count();
+        let ahead = !self.cfg.skip_wasted_ahead
+            || (leaving < self.running.len() && !self.join_expected(&*runner, leaving));
         let mut samplers: Vec<&mut Sampler> =
             self.running.iter_mut().map(|s| &mut s.sampler).collect();
-        let tokens = runner.decode(&inputs, &mut samplers)?;
+        let tokens = runner.decode(&inputs, &mut samplers, ahead)?;
         if tokens.len() != self.running.len() {
             return Err(Error::EngineFailed(format!(
                 "runner returned {} tokens for {} rows",

@@ -399,7 +399,7 @@ fn batched_logits_match_single_sequence_logits() {
     let mut decode = |runner: &mut MlxRunner, rows: &mut Vec<(usize, usize, u32)>| {
         let inputs: Vec<u32> = rows.iter().map(|r| r.2).collect();
         let mut s: Vec<&mut Sampler> = samplers.iter_mut().take(rows.len()).collect();
-        let toks = runner.decode(&inputs, &mut s).unwrap();
+        let toks = runner.decode(&inputs, &mut s, true).unwrap();
         let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
         let vocab = logits.len() / rows.len();
         for (r, row) in rows.iter_mut().enumerate() {

@@ -14,7 +14,13 @@ use convoy::Error;
 use serde_json::json;
 
 fn load(path: &Path, weights: WeightsPolicy) -> convoy::Result<convoy::model::LoadedModel> {
-    model::load(path, LoadOptions { weights })
+    model::load(
+        path,
+        LoadOptions {
+            weights,
+            ..Default::default()
+        },
+    )
 }
 
 fn paris_prompt(lm: &convoy::model::LoadedModel) -> Vec<u32> {

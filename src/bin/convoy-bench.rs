@@ -80,15 +80,15 @@ struct Args {
     write_workloads: Option<PathBuf>,
     /// Mixed workload: requests, Poisson arrival rate (req/s), batch size, prompt and
     /// output length ranges (uniform, inclusive), seed.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 20)]
     mixed_requests: usize,
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.15)]
     mixed_rate: f64,
     #[arg(long, default_value_t = 8)]
     mixed_batch: usize,
     #[arg(long, value_delimiter = ',', default_value = "24,600")]
     mixed_prompt: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_value = "8,200")]
+    #[arg(long, value_delimiter = ',', default_value = "8,128")]
     mixed_output: Vec<usize>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -106,6 +106,17 @@ struct Args {
     report: Option<PathBuf>,
     #[arg(long)]
     report_header: Option<PathBuf>,
+    /// Time the model's decode step alone: B rows of --prompt-len cached tokens, this many
+    /// steps (scripts/profile_decode_mlx_lm.py does the same for mlx-lm's model).
+    #[arg(long)]
+    profile_decode: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
+    /// fuse (q/k/v and gate/up as one matmul), ahead (decode-ahead), join (skip the step
+    /// queued ahead when a group joins or every row ends).
+    #[arg(long, value_delimiter = ',')]
+    ablate: Vec<String>,
 }
 
 fn default_model() -> PathBuf {
@@ -413,7 +424,14 @@ fn single(
     prompt_len: usize,
     label: &str,
 ) -> serde_json::Value {
-    let lm = model::load(model, LoadOptions { weights: policy }).expect("load model");
+    let lm = model::load(
+        model,
+        LoadOptions {
+            weights: policy,
+            ..Default::default()
+        },
+    )
+    .expect("load model");
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     corpus.truncate(prompt_len);
     let layout = convoy::runner::kv_layout(&lm.model);
@@ -442,6 +460,57 @@ fn single(
         "prefill_tok_s": corpus.len() as f64 / prefill,
         "decode_tok_s": decode_tps,
     })
+}
+
+/// Milliseconds per decode step of the model alone (no engine) at batch `b` with `t` cached
+/// tokens per row: prefill, 3 warm-up steps, then `steps` timed greedy steps, each evaluated.
+fn profile_decode(model: &Path, b: usize, t: usize, steps: usize, fuse: bool) {
+    use convoy::mlx_rs::ops::indexing::argmax_axis;
+    use convoy::mlx_rs::Array;
+    let options = LoadOptions {
+        fuse_projections: fuse,
+        ..Default::default()
+    };
+    let mut lm = model::load(model, options).expect("load model");
+    let attn = !std::env::args().any(|a| a.contains("attn"));
+    lm.model.set_copy_free_decode_attention(attn);
+    let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
+    while corpus.len() < t + b * 7 {
+        let again = corpus.clone();
+        corpus.extend(again);
+    }
+    let layout = convoy::runner::kv_layout(&lm.model);
+    let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout, vec![0; b]);
+    let ids: Vec<i32> = (0..b)
+        .flat_map(|r| corpus[r * 7..r * 7 + t].iter().map(|&x| x as i32))
+        .collect();
+    let prompt = Array::from_slice(&ids, &[b as i32, t as i32]);
+    let start = Instant::now();
+    let h = lm.model.forward_last(&prompt, &mut cache).unwrap();
+    h.eval().unwrap();
+    let prefill = start.elapsed().as_secs_f64();
+    let mut input = Array::from_slice(&vec![1i32; b], &[b as i32, 1]);
+    let mut step = |input: &Array| -> Array {
+        let h = lm.model.forward_last(input, &mut cache).unwrap();
+        let logits = lm.model.logits(&h).unwrap();
+        let next = argmax_axis(&logits, -1, None).unwrap();
+        next.eval().unwrap();
+        next.reshape(&[b as i32, 1]).unwrap()
+    };
+    for _ in 0..3 {
+        input = step(&input);
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        input = step(&input);
+    }
+    let per = start.elapsed().as_secs_f64() / steps as f64;
+    println!(
+        "{}",
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "batch": b, "context": t, "prefill_s": prefill,
+               "prefill_tok_s": (b * t) as f64 / prefill, "decode_step_ms": per * 1e3,
+               "decode_tok_s": b as f64 / per})
+    );
 }
 
 /// The same batch-1 float32 benchmark with MLX's bundled reference BLAS preloaded over
@@ -621,7 +690,7 @@ fn main() {
     }
     if let Some(w) = &args.run_workload {
         let result = args.result.clone().expect("--run-workload needs --result");
-        compare::run_convoy(&model, w, &args.mode, &result);
+        compare::run_convoy(&model, w, &args.mode, &result, &args.ablate);
         return;
     }
     if let Some(results) = &args.report {
@@ -635,6 +704,16 @@ fn main() {
             itl: args.slo_itl,
         };
         print!("{}", compare::report(results, &args.out, &slo, &header));
+        return;
+    }
+    if let Some(b) = args.profile_decode {
+        profile_decode(
+            &model,
+            b,
+            args.prompt_len,
+            args.steps,
+            !args.ablate.iter().any(|a| a == "fuse"),
+        );
         return;
     }
     if let Some(label) = &args.single_only {

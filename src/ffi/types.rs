@@ -366,6 +366,7 @@ impl convoy_engine_config {
             weights,
             log,
             max_requests: self.max_requests as usize,
+            ..EngineConfig::default()
         })
     }
 }

@@ -44,7 +44,7 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     if tie {
         tensors.remove("lm_head.weight");
     }
-    let model = Model::from_tensors(config, tensors, GGUF_GROUP_SIZE, options.weights)?;
+    let model = Model::from_tensors(config, tensors, GGUF_GROUP_SIZE, options)?;
     tokenizer.check_fits(&model.config)?;
     Ok(LoadedModel {
         model,

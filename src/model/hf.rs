@@ -39,7 +39,7 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     if config.tie_word_embeddings {
         tensors.remove("lm_head.weight");
     }
-    let model = Model::from_tensors(config, tensors, group_size, options.weights)?;
+    let model = Model::from_tensors(config, tensors, group_size, options)?;
     Ok(LoadedModel {
         model,
         tokenizer: std::sync::Arc::new(tokenizer),

@@ -24,6 +24,7 @@ use mlx_rs::Array;
 use crate::error::{Error, Result};
 use crate::kv_cache::BatchKvCache;
 use crate::tokenizer::Tokenizer;
+use weights::Projections;
 pub use weights::{Embedding, Linear, WeightsPolicy};
 
 /// Which decoder variant the weights describe.
@@ -189,12 +190,11 @@ impl ModelConfig {
 struct Layer {
     attn_norm: Array,
     ffn_norm: Array,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v (one matrix when fused).
+    qkv: Projections,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    /// gate, up (one matrix when fused).
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -207,6 +207,7 @@ pub struct Model {
     layers: Vec<Layer>,
     rope_freqs: Option<Array>,
     rope_scale: f32,
+    copy_free_decode_attention: bool,
     quantized: bool,
 }
 
@@ -221,9 +222,21 @@ pub struct LoadedModel {
 }
 
 /// Options for [`load`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub weights: WeightsPolicy,
+    /// Store q/k/v and gate/up as one matrix each (one matmul per step instead of three
+    /// and two; default true). Off only to measure what it buys.
+    pub fuse_projections: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            weights: WeightsPolicy::default(),
+            fuse_projections: true,
+        }
+    }
 }
 
 /// The last component of `path` without a `.gguf` extension (a model's fallback name).
@@ -257,22 +270,27 @@ impl Model {
         config: ModelConfig,
         mut tensors: HashMap<String, Array>,
         group_size: i32,
-        policy: WeightsPolicy,
+        options: LoadOptions,
     ) -> Result<Self> {
         config.validate()?;
-        let dequantize = policy.dequantize();
+        let dequantize = options.weights.dequantize();
+        let fuse = options.fuse_projections;
         let t = &mut tensors;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let mut lin =
                 |part: &str| Linear::take(t, &format!("l{i}.{part}"), group_size, dequantize);
+            let group = |parts: Vec<Linear>| {
+                if fuse {
+                    Projections::new(parts)
+                } else {
+                    Ok(Projections::Separate(parts))
+                }
+            };
             layers.push(Layer {
-                q: lin("q")?,
-                k: lin("k")?,
-                v: lin("v")?,
+                qkv: group(vec![lin("q")?, lin("k")?, lin("v")?])?,
                 o: lin("o")?,
-                gate: lin("gate")?,
-                up: lin("up")?,
+                gate_up: group(vec![lin("gate")?, lin("up")?])?,
                 down: lin("down")?,
                 attn_norm: take_tensor(t, &format!("l{i}.attn_norm.weight"))?,
                 ffn_norm: take_tensor(t, &format!("l{i}.ffn_norm.weight"))?,
@@ -294,7 +312,7 @@ impl Model {
                 (Some(llama3_freqs(s, config.rope_theta, head_dim)), 1.0)
             }
         };
-        let quantized = layers.iter().any(|l| l.q.is_quantized());
+        let quantized = layers.iter().any(|l| l.qkv.is_quantized());
         let model = Self {
             config,
             embed,
@@ -303,6 +321,7 @@ impl Model {
             layers,
             rope_freqs,
             rope_scale,
+            copy_free_decode_attention: true,
             quantized,
         };
         model.check_shapes()?;
@@ -325,7 +344,7 @@ impl Model {
                 c.vocab_size
             )));
         }
-        let q_out = self.layers[0].q.out_features();
+        let q_out = self.layers[0].qkv.part_shapes()[0].0;
         if q_out != c.num_heads * c.head_dim {
             return Err(Error::BadWeights(format!(
                 "q projection has {q_out} outputs, expected {} heads x {}",
@@ -358,21 +377,21 @@ impl Model {
             }
         }
         for (i, l) in self.layers.iter().enumerate() {
+            let (qkv, gate_up) = (l.qkv.part_shapes(), l.gate_up.part_shapes());
+            let shape = |lin: &Linear| (lin.out_features(), lin.in_features());
             let parts = [
-                ("q", &l.q, q, h),
-                ("k", &l.k, kv, h),
-                ("v", &l.v, kv, h),
-                ("o", &l.o, h, q),
-                ("gate", &l.gate, ff, h),
-                ("up", &l.up, ff, h),
-                ("down", &l.down, h, ff),
+                ("q", qkv[0], q, h),
+                ("k", qkv[1], kv, h),
+                ("v", qkv[2], kv, h),
+                ("o", shape(&l.o), h, q),
+                ("gate", gate_up[0], ff, h),
+                ("up", gate_up[1], ff, h),
+                ("down", shape(&l.down), h, ff),
             ];
-            for (part, lin, out, inp) in parts {
-                if (lin.out_features(), lin.in_features()) != (out, inp) {
+            for (part, (o, i_), out, inp) in parts {
+                if (o, i_) != (out, inp) {
                     return Err(Error::BadWeights(format!(
-                        "layer {i} {part} projection is [{}, {}], expected [{out}, {inp}]",
-                        lin.out_features(),
-                        lin.in_features()
+                        "layer {i} {part} projection is [{o}, {i_}], expected [{out}, {inp}]"
                     )));
                 }
             }
@@ -395,12 +414,21 @@ impl Model {
         }
         for l in &self.layers {
             all.extend([&l.attn_norm, &l.ffn_norm]);
-            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            l.qkv.collect(&mut all);
+            l.gate_up.collect(&mut all);
+            for lin in [&l.o, &l.down] {
                 lin.collect(&mut all);
             }
         }
         mlx_rs::transforms::eval(all)?;
         Ok(())
+    }
+
+    /// Benchmark switch: decode steps use MLX's fused attention op instead of
+    /// [`decode_attention`] (to measure what the copy-free form buys).
+    #[doc(hidden)]
+    pub fn set_copy_free_decode_attention(&mut self, on: bool) {
+        self.copy_free_decode_attention = on;
     }
 
     /// Whether the matmul weights are kept quantized.
@@ -413,7 +441,7 @@ impl Model {
     pub fn weight_dtype(&self) -> String {
         self.layers
             .first()
-            .map_or_else(|| "none".into(), |l| l.q.dtype_name())
+            .map_or_else(|| "none".into(), |l| l.qkv.dtype_name())
     }
 
     /// Runs the decoder over `tokens` (`[B, L]` int32), appending keys/values to `cache`, and
@@ -433,38 +461,47 @@ impl Model {
         let mut x = self.embed.lookup(tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let y = fast::rms_norm(&x, Some(&layer.attn_norm), c.rms_norm_eps)?;
-            let q = layer.q.forward(&y)?;
-            let k = layer.k.forward(&y)?;
-            let v = layer.v.forward(&y)?;
+            let [q, k, v]: [Array; 3] = layer
+                .qkv
+                .forward(&y)?
+                .try_into()
+                .map_err(|_| Error::Mlx("q/k/v split".into()))?;
             let q = q.reshape(&[b, l, h, hd])?.transpose_axes(&[0, 2, 1, 3])?;
             let k = k.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
             let v = v.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
             let q = self.rope(&q, &offsets)?;
             let k = self.rope(&k, &offsets)?;
             let (keys, values) = cache.update(i, &k, &v)?;
-            let attn = match &mask {
-                AttentionMask::None => {
-                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)?
-                }
-                AttentionMask::Causal => fast::scaled_dot_product_attention(
-                    &q,
-                    &keys,
-                    &values,
-                    scale,
-                    ScaledDotProductAttentionMask::Causal,
-                    None,
-                )?,
-                AttentionMask::Array(m) => {
-                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, m, None)?
-                }
+            let attn = if l == 1 && self.copy_free_decode_attention {
+                decode_attention(&q, &keys, &values, scale, &mask, kvh)?
+            } else {
+                let attn = match &mask {
+                    AttentionMask::None => {
+                        fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)?
+                    }
+                    AttentionMask::Causal => fast::scaled_dot_product_attention(
+                        &q,
+                        &keys,
+                        &values,
+                        scale,
+                        ScaledDotProductAttentionMask::Causal,
+                        None,
+                    )?,
+                    AttentionMask::Array(m) => {
+                        fast::scaled_dot_product_attention(&q, &keys, &values, scale, m, None)?
+                    }
+                };
+                attn.transpose_axes(&[0, 2, 1, 3])?
+                    .reshape(&[b, l, h * hd])?
             };
-            let attn = attn
-                .transpose_axes(&[0, 2, 1, 3])?
-                .reshape(&[b, l, h * hd])?;
             x = x.add(layer.o.forward(&attn)?)?;
             let y = fast::rms_norm(&x, Some(&layer.ffn_norm), c.rms_norm_eps)?;
-            let g = mlx_rs::nn::silu(layer.gate.forward(&y)?)?;
-            let ff = layer.down.forward(&g.multiply(layer.up.forward(&y)?)?)?;
+            let [gate, up]: [Array; 2] = layer
+                .gate_up
+                .forward(&y)?
+                .try_into()
+                .map_err(|_| Error::Mlx("gate/up split".into()))?;
+            let ff = layer.down.forward(&mlx_rs::nn::silu(gate)?.multiply(up)?)?;
             x = x.add(ff)?;
         }
         cache.advance(l as usize);
@@ -509,6 +546,38 @@ impl Model {
             self.rope_freqs.as_ref(),
         )?)
     }
+}
+
+/// Attention of one new query per row (`q`: `[B, H, 1, D]`) over the cached keys and values
+/// (`[B, KVH, T, D]`, views into the cache's buffers), returned as `[B, 1, H * D]`.
+///
+/// The same computation as MLX's `scaled_dot_product_attention`, written so that no operand
+/// is copied: each key/value head's query group becomes the rows of one matmul (q reshaped
+/// to `[B, KVH, H / KVH, D]`, a view) against the cache views as they are, where the fused op
+/// on the CPU backend copies the keys and values of every layer at every step.
+fn decode_attention(
+    q: &Array,
+    keys: &Array,
+    values: &Array,
+    scale: f32,
+    mask: &AttentionMask,
+    kv_heads: i32,
+) -> Result<Array> {
+    let s = q.shape();
+    let (b, h, d) = (s[0], s[1], s[3]);
+    let grouped = q
+        .reshape(&[b, kv_heads, h / kv_heads, d])?
+        .multiply(Array::from_f32(scale))?;
+    let scores = mlx_rs::ops::matmul(&grouped, keys.swap_axes(-1, -2)?)?;
+    let scores = match mask {
+        // [B, 1, 1, T] broadcasts over the heads and the query group.
+        AttentionMask::Array(m) => {
+            mlx_rs::ops::select(m, &scores, Array::from_f32(f32::NEG_INFINITY))?
+        }
+        AttentionMask::None | AttentionMask::Causal => scores,
+    };
+    let weights = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
+    Ok(mlx_rs::ops::matmul(&weights, values)?.reshape(&[b, 1, h * d])?)
 }
 
 fn take_tensor(t: &mut HashMap<String, Array>, name: &str) -> Result<Array> {

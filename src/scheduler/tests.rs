@@ -131,6 +131,11 @@ struct FakeRunner {
     joins_while_running: usize,
     max_bytes_seen: usize,
     fail_next_decode: bool,
+    /// The last decode said a step could be queued ahead (all rows go on unchanged).
+    promised_ahead: bool,
+    aheads: usize,
+    /// Steps a real runner would have queued ahead and then thrown away.
+    wasted_aheads: usize,
 }
 
 impl FakeRunner {
@@ -182,6 +187,9 @@ impl Runner for FakeRunner {
         if self.batch.geom.batch_size() > 0 {
             self.joins_while_running += 1;
         }
+        if std::mem::take(&mut self.promised_ahead) {
+            self.wasted_aheads += 1;
+        }
         self.batch.extend(kv);
         let g = &self.batch.geom;
         assert!(
@@ -191,7 +199,17 @@ impl Runner for FakeRunner {
         self.note_bytes();
         Ok(())
     }
-    fn decode(&mut self, inputs: &[u32], samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+    fn prefill_remaining(&self) -> usize {
+        self.group.as_ref().map_or(0, |(_, t)| t.width() - t.done())
+    }
+    fn decode(
+        &mut self,
+        inputs: &[u32],
+        samplers: &mut [&mut Sampler],
+        ahead: bool,
+    ) -> Result<Vec<u32>> {
+        self.promised_ahead = ahead;
+        self.aheads += usize::from(ahead);
         let rows = self.batch.geom.batch_size();
         assert_eq!(inputs.len(), rows);
         assert_eq!(samplers.len(), rows);
@@ -205,6 +223,9 @@ impl Runner for FakeRunner {
         Ok((0..rows).map(|r| next_of(self.batch.history(r))).collect())
     }
     fn retain(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() && std::mem::take(&mut self.promised_ahead) {
+            self.wasted_aheads += 1;
+        }
         self.batch.filter(rows);
         Ok(())
     }
@@ -573,6 +594,7 @@ fn randomized_operation_sequences() {
             max_prefill_group: 1 + rng.below(6),
             // Between one and several long rows' worth.
             max_kv_bytes: footprint_bytes(&LAYOUT, 1 + rng.below(rows + 2), max_len),
+            skip_wasted_ahead: rng.below(2) == 0,
         };
         let mut h = Harness::new(cfg);
         let mut submitted: Vec<(RequestId, Vec<u32>, usize)> = Vec::new();
@@ -801,4 +823,51 @@ fn text_flushed_at_the_end_is_checked_for_stop_strings() {
     let first = letters.find(&stop).unwrap();
     assert_eq!(h.text[&1], letters[..first], "stop {stop:?} in {letters:?}");
     assert_eq!(h.finished[&1].0, FinishReason::Stop);
+}
+
+/// Decode-ahead is offered only when it will be used: not on the step where every row ends by
+/// length, nor on the step after which a group joins. Requests of equal length (a static
+/// wave, a closed loop) and requests arriving mid-decode waste no step; without the hint,
+/// both would.
+#[test]
+fn no_step_is_queued_ahead_only_to_be_thrown_away() {
+    for skip in [true, false] {
+        for mode in [BatchMode::Static, BatchMode::Continuous] {
+            let mut h = Harness::new(SchedulerConfig {
+                mode,
+                max_batch_size: 3,
+                prefill_chunk: 64,
+                skip_wasted_ahead: skip,
+                ..Default::default()
+            });
+            for id in 1..=3u64 {
+                h.submit(id, prompt(id as u32, 10), limit(6)).unwrap();
+            }
+            h.run();
+            // Arrivals while others decode, of varied lengths, some ending together.
+            for id in 4..=9u64 {
+                h.submit(
+                    id,
+                    prompt(id as u32, 3 + id as usize),
+                    limit(2 + id as usize % 3),
+                )
+                .unwrap();
+                h.step();
+                h.step();
+            }
+            h.run();
+            for id in 1..=9u64 {
+                assert_eq!(h.finished[&id], (FinishReason::Length, 1));
+            }
+            assert!(h.runner.aheads > 0);
+            if skip {
+                assert_eq!(h.runner.wasted_aheads, 0, "{mode:?}");
+            } else {
+                assert!(
+                    h.runner.wasted_aheads > 0,
+                    "{mode:?}: the test reaches the cases"
+                );
+            }
+        }
+    }
 }

@@ -223,17 +223,21 @@ fn max_rss_bytes() -> u64 {
 }
 
 /// Runs `workload` on convoy and appends its result line to `result`.
-pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path) {
+pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, ablate: &[String]) {
     let w: Workload = serde_json::from_slice(&std::fs::read(workload).expect("read workload"))
         .expect("parse workload");
     let static_mode = mode == "static";
-    let cfg = EngineConfig::default()
+    let mut cfg = EngineConfig::default()
         .mode(if static_mode {
             BatchMode::Static
         } else {
             BatchMode::Continuous
         })
         .max_batch_size(w.batch);
+    let off = |name: &str| ablate.iter().any(|a| a == name);
+    cfg.fuse_projections = !off("fuse");
+    cfg.decode_ahead = !off("ahead");
+    cfg.scheduler.skip_wasted_ahead = !off("join");
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
     let warm = Item {
@@ -245,7 +249,7 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path) {
     let traces = drive(&engine, &w, static_mode);
     let stats = engine.stats();
     let line = json!({
-        "engine": "convoy",
+        "engine": if ablate.is_empty() { "convoy".to_owned() } else { format!("convoy-no-{}", ablate.join("-")) },
         "version": env!("CARGO_PKG_VERSION"),
         "workload": w.name, "kind": w.kind, "mode": mode,
         "concurrency": w.concurrency, "batch": w.batch,
@@ -698,6 +702,7 @@ pub fn export_mlx_folder(gguf: &Path, dir: &Path) -> Result<(), String> {
         gguf,
         LoadOptions {
             weights: WeightsPolicy::KeepQuantized,
+            fuse_projections: false,
         },
     )
     .map_err(|e| e.to_string())?;
