@@ -23,6 +23,7 @@ test: setup
 	$(CARGO) build --workspace --lib --bins $(TEST_FEATURES)   # the C tests link libconvoy.so / libconvoy.a
 	$(CARGO) test --workspace $(TEST_FEATURES)
 	target/debug/convoy-bench $(SMOKE_ARGS)
+	scripts/bench-compare.sh --smoke --only convoy --bench target/debug/convoy-bench --out target/bench-compare-smoke-convoy
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
 # with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, every fuzz input replayed

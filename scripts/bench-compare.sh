@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
+#                            [--ablate fuse,attn,ahead,join | --ablate none] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
 #    MLX 0.32.2 (scripts/bench-compare-requirements.txt, every package pinned).
@@ -13,7 +14,9 @@
 #    run's own), the engine that goes first alternating between configurations. mlx-lm runs
 #    with the same OpenMP OpenBLAS that libconvoy links (LD_PRELOAD over the wheel's
 #    reference BLAS), so both use one BLAS.
-# 5. convoy-bench --report: report.md (tables, ratios, memory), summary.jsonl, compare.png;
+# 5. What each optimization buys: convoy again with each one switched off (--ablate), on the
+#    closed loops at c = 8 and 16 (continuous), in the same run.
+# 6. convoy-bench --report: report.md (tables, ratios, memory), summary.jsonl, compare.png;
 #    raw timings in results.jsonl.
 set -euo pipefail
 
@@ -25,6 +28,8 @@ OUT="$ROOT/bench-results/compare"
 SMOKE=0
 CONCURRENCY=1,2,4,8,16
 ONLY=""
+ABLATE=fuse,attn,ahead,join
+BENCH=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 die() { echo "bench-compare: error: $*" >&2; exit 1; }
@@ -36,6 +41,8 @@ while [[ $# -gt 0 ]]; do
     --smoke) SMOKE=1; shift ;;
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --ablate) ABLATE="$2"; shift 2 ;;
+    --bench) BENCH="$2"; shift 2 ;;
     *) die "unknown option $1" ;;
   esac
 done
@@ -44,14 +51,20 @@ done
 GGUF="$("$ROOT/scripts/setup.sh" --model-path)"
 MLX_MODEL="$CACHE/models/$(basename "$GGUF" .gguf | sed 's/\.Q[0-9_A-Z]*$//')-f32-mlx"
 cd "$ROOT"
-cargo build --release --bin convoy-bench
-BENCH="$ROOT/target/release/convoy-bench"
+if [[ -z "$BENCH" ]]; then
+  cargo build --release --bin convoy-bench
+  BENCH="$ROOT/target/release/convoy-bench"
+fi
 
 # The BLAS libconvoy links (see build.rs): preloaded for mlx-lm too.
-BLAS="$(ldd "$ROOT/target/release/convoy-bench" | awk '/libopenblas/ {print $3; exit}')"
+BLAS="$(ldd "$BENCH" | awk '/libopenblas/ {print $3; exit}')"
 [[ -n "$BLAS" && -f "$BLAS" ]] || die "cannot find the OpenBLAS convoy-bench links"
 
 mkdir -p "$CACHE"
+if [[ "$ONLY" == convoy ]]; then
+  VPY="$PY"   # no baseline: no virtual environment needed
+else
+VPY="$VENV/bin/python"
 if command -v flock >/dev/null; then
   exec 9>"$CACHE/venv-mlx-lm.lock"
   flock 9
@@ -66,6 +79,7 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet -r "$REQ"
   echo "$STAMP" >"$VENV/.convoy-stamp"
+fi
 fi
 
 if [[ ! -f "$MLX_MODEL/model.safetensors" ]]; then
@@ -106,14 +120,27 @@ for wl in "$OUT"/workloads/closed-c*.json "$OUT"/workloads/mixed.json; do
   done
 done
 
+if [[ "$ABLATE" != none && "$ONLY" != mlx-lm ]]; then
+  abl_workloads=("$OUT"/workloads/closed-c8.json "$OUT"/workloads/closed-c16.json)
+  [[ $SMOKE == 1 ]] && abl_workloads=("$OUT"/workloads/closed-c2.json)
+  for wl in "${abl_workloads[@]}"; do
+    [[ -f "$wl" ]] || continue
+    for a in ${ABLATE//,/ }; do
+      say "$(date +%H:%M:%S) convoy without $a $(basename "$wl" .json) continuous"
+      "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate "$a" \
+        --result "$OUT/results.jsonl"
+    done
+  done
+fi
+
 HEADER="$OUT/header.md"
 {
   echo "Run of \`make bench-compare\` on $(date -u +%Y-%m-%d) ($(date -u +%H:%M) UTC)."
   echo
   echo "- Machine: $(uname -sm), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GB", $2/1e6}' /proc/meminfo 2>/dev/null) RAM."
-  echo "- MLX $("$VENV/bin/python" -c 'import mlx.core as mx; print(mx.__version__)') CPU for both; mlx-lm $("$VENV/bin/python" -c 'import mlx_lm; print(mlx_lm.__version__)'); convoy $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); BLAS $(basename "$(dirname "$BLAS")") $(dpkg-query -W -f '${Version}' libopenblas0-openmp 2>/dev/null || true) for both."
+  echo "- MLX $(basename "$(ls -d "$CACHE"/mlx-cpu-* 2>/dev/null | head -1)" | sed 's/mlx-cpu-//') CPU for both; mlx-lm $("$VPY" -c 'import mlx_lm; print(mlx_lm.__version__)' 2>/dev/null || echo '(not run)'); convoy $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); BLAS $(basename "$(dirname "$BLAS")") $(dpkg-query -W -f '${Version}' libopenblas0-openmp 2>/dev/null || true) for both."
   echo "- Model: $(basename "$MLX_MODEL") (float32, from $(basename "$GGUF"))."
-  echo "- Workloads: $("$VENV/bin/python" -c "
+  echo "- Workloads: $("$VPY" -c "
 import json,glob,os
 out=[]
 for p in sorted(glob.glob('$OUT/workloads/*.json')):
@@ -127,9 +154,9 @@ say "wrote $OUT/report.md, $OUT/summary.jsonl, $OUT/compare.png, $OUT/results.js
 
 if [[ $SMOKE == 1 ]]; then
   # Both engines produced every run with every token, and the report has its tables.
-  "$VENV/bin/python" - "$OUT" <<'EOF'
+  "$VPY" - "$OUT" "${ONLY:-both}" <<'EOF'
 import glob, json, sys
-out = sys.argv[1]
+out, only = sys.argv[1], sys.argv[2]
 want = {}
 for p in glob.glob(f"{out}/workloads/*.json"):
     w = json.load(open(p))
@@ -142,10 +169,14 @@ for line in open(f"{out}/results.jsonl"):
     assert toks == total, f"{r['engine']} {r['workload']} {r['mode']}: {toks} tokens, want {total}"
     assert all(t["tokens"] and t["tokens"][0] >= t["submitted"] for t in r["traces"])
     seen[(r["engine"], r["workload"], r["mode"])] = True
-expect = sum(2 if k == "closed" else 1 for _, k in want.values()) * 2
+engines = 2 if only == "both" else 1
+ablations = 0 if only == "mlx-lm" else 4
+expect = sum(2 if k == "closed" else 1 for _, k in want.values()) * engines + ablations
 assert len(seen) == expect, f"{len(seen)} runs, want {expect}"
 report = open(f"{out}/report.md").read()
-assert "| 1 |" in report and "Mixed workload" in report and "mlx-lm" in report
+assert "| 1 |" in report and "Mixed workload" in report
+assert only != "both" or "mlx-lm" in report
+assert only == "mlx-lm" or "What each optimization buys" in report
 print("bench-compare smoke check: ok")
 EOF
 fi

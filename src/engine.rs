@@ -42,12 +42,33 @@ pub struct EngineConfig {
     /// answers busy beyond this, so a host that never polls cannot grow memory without
     /// bound. Default 1024.
     pub max_requests: usize,
-    /// Performance switches, on by default; off only to measure what each buys
-    /// (`convoy-bench --ablate`). `fuse_projections`: q/k/v and gate/up as one matmul each
-    /// (see [`LoadOptions`](crate::model::LoadOptions)). `decode_ahead`: queue the next
-    /// greedy decode step before handing this step's tokens to the scheduler.
+    /// Performance switches, all on by default; off only to measure what each buys.
+    pub tuning: Tuning,
+}
+
+/// Optimizations that can be switched off to measure them (`convoy-bench --ablate`,
+/// docs/benchmarks.md). All on by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// q/k/v and gate/up stored as one matrix each: one matmul per step instead of three
+    /// and two (see [`LoadOptions`](crate::model::LoadOptions)).
     pub fuse_projections: bool,
+    /// Queue the next greedy decode step before handing this step's tokens to the
+    /// scheduler, so host work overlaps device work.
     pub decode_ahead: bool,
+    /// Decode-step attention as plain matmuls over views of the cache, instead of MLX's
+    /// fused attention op (which copies every layer's keys and values on the CPU backend).
+    pub copy_free_attention: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            fuse_projections: true,
+            decode_ahead: true,
+            copy_free_attention: true,
+        }
+    }
 }
 
 /// The default of [`EngineConfig::max_requests`].
@@ -60,8 +81,7 @@ impl Default for EngineConfig {
             weights: WeightsPolicy::default(),
             log: None,
             max_requests: DEFAULT_MAX_REQUESTS,
-            fuse_projections: true,
-            decode_ahead: true,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -73,8 +93,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("weights", &self.weights)
             .field("log", &self.log.is_some())
             .field("max_requests", &self.max_requests)
-            .field("fuse_projections", &self.fuse_projections)
-            .field("decode_ahead", &self.decode_ahead)
+            .field("tuning", &self.tuning)
             .finish()
     }
 }
@@ -867,7 +886,7 @@ fn engine_thread(
             &path,
             LoadOptions {
                 weights: config.weights,
-                fuse_projections: config.fuse_projections,
+                fuse_projections: config.tuning.fuse_projections,
             },
         )
     });
@@ -908,8 +927,11 @@ fn engine_thread(
     let mut state = Loop {
         sched: Scheduler::new(sched_cfg, layout),
         runner: {
+            let mut lm = lm;
+            lm.model
+                .set_copy_free_decode_attention(config.tuning.copy_free_attention);
             let mut runner = MlxRunner::new(lm);
-            runner.set_pipelining(config.decode_ahead);
+            runner.set_pipelining(config.tuning.decode_ahead);
             runner
         },
         senders: HashMap::new(),

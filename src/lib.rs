@@ -16,7 +16,7 @@ pub mod scheduler;
 pub(crate) mod stream;
 pub mod tokenizer;
 
-pub use engine::{Completion, Engine, EngineConfig, EngineStats, ModelInfo};
+pub use engine::{Completion, Engine, EngineConfig, EngineStats, ModelInfo, Tuning};
 pub use error::{Error, Result};
 pub use mlx_rs;
 pub use request::{Event, FinishReason, Prompt, Request, RequestId, RequestStats, StopConditions};

@@ -113,8 +113,9 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     steps: usize,
     /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
-    /// fuse (q/k/v and gate/up as one matmul), ahead (decode-ahead), join (skip the step
-    /// queued ahead when a group joins or every row ends).
+    /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), ahead
+    /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
+    /// ends).
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
 }
@@ -473,6 +474,7 @@ fn profile_decode(model: &Path, b: usize, t: usize, steps: usize, fuse: bool) {
     };
     let mut lm = model::load(model, options).expect("load model");
     let attn = !std::env::args().any(|a| a.contains("attn"));
+    // (--ablate attn: MLX's fused attention op for decode steps too.)
     lm.model.set_copy_free_decode_attention(attn);
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + b * 7 {

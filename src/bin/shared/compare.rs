@@ -235,8 +235,9 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         })
         .max_batch_size(w.batch);
     let off = |name: &str| ablate.iter().any(|a| a == name);
-    cfg.fuse_projections = !off("fuse");
-    cfg.decode_ahead = !off("ahead");
+    cfg.tuning.fuse_projections = !off("fuse");
+    cfg.tuning.decode_ahead = !off("ahead");
+    cfg.tuning.copy_free_attention = !off("attn");
     cfg.scheduler.skip_wasted_ahead = !off("join");
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
@@ -488,6 +489,26 @@ pub fn report(results: &Path, out: &Path, slo: &Slo, header: &str) -> String {
                 v["itl_p95"].as_f64().unwrap()
             ));
             summary_lines.push(v);
+        }
+    }
+    let ablations: Vec<&Summary> = runs
+        .iter()
+        .filter(|r| r.engine.starts_with("convoy-no-"))
+        .collect();
+    if !ablations.is_empty() {
+        md.push_str("\n### What each optimization buys (convoy with it / without it, same workload, same run)\n\n| switched off | workload | tok/s with | tok/s without | throughput ratio | TTFT mean with / without | ITL p95 with / without |\n|---|---|---:|---:|---:|---:|---:|\n");
+        for a in ablations {
+            let Some(full) = find("convoy", &a.workload, &a.mode) else {
+                continue;
+            };
+            let what = a.engine.trim_start_matches("convoy-no-");
+            let ratio = full.throughput_tok_s / a.throughput_tok_s;
+            md.push_str(&format!(
+                "| {what} | {} {} | {:.1} | {:.1} | **{ratio:.3}** | {:.2} / {:.2} | {:.3} / {:.3} |\n",
+                a.workload, a.mode, full.throughput_tok_s, a.throughput_tok_s,
+                full.ttft_mean_s, a.ttft_mean_s, full.itl_p95_s, a.itl_p95_s
+            ));
+            summary_lines.push(json!({"ratio": "optimization", "switched_off": what, "workload": a.workload, "mode": a.mode, "throughput_with_over_without": ratio}));
         }
     }
     md.push_str("\n### Memory (per run, each in its own process)\n\n| engine | workload | mode | peak MLX MB | peak RSS MB | peak KV MB |\n|---|---|---|---:|---:|---:|\n");
