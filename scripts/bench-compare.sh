@@ -15,7 +15,7 @@
 #    with the same OpenMP OpenBLAS that libconvoy links (LD_PRELOAD over the wheel's
 #    reference BLAS), so both use one BLAS.
 # 5. What each optimization buys: convoy again with each one switched off (--ablate), on the
-#    closed loops at c = 8 and 16 (continuous), in the same run.
+#    closed loops at c = 8 and 16 (continuous), between two runs with all on, in the same run.
 # 6. convoy-bench --report: report.md (tables, ratios, memory), summary.jsonl, compare.png;
 #    raw timings in results.jsonl.
 set -euo pipefail
@@ -120,17 +120,29 @@ for wl in "$OUT"/workloads/closed-c*.json "$OUT"/workloads/mixed.json; do
   done
 done
 
-if [[ "$ABLATE" != none && "$ONLY" != mlx-lm ]]; then
-  abl_workloads=("$OUT"/workloads/closed-c8.json "$OUT"/workloads/closed-c16.json)
-  [[ $SMOKE == 1 ]] && abl_workloads=("$OUT"/workloads/closed-c2.json)
-  for wl in "${abl_workloads[@]}"; do
+# Each workload: the full configuration, then each switch off, then the full one again; the
+# report compares each ablation with the mean of the two full runs around it (this machine's
+# speed drifts by several percent over minutes).
+run_ablations() {
+  for wl in "$@"; do
     [[ -f "$wl" ]] || continue
+    "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate all-on \
+      --result "$OUT/results.jsonl"
     for a in ${ABLATE//,/ }; do
       say "$(date +%H:%M:%S) convoy without $a $(basename "$wl" .json) continuous"
       "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate "$a" \
         --result "$OUT/results.jsonl"
     done
+    "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate all-on \
+      --result "$OUT/results.jsonl"
   done
+}
+if [[ "$ABLATE" != none && "$ONLY" != mlx-lm ]]; then
+  if [[ $SMOKE == 1 ]]; then
+    run_ablations "$OUT"/workloads/closed-c2.json
+  else
+    run_ablations "$OUT"/workloads/closed-c8.json "$OUT"/workloads/closed-c16.json
+  fi
 fi
 
 HEADER="$OUT/header.md"
@@ -170,7 +182,7 @@ for line in open(f"{out}/results.jsonl"):
     assert all(t["tokens"] and t["tokens"][0] >= t["submitted"] for t in r["traces"])
     seen[(r["engine"], r["workload"], r["mode"])] = True
 engines = 2 if only == "both" else 1
-ablations = 0 if only == "mlx-lm" else 4
+ablations = 0 if only == "mlx-lm" else 5
 expect = sum(2 if k == "closed" else 1 for _, k in want.values()) * engines + ablations
 assert len(seen) == expect, f"{len(seen)} runs, want {expect}"
 report = open(f"{out}/report.md").read()

@@ -115,7 +115,7 @@ struct Args {
     /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
     /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), ahead
     /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
-    /// ends).
+    /// ends); `all-on` switches nothing off but labels the run as an ablation baseline.
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
 }
@@ -186,14 +186,18 @@ struct Trace {
     finished: Option<Instant>,
 }
 
-fn run_request(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Trace {
+fn fixed_request(prompt: Vec<u32>, max_tokens: usize) -> Request {
     let mut req = Request::new(Prompt::Tokens(prompt));
     req.stop = StopConditions {
         max_tokens,
         ignore_eos: true,
         ..Default::default()
     };
-    let mut t = Trace::default();
+    req
+}
+
+fn run_request(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Trace {
+    let req = fixed_request(prompt, max_tokens);
     let id = loop {
         match engine.submit(req.clone()) {
             Ok(id) => break id,
@@ -201,7 +205,15 @@ fn run_request(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Trace {
             Err(e) => panic!("submit failed: {e}"),
         }
     };
-    t.submitted = Some(Instant::now());
+    follow(engine, id, Instant::now())
+}
+
+/// Polls request `id` (submitted at `submitted`) to its end.
+fn follow(engine: &Engine, id: convoy::RequestId, submitted: Instant) -> Trace {
+    let mut t = Trace {
+        submitted: Some(submitted),
+        ..Default::default()
+    };
     loop {
         match engine.poll(id, Duration::from_secs(600)).expect("poll") {
             Some(Event::Token { .. }) => t.tokens.push(Instant::now()),
@@ -297,35 +309,58 @@ fn engine_for(args: &Args, model: &Path, mode: BatchMode, batch: usize) -> Engin
         .unwrap_or_else(|e| panic!("cannot create the engine on {}: {e}", model.display()))
 }
 
-/// n requests, at most c in flight: c client threads each take the next request when theirs
-/// finishes.
+/// n requests, at most c in flight. Continuous: c client threads each take the next request
+/// when theirs finishes. Static: waves of c requests handed over together
+/// ([`Engine::submit_batch`]), each wave run to completion before the next, as mlx-lm's
+/// `batch_generate` does with each call (a static batch is never starved of its requests).
 fn closed_loop(args: &Args, model: &Path, mode: BatchMode, c: usize) -> RunResult {
     let engine = Arc::new(engine_for(args, model, mode, c));
     let prompts = Arc::new(prompts(&engine, args.n, args.prompt_len));
     let next = Arc::new(AtomicUsize::new(0));
     let traces = Arc::new(Mutex::new(vec![Trace::default(); args.n]));
     let start = Instant::now();
-    let clients: Vec<_> = (0..c)
-        .map(|_| {
-            let (engine, prompts, next, traces) = (
-                engine.clone(),
-                prompts.clone(),
-                next.clone(),
-                traces.clone(),
-            );
-            let max_tokens = args.max_tokens;
-            std::thread::spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= prompts.len() {
-                    return;
-                }
-                let t = run_request(&engine, prompts[i].clone(), max_tokens);
-                traces.lock().unwrap()[i] = t;
+    if mode == BatchMode::Static {
+        for wave in (0..args.n).collect::<Vec<_>>().chunks(c) {
+            let reqs = wave
+                .iter()
+                .map(|&i| fixed_request(prompts[i].clone(), args.max_tokens))
+                .collect();
+            let ids = engine.submit_batch(reqs).expect("submit a wave");
+            let at = Instant::now();
+            let handles: Vec<_> = ids
+                .into_iter()
+                .map(|id| {
+                    let engine = engine.clone();
+                    std::thread::spawn(move || follow(&engine, id, at))
+                })
+                .collect();
+            for (&i, h) in wave.iter().zip(handles) {
+                traces.lock().unwrap()[i] = h.join().expect("wave thread");
+            }
+        }
+    } else {
+        let clients: Vec<_> = (0..c)
+            .map(|_| {
+                let (engine, prompts, next, traces) = (
+                    engine.clone(),
+                    prompts.clone(),
+                    next.clone(),
+                    traces.clone(),
+                );
+                let max_tokens = args.max_tokens;
+                std::thread::spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= prompts.len() {
+                        return;
+                    }
+                    let t = run_request(&engine, prompts[i].clone(), max_tokens);
+                    traces.lock().unwrap()[i] = t;
+                })
             })
-        })
-        .collect();
-    for h in clients {
-        h.join().expect("client thread");
+            .collect();
+        for h in clients {
+            h.join().expect("client thread");
+        }
     }
     let wall = start.elapsed().as_secs_f64();
     let traces = traces.lock().unwrap().clone();

@@ -250,7 +250,11 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
     let traces = drive(&engine, &w, static_mode);
     let stats = engine.stats();
     let line = json!({
-        "engine": if ablate.is_empty() { "convoy".to_owned() } else { format!("convoy-no-{}", ablate.join("-")) },
+        "engine": match ablate {
+            [] => "convoy".to_owned(),
+            [a] if a == "all-on" => "convoy-all-on".to_owned(),
+            _ => format!("convoy-no-{}", ablate.join("-")),
+        },
         "version": env!("CARGO_PKG_VERSION"),
         "workload": w.name, "kind": w.kind, "mode": mode,
         "concurrency": w.concurrency, "batch": w.batch,
@@ -397,7 +401,7 @@ pub fn report(results: &Path, out: &Path, slo: &Slo, header: &str) -> String {
     };
     let mut cs: Vec<usize> = runs
         .iter()
-        .filter(|r| r.kind == "closed")
+        .filter(|r| r.kind == "closed" && (r.engine == "convoy" || r.engine == "mlx-lm"))
         .map(|r| r.concurrency)
         .collect();
     cs.sort();
@@ -457,6 +461,26 @@ pub fn report(results: &Path, out: &Path, slo: &Slo, header: &str) -> String {
             summary_lines.push(json!({"ratio": "throughput_convoy_over_mlx_lm", "workload": w, "mode": "static", "concurrency": c, "value": r}));
         }
     }
+    md.push_str("\n### Static and continuous batching, side by side (the same closed loops)\n\nStatic: waves of c requests handed over together, each run to completion (what `batch_generate` does per call). TTFT is the streamed first token; \"last token\" is when a non-streaming batch call returns.\n\n| c | engine | tok/s continuous / static | TTFT mean continuous / static | last token mean continuous / static |\n|---:|---|---:|---:|---:|\n");
+    for &c in &cs {
+        let w = format!("closed-c{c}");
+        for engine in ["mlx-lm", "convoy"] {
+            if let (Some(k), Some(st)) =
+                (find(engine, &w, "continuous"), find(engine, &w, "static"))
+            {
+                md.push_str(&format!(
+                    "| {c} | {engine} | {:.1} / {:.1} ({:.2}x) | {:.2} / {:.2} s | {:.2} / {:.2} s |\n",
+                    k.throughput_tok_s,
+                    st.throughput_tok_s,
+                    k.throughput_tok_s / st.throughput_tok_s,
+                    k.ttft_mean_s,
+                    st.ttft_mean_s,
+                    k.latency_mean_s,
+                    st.latency_mean_s
+                ));
+            }
+        }
+    }
     let mixed: Vec<&Summary> = ["mlx-lm", "convoy"]
         .iter()
         .filter_map(|e| find(e, "mixed", "continuous"))
@@ -496,10 +520,29 @@ pub fn report(results: &Path, out: &Path, slo: &Slo, header: &str) -> String {
         .filter(|r| r.engine.starts_with("convoy-no-"))
         .collect();
     if !ablations.is_empty() {
-        md.push_str("\n### What each optimization buys (convoy with it / without it, same workload, same run)\n\n| switched off | workload | tok/s with | tok/s without | throughput ratio | TTFT mean with / without | ITL p95 with / without |\n|---|---|---:|---:|---:|---:|---:|\n");
+        md.push_str("\n### What each optimization buys (convoy with all on, mean of the runs just before and after / with one switched off; same workload, same run)\n\n| switched off | workload | tok/s with | tok/s without | throughput ratio | TTFT mean with / without | ITL p95 with / without |\n|---|---|---:|---:|---:|---:|---:|\n");
         for a in ablations {
-            let Some(full) = find("convoy", &a.workload, &a.mode) else {
-                continue;
+            // The all-on runs around the ablations (mean), else the main convoy run.
+            let around: Vec<&Summary> = runs
+                .iter()
+                .filter(|r| {
+                    r.engine == "convoy-all-on" && r.workload == a.workload && r.mode == a.mode
+                })
+                .collect();
+            let mean_of = |f: fn(&Summary) -> f64| {
+                around.iter().map(|r| f(r)).sum::<f64>() / around.len() as f64
+            };
+            let full = if around.is_empty() {
+                match find("convoy", &a.workload, &a.mode) {
+                    Some(f) => f.clone(),
+                    None => continue,
+                }
+            } else {
+                let mut f = around[0].clone();
+                f.throughput_tok_s = mean_of(|r| r.throughput_tok_s);
+                f.ttft_mean_s = mean_of(|r| r.ttft_mean_s);
+                f.itl_p95_s = mean_of(|r| r.itl_p95_s);
+                f
             };
             let what = a.engine.trim_start_matches("convoy-no-");
             let ratio = full.throughput_tok_s / a.throughput_tok_s;
