@@ -62,7 +62,7 @@ bench: setup
 # convoy against mlx-lm 0.32.2 (pinned, in a venv in the cache) on the same machine, model
 # (float32 MLX folder), MLX and BLAS, side by side in one run: closed loops at c = 1, 2, 4, 8,
 # 16 and a mixed Poisson workload. Writes bench-results/compare/{report.md, summary.jsonl,
-# compare.png, results.jsonl}. About 15 minutes on 2 cores.
+# compare.png, results.jsonl}. About 25 minutes on 2 cores.
 bench-compare: setup
 	scripts/bench-compare.sh $(BENCH_COMPARE_ARGS)
 

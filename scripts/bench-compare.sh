@@ -56,9 +56,11 @@ if [[ -z "$BENCH" ]]; then
   BENCH="$ROOT/target/release/convoy-bench"
 fi
 
-# The BLAS libconvoy links (see build.rs): preloaded for mlx-lm too.
-BLAS="$(ldd "$BENCH" | awk '/libopenblas/ {print $3; exit}')"
-[[ -n "$BLAS" && -f "$BLAS" ]] || die "cannot find the OpenBLAS convoy-bench links"
+# The BLAS libconvoy links (see build.rs): preloaded for mlx-lm too, so both use one BLAS.
+BLAS="$(ldd "$BENCH" 2>/dev/null | awk '/libopenblas/ {print $3; exit}' || true)"
+if [[ "$ONLY" != convoy && ( -z "$BLAS" || ! -f "$BLAS" ) ]]; then
+  die "cannot find the OpenBLAS convoy-bench links (mlx-lm must use the same BLAS)"
+fi
 
 mkdir -p "$CACHE"
 if [[ "$ONLY" == convoy ]]; then
@@ -82,6 +84,14 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "
 fi
 fi
 
+if [[ "$ONLY" != convoy ]]; then
+  # mlx-lm really runs on that BLAS (LD_PRELOAD took effect).
+  LD_PRELOAD="$BLAS" "$VENV/bin/python" -c "
+import mlx.core as mx, sys
+mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))
+maps = open('/proc/self/maps').read() if sys.platform.startswith('linux') else '$BLAS'
+sys.exit(0 if '$(basename "$BLAS")' in maps else 1)" || die "mlx-lm did not load $BLAS"
+fi
 if [[ ! -f "$MLX_MODEL/model.safetensors" ]]; then
   say "writing the float32 MLX folder $MLX_MODEL"
   "$BENCH" --model "$GGUF" --export-mlx "$MLX_MODEL"
@@ -149,8 +159,8 @@ HEADER="$OUT/header.md"
 {
   echo "Run of \`make bench-compare\` on $(date -u +%Y-%m-%d) ($(date -u +%H:%M) UTC)."
   echo
-  echo "- Machine: $(uname -sm), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GB", $2/1e6}' /proc/meminfo 2>/dev/null) RAM."
-  echo "- MLX $(basename "$(ls -d "$CACHE"/mlx-cpu-* 2>/dev/null | head -1)" | sed 's/mlx-cpu-//') CPU for both; mlx-lm $("$VPY" -c 'import mlx_lm; print(mlx_lm.__version__)' 2>/dev/null || echo '(not run)'); convoy $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); BLAS $(basename "$(dirname "$BLAS")") $(dpkg-query -W -f '${Version}' libopenblas0-openmp 2>/dev/null || true) for both."
+  echo "- Machine: $(uname -sm), $(getconf _NPROCESSORS_ONLN) cores ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GB", $2/1e6}' /proc/meminfo 2>/dev/null) RAM."
+  echo "- MLX $(basename "$(ls -d "$CACHE"/mlx-cpu-* 2>/dev/null | head -1)" | sed 's/mlx-cpu-//') CPU for both; mlx-lm $("$VPY" -c 'import mlx_lm; print(mlx_lm.__version__)' 2>/dev/null || echo '(not run)'); convoy $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); BLAS ${BLAS:+$(basename "$(dirname "$BLAS")") $(dpkg-query -W -f '${Version}' libopenblas0-openmp 2>/dev/null || true)}${BLAS:-(none found)} for both."
   echo "- Model: $(basename "$MLX_MODEL") (float32, from $(basename "$GGUF"))."
   echo "- Workloads: $("$VPY" -c "
 import json,glob,os
@@ -166,9 +176,9 @@ say "wrote $OUT/report.md, $OUT/summary.jsonl, $OUT/compare.png, $OUT/results.js
 
 if [[ $SMOKE == 1 ]]; then
   # Both engines produced every run with every token, and the report has its tables.
-  "$VPY" - "$OUT" "${ONLY:-both}" <<'EOF'
+  "$VPY" - "$OUT" "${ONLY:-both}" "$ABLATE" <<'EOF'
 import glob, json, sys
-out, only = sys.argv[1], sys.argv[2]
+out, only, abl = sys.argv[1], sys.argv[2], sys.argv[3]
 want = {}
 for p in glob.glob(f"{out}/workloads/*.json"):
     w = json.load(open(p))
@@ -182,13 +192,13 @@ for line in open(f"{out}/results.jsonl"):
     assert all(t["tokens"] and t["tokens"][0] >= t["submitted"] for t in r["traces"])
     seen[(r["engine"], r["workload"], r["mode"])] = True
 engines = 2 if only == "both" else 1
-ablations = 0 if only == "mlx-lm" else 5
+ablations = 0 if only == "mlx-lm" or abl == "none" else len(abl.split(",")) + 1
 expect = sum(2 if k == "closed" else 1 for _, k in want.values()) * engines + ablations
 assert len(seen) == expect, f"{len(seen)} runs, want {expect}"
 report = open(f"{out}/report.md").read()
 assert "| 1 |" in report and "Mixed workload" in report
 assert only != "both" or "mlx-lm" in report
-assert only == "mlx-lm" or "What each optimization buys" in report
+assert only == "mlx-lm" or abl == "none" or "What each optimization buys" in report
 print("bench-compare smoke check: ok")
 EOF
 fi

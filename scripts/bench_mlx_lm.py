@@ -80,6 +80,10 @@ def main() -> None:
         for uid, i in zip(uids, indices):
             uid_to_index[uid] = i
             traces[i]["submitted"] = t
+            if open_loop:
+                # Due at its arrival time even if next() was busy then: a server's client
+                # waits for the tick in progress too.
+                traces[i]["arrived"] = reqs[i]["arrival_s"]
 
     pending = deque(range(n))
     in_flight = 0

@@ -496,20 +496,38 @@ impl Engine {
     /// none is (the error says why), and the engine thread takes them together, before its
     /// next step. So a batch reaches the scheduler as one group of arrivals, as when a
     /// caller hands a whole batch over at once (static batching, offline jobs). Returns the
-    /// ids in order. Errors as [`submit`](Self::submit); `Busy` when the batch does not fit
-    /// whole under `max_waiting` or `max_requests`; `InvalidArgument` for an empty batch.
+    /// ids in order. Errors as [`submit`](Self::submit) (for a bad request, the message
+    /// names its index); `Busy` when the batch does not fit whole under `max_waiting` or
+    /// `max_requests` now; `InvalidArgument` for an empty batch or one larger than those
+    /// limits (it could never fit).
     pub fn submit_batch(&self, requests: Vec<Request>) -> Result<Vec<RequestId>> {
         self.check_alive()?;
         if requests.is_empty() {
             return Err(Error::InvalidArgument("the batch has no requests".into()));
         }
+        let limit = self.config.max_waiting.min(self.streams.capacity());
+        if requests.len() > limit {
+            // Busy would invite a retry that can never succeed.
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} requests can never fit: at most {limit} can be queued \
+                 (max_waiting and max_requests)",
+                requests.len()
+            )));
+        }
+        let many = requests.len() > 1;
         let mut checked = Vec::with_capacity(requests.len());
-        for request in requests {
-            let prompt = self.prompt_tokens(&request.prompt)?;
-            // Same checks the scheduler makes, answered here without a round trip.
-            self.config
-                .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
-            checked.push((prompt, request));
+        for (i, request) in requests.into_iter().enumerate() {
+            let check = self.prompt_tokens(&request.prompt).and_then(|prompt| {
+                // Same checks the scheduler makes, answered here without a round trip.
+                self.config
+                    .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
+                Ok(prompt)
+            });
+            match check {
+                Ok(prompt) => checked.push((prompt, request)),
+                Err(e) if many => return Err(e.in_batch(i)),
+                Err(e) => return Err(e),
+            }
         }
         let n = checked.len();
         let queued = self.shared.queued.fetch_add(n, Ordering::SeqCst);

@@ -62,6 +62,19 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The same error, naming request `i` of a batch where the message allows.
+    pub(crate) fn in_batch(self, i: usize) -> Self {
+        let tag = |m: String| format!("request {i} of the batch: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(tag(m)),
+            Error::Tokenizer(m) => Error::Tokenizer(tag(m)),
+            Error::Template(m) => Error::Template(tag(m)),
+            other => other,
+        }
+    }
+}
+
 impl From<mlx_rs::error::Exception> for Error {
     fn from(e: mlx_rs::error::Exception) -> Self {
         Error::Mlx(e.what().to_owned())

@@ -191,7 +191,7 @@ impl Runner for MlxRunner {
     fn prefill_remaining(&self) -> usize {
         self.group
             .as_ref()
-            .map_or(0, |g| g.tokens.width() - g.tokens.done())
+            .map_or(0, |g| g.tokens.width().saturating_sub(g.tokens.done()))
     }
 
     fn decode(

@@ -40,8 +40,11 @@ pub trait Runner {
         samplers: &mut [&mut Sampler],
         ahead: bool,
     ) -> Result<Vec<u32>>;
-    /// Prompt columns the prefill group still has to process (0 without a group).
-    fn prefill_remaining(&self) -> usize;
+    /// Prompt columns the prefill group still has to process (0 without a group). Only a
+    /// hint for `ahead`; the default (unknown) never predicts a join.
+    fn prefill_remaining(&self) -> usize {
+        usize::MAX
+    }
     /// Keeps only these rows of the running batch.
     fn retain(&mut self, rows: &[usize]) -> Result<()>;
     /// Drops all state (after an error).

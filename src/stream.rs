@@ -223,6 +223,11 @@ impl Streams {
         Ok(())
     }
 
+    /// Most requests held at once.
+    pub(crate) fn capacity(&self) -> usize {
+        self.max_requests
+    }
+
     /// Requests held (live, or ended with events not yet polled).
     pub(crate) fn len(&self) -> usize {
         self.lock().streams.len()

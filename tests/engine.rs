@@ -540,10 +540,31 @@ fn submit_batch_runs_as_one_group_and_is_all_or_nothing() {
     ));
     assert_eq!(e.requests_held(), 0, "nothing of a refused batch is queued");
 
+    // A batch that could never fit is invalid (Busy would invite retries forever); one
+    // that does not fit now is Busy, and nothing of it is queued.
     let mut cfg = EngineConfig::default().max_batch_size(1);
     cfg.scheduler.max_waiting = 2;
+    cfg.max_requests = 3;
     let small = Engine::new(model_path(), cfg).unwrap();
     let three = (0..3).map(|_| request(&prompts[0], 2)).collect();
-    assert!(matches!(small.submit_batch(three), Err(Error::Busy(_))));
+    assert!(matches!(
+        small.submit_batch(three),
+        Err(Error::InvalidArgument(_))
+    ));
+    let held = small.submit_batch(vec![request(&prompts[0], 2)]).unwrap();
+    let two: Vec<Request> = (0..2).map(|_| request(&prompts[0], 2)).collect();
+    let _ = drain(&small, held[0]);
+    let first = small.submit_batch(two.clone()).unwrap();
+    // Two held (not polled yet) + two more > max_requests 3.
+    assert!(matches!(small.submit_batch(two), Err(Error::Busy(_))));
+    assert_eq!(small.requests_held(), 2);
+    for id in first {
+        drain(&small, id);
+    }
     assert_eq!(small.requests_held(), 0);
+    let bad = vec![request(&prompts[0], 2), request(&prompts[0], 0)];
+    match small.submit_batch(bad) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("request 1 of the batch"), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
 }

@@ -334,3 +334,66 @@ fn bad_model_folders() {
     let e = err(d);
     assert!(matches!(e, Error::BadWeights(_)), "{e}");
 }
+
+/// The performance switches change how a step is computed, not what: the logits of a padded
+/// batch (a prefill of prompts of different lengths, then decode steps) agree for every
+/// combination of fused projections and copy-free decode attention.
+#[test]
+fn tuning_switches_do_not_change_the_logits() {
+    use convoy::kv_cache::BatchKvCache;
+    let run = |fuse: bool, copy_free: bool| -> Vec<Vec<f32>> {
+        let mut lm = model::load(
+            model_path(),
+            LoadOptions {
+                fuse_projections: fuse,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        lm.model.set_copy_free_decode_attention(copy_free);
+        let prompts: Vec<Vec<u32>> = QUESTIONS
+            .iter()
+            .take(3)
+            .enumerate()
+            .map(|(i, q)| {
+                let ids = lm.tokenizer.encode_chat(&chat(q)).unwrap();
+                ids[..ids.len() - 4 * i].to_vec()
+            })
+            .collect();
+        let width = prompts.iter().map(Vec::len).max().unwrap();
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let mut cache =
+            BatchKvCache::with_padding(convoy::runner::kv_layout(&lm.model), pads.clone());
+        let ids: Vec<i32> = prompts
+            .iter()
+            .zip(&pads)
+            .flat_map(|(p, &pad)| std::iter::repeat_n(0, pad).chain(p.iter().map(|&t| t as i32)))
+            .collect();
+        let mut input = Array::from_slice(&ids, &[3, width as i32]);
+        let mut out = Vec::new();
+        for step in 0..4 {
+            let h = lm.model.forward_last(&input, &mut cache).unwrap();
+            let logits = lm.model.logits(&h).unwrap();
+            logits.eval().unwrap();
+            out.push(logits.as_slice::<f32>().to_vec());
+            let next: Vec<i32> = (0..3).map(|r| 100 + 7 * r + step).collect();
+            input = Array::from_slice(&next, &[3, 1]);
+        }
+        out
+    };
+    let base = run(true, true);
+    for (fuse, copy_free) in [(false, true), (true, false), (false, false)] {
+        let other = run(fuse, copy_free);
+        for (step, (a, b)) in base.iter().zip(&other).enumerate() {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-3,
+                "fuse={fuse} copy_free={copy_free} step {step}: logits differ by {diff}"
+            );
+        }
+    }
+}

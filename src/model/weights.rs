@@ -317,7 +317,11 @@ impl Projections {
                 let mut ok = true;
                 for p in &parts {
                     match p {
-                        Linear::Dense { w, b } if w.dtype() == w0.dtype() => {
+                        Linear::Dense { w, b }
+                            if w.dtype() == w0.dtype()
+                                && b.as_ref().map(Array::dtype)
+                                    == b0.as_ref().map(Array::dtype) =>
+                        {
                             ws.push(w);
                             if let Some(b) = b {
                                 bs.push(b);
@@ -341,7 +345,10 @@ impl Projections {
                         Linear::Quantized { q, b }
                             if q.bits == q0.bits
                                 && q.group_size == q0.group_size
-                                && b.is_some() == b0.is_some() =>
+                                && q.scales.dtype() == q0.scales.dtype()
+                                && q.biases.dtype() == q0.biases.dtype()
+                                && b.as_ref().map(Array::dtype)
+                                    == b0.as_ref().map(Array::dtype) =>
                         {
                             Some(q)
                         }

@@ -200,7 +200,9 @@ impl Runner for FakeRunner {
         Ok(())
     }
     fn prefill_remaining(&self) -> usize {
-        self.group.as_ref().map_or(0, |(_, t)| t.width() - t.done())
+        self.group
+            .as_ref()
+            .map_or(0, |(_, t)| t.width().saturating_sub(t.done()))
     }
     fn decode(
         &mut self,

@@ -41,6 +41,10 @@ pub struct Workload {
 /// What a run observed of one request, in seconds since the run started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Trace {
+    /// When the request was due (open-loop workloads: its arrival time, whether or not the
+    /// driver was free to submit it then); latencies count from here.
+    #[serde(default)]
+    pub arrived: Option<f64>,
     pub submitted: f64,
     pub tokens: Vec<f64>,
     pub finished: f64,
@@ -163,6 +167,9 @@ fn drive(engine: &Engine, w: &Workload, static_mode: bool) -> Vec<Trace> {
         for (id, i) in ids.into_iter().zip(batch) {
             index.insert(id, i);
             t[i].submitted = at;
+            if w.kind == "open" {
+                t[i].arrived = Some(w.requests[i].arrival_s);
+            }
         }
     };
     while done < n {
@@ -234,6 +241,12 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
             BatchMode::Continuous
         })
         .max_batch_size(w.batch);
+    for a in ablate {
+        assert!(
+            ["fuse", "attn", "ahead", "join", "all-on"].contains(&a.as_str()),
+            "--ablate takes fuse, attn, ahead, join or all-on, not {a}"
+        );
+    }
     let off = |name: &str| ablate.iter().any(|a| a == name);
     cfg.tuning.fuse_projections = !off("fuse");
     cfg.tuning.decode_ahead = !off("ahead");
@@ -331,26 +344,25 @@ pub struct Slo {
 fn summarize(line: &serde_json::Value, slo: &Slo) -> Summary {
     let traces: Vec<Trace> =
         serde_json::from_value(line["traces"].clone()).expect("traces in a result line");
-    let first_submit = traces
-        .iter()
-        .map(|t| t.submitted)
-        .fold(f64::INFINITY, f64::min);
+    // Latencies count from when a request was due (open loops) or handed over (closed).
+    let since = |t: &Trace| t.arrived.unwrap_or(t.submitted).min(t.submitted);
+    let first_submit = traces.iter().map(since).fold(f64::INFINITY, f64::min);
     let last = traces.iter().map(|t| t.finished).fold(0.0, f64::max);
     let wall = last - first_submit.min(last);
     let generated: usize = traces.iter().map(|t| t.tokens.len()).sum();
     let ttft: Vec<f64> = traces
         .iter()
-        .filter_map(|t| t.tokens.first().map(|f| f - t.submitted))
+        .filter_map(|t| t.tokens.first().map(|f| f - since(t)))
         .collect();
     let latency: Vec<f64> = traces
         .iter()
-        .filter_map(|t| t.tokens.last().map(|l| l - t.submitted))
+        .filter_map(|t| t.tokens.last().map(|l| l - since(t)))
         .collect();
     let mut itl = Vec::new();
     let mut good = 0;
     for t in &traces {
         let gaps: Vec<f64> = t.tokens.windows(2).map(|w| w[1] - w[0]).collect();
-        let first = t.tokens.first().map(|f| f - t.submitted);
+        let first = t.tokens.first().map(|f| f - since(t));
         if first.is_some_and(|f| f <= slo.ttft) && (gaps.is_empty() || mean(&gaps) <= slo.itl) {
             good += 1;
         }
