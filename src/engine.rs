@@ -47,8 +47,10 @@ pub struct EngineConfig {
 }
 
 /// Optimizations that can be switched off to measure them (`convoy-bench --ablate`,
-/// docs/benchmarks.md). All on by default.
+/// docs/benchmarks.md). All on by default. Non-exhaustive: start from `Tuning::default()`
+/// and set fields, so later switches do not break callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Tuning {
     /// q/k/v and gate/up stored as one matrix each: one matmul per step instead of three
     /// and two (see [`LoadOptions`](crate::model::LoadOptions)).
