@@ -5,6 +5,8 @@
 //!
 //! Writes a table to stdout, JSON lines to `<out>/results.jsonl` and a plot to
 //! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
+#[path = "shared/chart.rs"]
+mod chart;
 #[path = "shared/compare.rs"]
 mod compare;
 #[path = "shared/font.rs"]
@@ -662,25 +664,9 @@ fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
             } else {
                 label.to_string()
             };
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| e.to_string())?;
+            chart::series(&mut chart, &pts, color, name)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        chart::legend(&mut chart, 14, SeriesLabelPosition::UpperLeft)?;
     }
     root.present().map_err(|e| e.to_string())
 }

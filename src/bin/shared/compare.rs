@@ -657,25 +657,9 @@ fn plot(path: &Path, runs: &[Summary], cs: &[usize], ratios: &[RatioPoint]) -> R
             if pts.is_empty() {
                 continue;
             }
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(format!("{engine} {mode}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| e.to_string())?;
+            super::chart::series(&mut chart, &pts, color, format!("{engine} {mode}"))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        super::chart::legend(&mut chart, 13, SeriesLabelPosition::UpperLeft)?;
     }
     let ymax = ratios
         .iter()
@@ -719,25 +703,9 @@ fn plot(path: &Path, runs: &[Summary], cs: &[usize], ratios: &[RatioPoint]) -> R
         if pts.is_empty() {
             continue;
         }
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-            .map_err(|e| e.to_string())?;
+        super::chart::series(&mut chart, &pts, color, label)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    super::chart::legend(&mut chart, 13, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(|e| e.to_string())
 }
 
