@@ -585,6 +585,34 @@ typedef struct {
   const char *content;
 } convoy_chat_message;
 
+/**
+ * One request of a batch for `convoy_engine_submit_batch`. Set exactly one prompt: `text`,
+ * or `tokens` with `n_tokens` >= 1, or `messages` with `n_messages` >= 1 (the others NULL
+ * and 0). Set `struct_size` to `sizeof(convoy_batch_request)` in every element (or use
+ * `convoy_batch_request_init`); an array is read with the first element's size as stride.
+ */
+typedef struct {
+  uint32_t struct_size;
+  /**
+   * A text prompt (NUL-terminated UTF-8), tokenized as `convoy_engine_submit_text` does.
+   */
+  const char *text;
+  /**
+   * A prompt as token ids, as `convoy_engine_submit_tokens` takes it.
+   */
+  const uint32_t *tokens;
+  size_t n_tokens;
+  /**
+   * A chat, rendered as `convoy_engine_submit_chat` does.
+   */
+  const convoy_chat_message *messages;
+  size_t n_messages;
+  /**
+   * This request's parameters; NULL for the defaults.
+   */
+  const convoy_request_params *params;
+} convoy_batch_request;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -723,6 +751,34 @@ convoy_status convoy_engine_submit_chat(const convoy_engine *engine,
                                         size_t n_messages,
                                         const convoy_request_params *params,
                                         uint64_t *out_id);
+
+/**
+ * Sets `request` to an empty batch request (no prompt, default parameters) with
+ * `struct_size` = min(`struct_size`, this library's size). Pass `sizeof(convoy_batch_request)`.
+ * Returns OK, NULL_POINTER, or INVALID_ARGUMENT (size below 4).
+ */
+convoy_status convoy_batch_request_init(convoy_batch_request *request, size_t struct_size);
+
+/**
+ * Submits several requests as one: all are checked first and either all are queued or none
+ * is, and the engine takes them together before its next step, so they start as one batch
+ * (static batching, offline jobs, a fair benchmark baseline).
+ *
+ * - `requests` (in): `n_requests` (>= 1) requests, each with exactly one prompt (see
+ *   `convoy_batch_request`), read during the call only.
+ * - `out_ids` (out): an array of `n_requests` ids, written in order on OK only.
+ *
+ * Returns at once: OK; NULL_POINTER, INVALID_UTF8, INVALID_ARGUMENT, PROMPT_TOO_LONG,
+ * TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (the message names its index, e.g.
+ * "request 2 of the batch: ..."); INVALID_ARGUMENT when the batch is larger than the
+ * engine's `max_waiting` or `max_requests` (it could never fit); BUSY when it does not fit
+ * whole now (nothing was queued: retry later); ENGINE_FAILED, SHUT_DOWN, PANIC.
+ * Thread-safe.
+ */
+convoy_status convoy_engine_submit_batch(const convoy_engine *engine,
+                                         const convoy_batch_request *requests,
+                                         size_t n_requests,
+                                         uint64_t *out_ids);
 
 /**
  * Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of request `id`

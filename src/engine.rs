@@ -61,6 +61,10 @@ pub struct Tuning {
     /// Decode-step attention as plain matmuls over views of the cache, instead of MLX's
     /// fused attention op (which copies every layer's keys and values on the CPU backend).
     pub copy_free_attention: bool,
+    /// On the CPU backend, dense matmuls with a few rows (a decode step's batch) are
+    /// zero-padded to the row count OpenBLAS splits evenly between its threads (up to 1.9x
+    /// faster matmuls at 3-15 rows on 2 cores; see docs/benchmarks.md). No effect elsewhere.
+    pub pad_matmul_rows: bool,
 }
 
 impl Default for Tuning {
@@ -69,6 +73,7 @@ impl Default for Tuning {
             fuse_projections: true,
             decode_ahead: true,
             copy_free_attention: true,
+            pad_matmul_rows: true,
         }
     }
 }
@@ -950,6 +955,9 @@ fn engine_thread(
             let mut lm = lm;
             lm.model
                 .set_copy_free_decode_attention(config.tuning.copy_free_attention);
+            if !config.tuning.pad_matmul_rows {
+                lm.model.set_pad_matmul_rows(false);
+            }
             let mut runner = MlxRunner::new(lm);
             runner.set_pipelining(config.tuning.decode_ahead);
             runner

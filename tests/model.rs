@@ -337,11 +337,12 @@ fn bad_model_folders() {
 
 /// The performance switches change how a step is computed, not what: the logits of a padded
 /// batch (a prefill of prompts of different lengths, then decode steps) agree for every
-/// combination of fused projections and copy-free decode attention.
+/// combination of fused projections and copy-free decode attention, and with the decode
+/// steps' matmul rows padded (3 rows to 16) or not.
 #[test]
 fn tuning_switches_do_not_change_the_logits() {
     use convoy::kv_cache::BatchKvCache;
-    let run = |fuse: bool, copy_free: bool| -> Vec<Vec<f32>> {
+    let run = |fuse: bool, copy_free: bool, pad: bool| -> Vec<Vec<f32>> {
         let mut lm = model::load(
             model_path(),
             LoadOptions {
@@ -351,6 +352,7 @@ fn tuning_switches_do_not_change_the_logits() {
         )
         .unwrap();
         lm.model.set_copy_free_decode_attention(copy_free);
+        lm.model.set_pad_matmul_rows(pad);
         let prompts: Vec<Vec<u32>> = QUESTIONS
             .iter()
             .take(3)
@@ -381,9 +383,15 @@ fn tuning_switches_do_not_change_the_logits() {
         }
         out
     };
-    let base = run(true, true);
-    for (fuse, copy_free) in [(false, true), (true, false), (false, false)] {
-        let other = run(fuse, copy_free);
+    let base = run(true, true, true);
+    for (fuse, copy_free, pad) in [
+        (false, true, true),
+        (true, false, true),
+        (false, false, true),
+        (true, true, false),
+        (false, false, false),
+    ] {
+        let other = run(fuse, copy_free, pad);
         for (step, (a, b)) in base.iter().zip(&other).enumerate() {
             let diff = a
                 .iter()
@@ -392,7 +400,7 @@ fn tuning_switches_do_not_change_the_logits() {
                 .fold(0f32, f32::max);
             assert!(
                 diff < 1e-3,
-                "fuse={fuse} copy_free={copy_free} step {step}: logits differ by {diff}"
+                "fuse={fuse} copy_free={copy_free} pad={pad} step {step}: logits differ by {diff}"
             );
         }
     }

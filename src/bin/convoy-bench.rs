@@ -115,11 +115,16 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     steps: usize,
     /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
-    /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), ahead
+    /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), pad
+    /// (matmul rows padded to what the CPU BLAS runs fastest), ahead
     /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
     /// ends); `all-on` switches nothing off but labels the run as an ablation baseline.
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
+    /// With --profile-decode: alternate the steps between the --ablate form and all on, and
+    /// report the median of each (attn and pad switch between steps; fuse cannot).
+    #[arg(long)]
+    interleave: bool,
 }
 
 fn default_model() -> PathBuf {
@@ -502,7 +507,16 @@ fn single(
 
 /// Milliseconds per decode step of the model alone (no engine) at batch `b` with `t` cached
 /// tokens per row: prefill, 3 warm-up steps, then `steps` timed greedy steps, each evaluated.
-fn profile_decode(model: &Path, b: usize, t: usize, steps: usize, fuse: bool) {
+fn profile_decode(
+    model: &Path,
+    b: usize,
+    t: usize,
+    steps: usize,
+    ablate: &[String],
+    interleave: bool,
+) {
+    let on = |name: &str| !ablate.iter().any(|a| a == name);
+    let (fuse, attn, pad) = (on("fuse"), on("attn"), on("pad"));
     use convoy::mlx_rs::ops::indexing::argmax_axis;
     use convoy::mlx_rs::Array;
     let options = LoadOptions {
@@ -510,9 +524,9 @@ fn profile_decode(model: &Path, b: usize, t: usize, steps: usize, fuse: bool) {
         ..Default::default()
     };
     let mut lm = model::load(model, options).expect("load model");
-    let attn = !std::env::args().any(|a| a.contains("attn"));
     // (--ablate attn: MLX's fused attention op for decode steps too.)
     lm.model.set_copy_free_decode_attention(attn);
+    lm.model.set_pad_matmul_rows(pad);
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + b * 7 {
         let again = corpus.clone();
@@ -529,26 +543,45 @@ fn profile_decode(model: &Path, b: usize, t: usize, steps: usize, fuse: bool) {
     h.eval().unwrap();
     let prefill = start.elapsed().as_secs_f64();
     let mut input = Array::from_slice(&vec![1i32; b], &[b as i32, 1]);
-    let mut step = |input: &Array| -> Array {
-        let h = lm.model.forward_last(input, &mut cache).unwrap();
-        let logits = lm.model.logits(&h).unwrap();
+    let step = |model: &convoy::model::Model,
+                cache: &mut convoy::kv_cache::BatchKvCache,
+                input: &Array|
+     -> (Array, f64) {
+        let start = Instant::now();
+        let h = model.forward_last(input, cache).unwrap();
+        let logits = model.logits(&h).unwrap();
         let next = argmax_axis(&logits, -1, None).unwrap();
         next.eval().unwrap();
-        next.reshape(&[b as i32, 1]).unwrap()
+        (
+            next.reshape(&[b as i32, 1]).unwrap(),
+            start.elapsed().as_secs_f64(),
+        )
     };
     for _ in 0..3 {
-        input = step(&input);
+        input = step(&lm.model, &mut cache, &input).0;
     }
-    let start = Instant::now();
-    for _ in 0..steps {
-        input = step(&input);
+    // With --interleave, steps alternate between the ablated form and all on (switches that
+    // can change between steps: attn, pad), so both see the same machine noise.
+    let mut times = [Vec::new(), Vec::new()];
+    for i in 0..steps {
+        let ablated = !interleave || i % 2 == 0;
+        lm.model.set_copy_free_decode_attention(attn || !ablated);
+        lm.model.set_pad_matmul_rows(pad || !ablated);
+        let (next, secs) = step(&lm.model, &mut cache, &input);
+        input = next;
+        times[usize::from(ablated)].push(secs);
     }
-    let per = start.elapsed().as_secs_f64() / steps as f64;
+    let median = |v: &mut Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2] * 1e3)
+    };
+    let per = times[1].iter().sum::<f64>() / times[1].len() as f64;
     println!(
         "{}",
-        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "batch": b, "context": t, "prefill_s": prefill,
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "batch": b, "context": t, "prefill_s": prefill,
                "prefill_tok_s": (b * t) as f64 / prefill, "decode_step_ms": per * 1e3,
-               "decode_tok_s": b as f64 / per})
+               "decode_tok_s": b as f64 / per, "median_step_ms": median(&mut times[1]),
+               "interleaved_all_on_median_step_ms": median(&mut times[0])})
     );
 }
 
@@ -735,7 +768,8 @@ fn main() {
             b,
             args.prompt_len,
             args.steps,
-            !args.ablate.iter().any(|a| a == "fuse"),
+            &args.ablate,
+            args.interleave,
         );
         return;
     }

@@ -284,6 +284,120 @@ pub unsafe extern "C" fn convoy_engine_submit_chat(
     })
 }
 
+/// Sets `request` to an empty batch request (no prompt, default parameters) with
+/// `struct_size` = min(`struct_size`, this library's size). Pass `sizeof(convoy_batch_request)`.
+/// Returns OK, NULL_POINTER, or INVALID_ARGUMENT (size below 4).
+#[no_mangle]
+pub unsafe extern "C" fn convoy_batch_request_init(
+    request: *mut convoy_batch_request,
+    struct_size: usize,
+) -> convoy_status {
+    guard(|| init_sized(request, struct_size, empty_batch_request(), "request"))
+}
+
+fn empty_batch_request() -> convoy_batch_request {
+    convoy_batch_request {
+        struct_size: std::mem::size_of::<convoy_batch_request>() as u32,
+        text: std::ptr::null(),
+        tokens: std::ptr::null(),
+        n_tokens: 0,
+        messages: std::ptr::null(),
+        n_messages: 0,
+        params: std::ptr::null(),
+    }
+}
+
+/// Submits several requests as one: all are checked first and either all are queued or none
+/// is, and the engine takes them together before its next step, so they start as one batch
+/// (static batching, offline jobs, a fair benchmark baseline).
+///
+/// - `requests` (in): `n_requests` (>= 1) requests, each with exactly one prompt (see
+///   `convoy_batch_request`), read during the call only.
+/// - `out_ids` (out): an array of `n_requests` ids, written in order on OK only.
+///
+/// Returns at once: OK; NULL_POINTER, INVALID_UTF8, INVALID_ARGUMENT, PROMPT_TOO_LONG,
+/// TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (the message names its index, e.g.
+/// "request 2 of the batch: ..."); INVALID_ARGUMENT when the batch is larger than the
+/// engine's `max_waiting` or `max_requests` (it could never fit); BUSY when it does not fit
+/// whole now (nothing was queued: retry later); ENGINE_FAILED, SHUT_DOWN, PANIC.
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_submit_batch(
+    engine: *const convoy_engine,
+    requests: *const convoy_batch_request,
+    n_requests: usize,
+    out_ids: *mut u64,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        if n_requests == 0 {
+            return Err(fail(
+                convoy_status::InvalidArgument,
+                "a batch needs at least one request",
+            ));
+        }
+        let out_ids = out_arg(out_ids, "out_ids")?;
+        let first = read_sized(requests, empty_batch_request(), "requests")?;
+        let stride = first.struct_size as usize;
+        slice_arg(
+            requests as *const u8,
+            n_requests.saturating_mul(stride),
+            "requests",
+        )?;
+        let batch = (0..n_requests)
+            .map(|i| {
+                let ptr = (requests as *const u8).add(i * stride) as *const convoy_batch_request;
+                read_batch_request(ptr, stride).map_err(|Failure(status, m)| {
+                    fail(status, format!("request {i} of the batch: {m}"))
+                })
+            })
+            .collect::<Result<Vec<Request>, Failure>>()?;
+        // Checked before anything is queued: the ids are written only on success.
+        slice_arg(out_ids as *const u64, n_requests, "out_ids")?;
+        let ids = engine.inner.submit_batch(batch)?;
+        std::ptr::copy_nonoverlapping(ids.as_ptr(), out_ids, ids.len());
+        Ok(())
+    })
+}
+
+unsafe fn read_batch_request(
+    ptr: *const convoy_batch_request,
+    stride: usize,
+) -> Result<Request, Failure> {
+    let r = read_sized(ptr, empty_batch_request(), "request")?;
+    if r.struct_size as usize != stride {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            format!(
+                "struct_size is {} but requests[0]'s is {stride}",
+                r.struct_size
+            ),
+        ));
+    }
+    let given = [
+        !r.text.is_null(),
+        r.n_tokens > 0 || !r.tokens.is_null(),
+        r.n_messages > 0 || !r.messages.is_null(),
+    ];
+    let prompt = match given {
+        [true, false, false] => Prompt::Text(str_arg(r.text, "text")?.to_owned()),
+        [false, true, false] => Prompt::Tokens(slice_arg(r.tokens, r.n_tokens, "tokens")?.to_vec()),
+        [false, false, true] => Prompt::Chat(read_messages(r.messages, r.n_messages)?),
+        _ => {
+            return Err(fail(
+                convoy_status::InvalidArgument,
+                "set exactly one prompt: text, tokens or messages",
+            ))
+        }
+    };
+    let (sampling, stop) = convoy_request_params::read(r.params)?;
+    Ok(Request {
+        prompt,
+        sampling,
+        stop,
+    })
+}
+
 /// Reads a caller's array of chat messages: the first element's `struct_size` is the stride,
 /// and every element must carry the same size.
 unsafe fn read_messages(

@@ -118,6 +118,26 @@ pub struct convoy_chat_message {
     pub content: *const c_char,
 }
 
+/// One request of a batch for `convoy_engine_submit_batch`. Set exactly one prompt: `text`,
+/// or `tokens` with `n_tokens` >= 1, or `messages` with `n_messages` >= 1 (the others NULL
+/// and 0). Set `struct_size` to `sizeof(convoy_batch_request)` in every element (or use
+/// `convoy_batch_request_init`); an array is read with the first element's size as stride.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct convoy_batch_request {
+    pub struct_size: u32,
+    /// A text prompt (NUL-terminated UTF-8), tokenized as `convoy_engine_submit_text` does.
+    pub text: *const c_char,
+    /// A prompt as token ids, as `convoy_engine_submit_tokens` takes it.
+    pub tokens: *const u32,
+    pub n_tokens: usize,
+    /// A chat, rendered as `convoy_engine_submit_chat` does.
+    pub messages: *const convoy_chat_message,
+    pub n_messages: usize,
+    /// This request's parameters; NULL for the defaults.
+    pub params: *const convoy_request_params,
+}
+
 /// Kind of an event returned by `convoy_engine_poll`.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -607,6 +627,15 @@ super::abi_struct!(convoy_chat_message {
     content: *const c_char,
 });
 // An event that cannot say whose it is or what it is would lose the request's ending.
+super::abi_struct!(convoy_batch_request {
+    struct_size: u32,
+    text: *const c_char,
+    tokens: *const u32,
+    n_tokens: usize,
+    messages: *const convoy_chat_message,
+    n_messages: usize,
+    params: *const convoy_request_params,
+});
 super::abi_struct!(convoy_event {
     struct_size: u32,
     kind: convoy_event_kind,

@@ -208,6 +208,7 @@ pub struct Model {
     rope_freqs: Option<Array>,
     rope_scale: f32,
     copy_free_decode_attention: bool,
+    pad_matmul_rows: bool,
     quantized: bool,
 }
 
@@ -322,6 +323,7 @@ impl Model {
             rope_freqs,
             rope_scale,
             copy_free_decode_attention: true,
+            pad_matmul_rows: crate::backend() == "cpu",
             quantized,
         };
         model.check_shapes()?;
@@ -431,6 +433,22 @@ impl Model {
         self.copy_free_decode_attention = on;
     }
 
+    /// Benchmark switch: dense matmuls with a few rows are zero-padded to the row count the
+    /// CPU backend's BLAS runs fastest at ([`weights::padded_rows`]). On by default on the
+    /// CPU backend only.
+    #[doc(hidden)]
+    pub fn set_pad_matmul_rows(&mut self, on: bool) {
+        self.pad_matmul_rows = on;
+    }
+
+    fn matmul_pad(&self, rows: i32) -> Option<i32> {
+        if self.pad_matmul_rows {
+            weights::padded_rows(rows)
+        } else {
+            None
+        }
+    }
+
     /// Whether the matmul weights are kept quantized.
     pub fn is_quantized(&self) -> bool {
         self.quantized
@@ -457,13 +475,14 @@ impl Model {
         let offsets = Array::from_slice(&cache.offsets(), &[b]);
         let mask = cache.mask(l as usize);
         let scale = 1.0 / (hd as f32).sqrt();
+        let pad = self.matmul_pad(b * l);
 
         let mut x = self.embed.lookup(tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let y = fast::rms_norm(&x, Some(&layer.attn_norm), c.rms_norm_eps)?;
             let [q, k, v]: [Array; 3] = layer
                 .qkv
-                .forward(&y)?
+                .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("q/k/v split".into()))?;
             let q = q.reshape(&[b, l, h, hd])?.transpose_axes(&[0, 2, 1, 3])?;
@@ -494,14 +513,16 @@ impl Model {
                 attn.transpose_axes(&[0, 2, 1, 3])?
                     .reshape(&[b, l, h * hd])?
             };
-            x = x.add(layer.o.forward(&attn)?)?;
+            x = x.add(layer.o.forward(&attn, pad)?)?;
             let y = fast::rms_norm(&x, Some(&layer.ffn_norm), c.rms_norm_eps)?;
             let [gate, up]: [Array; 2] = layer
                 .gate_up
-                .forward(&y)?
+                .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("gate/up split".into()))?;
-            let ff = layer.down.forward(&mlx_rs::nn::silu(gate)?.multiply(up)?)?;
+            let ff = layer
+                .down
+                .forward(&mlx_rs::nn::silu(gate)?.multiply(up)?, pad)?;
             x = x.add(ff)?;
         }
         cache.advance(l as usize);
@@ -511,9 +532,11 @@ impl Model {
 
     /// Projects hidden states to vocabulary logits (float32).
     pub fn logits(&self, hidden: &Array) -> Result<Array> {
+        let shape = hidden.shape();
+        let pad = self.matmul_pad(shape[..shape.len() - 1].iter().product());
         let out = match &self.lm_head {
-            Some(head) => head.forward(hidden)?,
-            None => self.embed.as_linear(hidden)?,
+            Some(head) => head.forward(hidden, pad)?,
+            None => self.embed.as_linear(hidden, pad)?,
         };
         let out = if out.dtype() != mlx_rs::Dtype::Float32 {
             out.as_type::<f32>()?

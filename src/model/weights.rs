@@ -1,7 +1,8 @@
 //! Dense and affine-quantized weights, and the policy that picks between them.
 use std::collections::HashMap;
 
-use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::ops::{concatenate, dequantize, matmul, quantized_matmul, zeros_dtype};
 use mlx_rs::Array;
 
 use crate::error::{Error, Result};
@@ -172,9 +173,11 @@ impl Linear {
         }
     }
 
-    pub(crate) fn forward(&self, x: &Array) -> Result<Array> {
+    /// `x @ w.T (+ b)`. `pad`: the rows (all axes but the last, flattened) are zero-padded to
+    /// this many for a dense matmul and the extra rows dropped again (see [`padded_rows`]).
+    pub(crate) fn forward(&self, x: &Array, pad: Option<i32>) -> Result<Array> {
         let (y, b) = match self {
-            Self::Dense { w, b } => (matmul(x, w.transpose_axes(&[1, 0])?)?, b),
+            Self::Dense { w, b } => (dense_matmul(x, w, pad)?, b),
             Self::Quantized { q, b } => (
                 quantized_matmul(x, &q.w, &q.scales, &q.biases, true, q.group_size, q.bits)?,
                 b,
@@ -263,9 +266,9 @@ impl Embedding {
         }
     }
 
-    pub(crate) fn as_linear(&self, x: &Array) -> Result<Array> {
+    pub(crate) fn as_linear(&self, x: &Array, pad: Option<i32>) -> Result<Array> {
         match self {
-            Self::Dense(w) => Ok(matmul(x, w.transpose_axes(&[1, 0])?)?),
+            Self::Dense(w) => dense_matmul(x, w, pad),
             Self::Quantized(q) => Ok(quantized_matmul(
                 x,
                 &q.w,
@@ -283,6 +286,40 @@ impl Embedding {
             Self::Dense(w) => out.push(w),
             Self::Quantized(q) => out.extend([&q.w, &q.scales, &q.biases]),
         }
+    }
+}
+
+/// The row count a dense float32 matmul of `rows` rows runs fastest at on the CPU backend.
+///
+/// OpenBLAS (MLX's BLAS on Linux) splits an sgemm's rows between its threads in blocks of its
+/// kernel's row tile, so with a few rows that are not near a multiple of 16 one thread does
+/// all the work while the other waits. On the project's 2-core machine the 121 matmuls of a
+/// SmolLM2-135M decode step took 97-165 ms at 4-14 rows and 81-86 ms at 16; padded to 16
+/// rows they take 81-94 ms at every count from 3 to 16 (docs/benchmarks.md). Rows past 64
+/// gain nothing, and 1, 2 or 16k + 1-2 rows are fast as they are.
+pub(crate) fn padded_rows(rows: i32) -> Option<i32> {
+    let rem = rows % 16;
+    (rows <= 64 && rem >= 3).then_some(rows - rem + 16)
+}
+
+/// `x @ w.T` with the rows of `x` zero-padded to `pad` (when more than it has) and the
+/// padded rows' outputs dropped. Each output row depends only on its own input row, so the
+/// result is the same computation.
+fn dense_matmul(x: &Array, w: &Array, pad: Option<i32>) -> Result<Array> {
+    let wt = w.transpose_axes(&[1, 0])?;
+    let shape = x.shape();
+    let width = shape[shape.len() - 1];
+    let rows: i32 = shape[..shape.len() - 1].iter().product();
+    match pad {
+        Some(p) if p > rows && shape.len() >= 2 => {
+            let flat = x.reshape(&[rows, width])?;
+            let zeros = zeros_dtype(&[p - rows, width], x.dtype())?;
+            let y = matmul(&concatenate(&[flat, zeros], 0)?, &wt)?;
+            let mut out = shape[..shape.len() - 1].to_vec();
+            out.push(w.shape()[0]);
+            Ok(y.try_index((..rows, ..))?.reshape(&out)?)
+        }
+        _ => Ok(matmul(x, &wt)?),
     }
 }
 
@@ -394,10 +431,10 @@ impl Projections {
     }
 
     /// Each part's output for `x` (`[..., in]` to `[..., out_i]`).
-    pub(crate) fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+    pub(crate) fn forward(&self, x: &Array, pad: Option<i32>) -> Result<Vec<Array>> {
         match self {
             Self::Fused { lin, sizes } => {
-                let y = lin.forward(x)?;
+                let y = lin.forward(x, pad)?;
                 let mut at = Vec::with_capacity(sizes.len() - 1);
                 let mut end = 0;
                 for s in &sizes[..sizes.len() - 1] {
@@ -406,7 +443,7 @@ impl Projections {
                 }
                 Ok(y.split_at_indices(&at, -1)?)
             }
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x, pad)).collect(),
         }
     }
 

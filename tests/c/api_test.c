@@ -227,6 +227,61 @@ static void test_engine(const char *model, int full) {
   CHECK(drain(e, id, &o) == CONVOY_STATUS_OK);
   CHECK(strcmp(o.text, "The capital of ") == 0 && o.reason == CONVOY_FINISH_REASON_STOP);
 
+  /* A batch: three prompts of each kind, queued as one. */
+  {
+    convoy_batch_request batch[3];
+    for (int i = 0; i < 3; i++) CHECK(convoy_batch_request_init(&batch[i], sizeof batch[i]) == CONVOY_STATUS_OK);
+    convoy_request_params chat_p, short_p;
+    convoy_request_params_init(&chat_p, sizeof chat_p);
+    chat_p.max_tokens = 20;
+    convoy_request_params_init(&short_p, sizeof short_p);
+    short_p.max_tokens = 5;
+    short_p.ignore_eos = true;
+    const uint32_t tokens[3] = {504, 3458, 314};
+    batch[0].messages = chat;
+    batch[0].n_messages = 2;
+    batch[0].params = &chat_p;
+    batch[1].text = "Count from one to ten.";
+    batch[1].params = &short_p;
+    batch[2].tokens = tokens;
+    batch[2].n_tokens = 3;
+    batch[2].params = &short_p;
+    uint64_t ids[3] = {0, 0, 0};
+    char msg[256];
+    /* Bad batches queue nothing and leave out_ids untouched. */
+    CHECK(convoy_engine_submit_batch(e, batch, 0, ids) == CONVOY_STATUS_INVALID_ARGUMENT);
+    CHECK(convoy_engine_submit_batch(e, batch, 3, NULL) == CONVOY_STATUS_NULL_POINTER);
+    CHECK(convoy_engine_submit_batch(e, NULL, 3, ids) == CONVOY_STATUS_NULL_POINTER);
+    convoy_batch_request bad[4];
+    memcpy(bad, batch, sizeof batch);
+    bad[1].tokens = tokens; /* text and tokens both set */
+    bad[1].n_tokens = 3;
+    CHECK(convoy_engine_submit_batch(e, bad, 3, ids) == CONVOY_STATUS_INVALID_ARGUMENT);
+    CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "request 1 of the batch") != NULL);
+    memcpy(bad, batch, sizeof batch);
+    bad[2].text = bad_utf8;
+    bad[2].tokens = NULL;
+    bad[2].n_tokens = 0;
+    CHECK(convoy_engine_submit_batch(e, bad, 3, ids) == CONVOY_STATUS_INVALID_UTF8);
+    CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "request 2 of the batch") != NULL);
+    memcpy(bad, batch, sizeof batch);
+    bad[3] = batch[1];
+    CHECK(convoy_engine_submit_batch(e, bad, 4, ids) == CONVOY_STATUS_INVALID_ARGUMENT); /* > max_waiting */
+    CHECK(ids[0] == 0 && ids[1] == 0 && ids[2] == 0);
+    convoy_engine_stats before;
+    convoy_engine_stats_init(&before, sizeof before);
+    CHECK(convoy_engine_get_stats(e, &before) == CONVOY_STATUS_OK && before.waiting == 0 && before.running == 0);
+
+    CHECK(convoy_engine_submit_batch(e, batch, 3, ids) == CONVOY_STATUS_OK);
+    CHECK(ids[0] > id && ids[1] == ids[0] + 1 && ids[2] == ids[1] + 1);
+    CHECK(drain(e, ids[0], &o) == CONVOY_STATUS_OK);
+    CHECK(o.finished == 1 && strcmp(o.text, "The capital of France is Paris.") == 0);
+    for (int i = 1; i < 3; i++) {
+      CHECK(drain(e, ids[i], &o) == CONVOY_STATUS_OK);
+      CHECK(o.finished == 1 && o.tokens == 5 && o.reason == CONVOY_FINISH_REASON_LENGTH);
+    }
+  }
+
   /* Cancel during decode. */
   convoy_request_params_init(&p, sizeof p);
   p.max_tokens = 400;
@@ -255,7 +310,7 @@ static void test_engine(const char *model, int full) {
   convoy_engine_stats_init(&stats, sizeof stats);
   CHECK(convoy_engine_get_stats(e, &stats) == CONVOY_STATUS_OK);
   CHECK(CONVOY_HAS_FIELD(&stats, convoy_engine_stats, prefilling) && stats.struct_size <= sizeof stats);
-  CHECK(stats.tokens_generated > 0 && stats.steps > 0 && stats.requests_finished == 4);
+  CHECK(stats.tokens_generated > 0 && stats.steps > 0 && stats.requests_finished == 7);
 
   if (full) {
     /* Busy when the queue is full: 2 rows decode, 3 may wait, the rest are refused. */

@@ -243,14 +243,15 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         .max_batch_size(w.batch);
     for a in ablate {
         assert!(
-            ["fuse", "attn", "ahead", "join", "all-on"].contains(&a.as_str()),
-            "--ablate takes fuse, attn, ahead, join or all-on, not {a}"
+            ["fuse", "attn", "pad", "ahead", "join", "all-on"].contains(&a.as_str()),
+            "--ablate takes fuse, attn, pad, ahead, join or all-on, not {a}"
         );
     }
     let off = |name: &str| ablate.iter().any(|a| a == name);
     cfg.tuning.fuse_projections = !off("fuse");
     cfg.tuning.decode_ahead = !off("ahead");
     cfg.tuning.copy_free_attention = !off("attn");
+    cfg.tuning.pad_matmul_rows = !off("pad");
     cfg.scheduler.skip_wasted_ahead = !off("join");
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
