@@ -430,6 +430,26 @@ class Engine {
     return Request(engine_, id);
   }
 
+  /** Text prompts queued as one batch (convoy_engine_submit_batch): all or none, and the
+   *  engine starts them together. Handles in the prompts' order. */
+  std::vector<Request> submit_text_batch(const std::vector<std::string> &prompts,
+                                         const RequestParams &params = RequestParams()) const {
+    std::vector<const char *> scratch;
+    convoy_request_params p = params.to_c(scratch);
+    std::vector<convoy_batch_request> batch(prompts.size());
+    for (std::size_t i = 0; i < prompts.size(); i++) {
+      detail::check(convoy_batch_request_init(&batch[i], sizeof batch[i]));
+      batch[i].text = detail::c_str(prompts[i], "prompt");
+      batch[i].params = &p;
+    }
+    std::vector<std::uint64_t> ids(prompts.size());
+    detail::check(convoy_engine_submit_batch(engine_, batch.data(), batch.size(), ids.data()));
+    std::vector<Request> out;
+    out.reserve(ids.size());
+    for (std::uint64_t id : ids) out.push_back(Request(engine_, id));
+    return out;
+  }
+
   /** Generates to the end and returns the text. Throws Error if the request failed
    *  (FINISHED with reason Error: status ENGINE_FAILED, the event's message). */
   std::string generate(const std::string &prompt, const RequestParams &params = RequestParams()) const {

@@ -156,6 +156,15 @@ void test_generate_and_stream(const convoy::Engine &e) {
   convoy::Completion stopped = stop_request.wait();
   CHECK(stopped.text == "The capital of France is");
   CHECK(stopped.finish_reason == convoy::FinishReason::Stop);
+
+  // A batch of text prompts: handles in order, each the same greedy text as generate().
+  std::vector<convoy::Request> batch =
+      e.submit_text_batch({"The capital of France is", "Hi"}, params);
+  CHECK(batch.size() == 2 && batch[1].id() == batch[0].id() + 1);
+  CHECK(batch[0].wait().text == full);
+  CHECK(batch[1].wait().text == e.generate("Hi", params));
+  expect_error(CONVOY_STATUS_INVALID_ARGUMENT, [&] { e.submit_text_batch({}, params); },
+               "empty batch");
 }
 
 // Text prompts of different lengths for the one-thread serving test (short: prefill is the
