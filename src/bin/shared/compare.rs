@@ -191,12 +191,13 @@ fn drive(engine: &Engine, w: &Workload, static_mode: bool) -> Vec<Trace> {
                 in_flight += wave.len();
                 submit(wave, &mut index, &mut traces);
             }
-        } else {
-            while in_flight < w.concurrency && next < n {
-                submit(vec![next], &mut index, &mut traces);
-                next += 1;
-                in_flight += 1;
-            }
+        } else if in_flight < w.concurrency && next < n {
+            // Every free slot at once (the first c requests start together, as mlx-lm's
+            // driver inserts them all before its first step).
+            let batch: Vec<usize> = (next..n.min(next + w.concurrency - in_flight)).collect();
+            next += batch.len();
+            in_flight += batch.len();
+            submit(batch, &mut index, &mut traces);
         }
         let wait = if w.kind == "open" && next < n {
             (w.requests[next].arrival_s - now(start)).clamp(0.0, 1.0)
@@ -261,6 +262,8 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         arrival_s: 0.0,
     };
     engine.generate(request(&warm)).expect("warm-up");
+    // Peak memory counts from here, as mlx-lm's driver resets it after its warm-up.
+    convoy::mlx_rs::memory::reset_peak_memory().expect("reset peak memory");
     let traces = drive(&engine, &w, static_mode);
     let stats = engine.stats();
     let line = json!({
