@@ -753,9 +753,10 @@ convoy_status convoy_engine_submit_chat(const convoy_engine *engine,
                                         uint64_t *out_id);
 
 /**
- * Sets `request` to an empty batch request (no prompt, default parameters) with
- * `struct_size` = min(`struct_size`, this library's size). Pass `sizeof(convoy_batch_request)`.
- * Returns OK, NULL_POINTER, or INVALID_ARGUMENT (size below 4).
+ * Sets `*request` (pass `sizeof(convoy_batch_request)`) to an empty batch request: no
+ * prompt, default parameters, bytes past the fields this library knows zeroed, and
+ * `struct_size` set to the size passed (an array's stride). Returns OK, NULL_POINTER, or
+ * INVALID_ARGUMENT (size below 4).
  */
 convoy_status convoy_batch_request_init(convoy_batch_request *request, size_t struct_size);
 
@@ -769,8 +770,9 @@ convoy_status convoy_batch_request_init(convoy_batch_request *request, size_t st
  * - `out_ids` (out): an array of `n_requests` ids, written in order on OK only.
  *
  * Returns at once: OK; NULL_POINTER, INVALID_UTF8, INVALID_ARGUMENT, PROMPT_TOO_LONG,
- * TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (the message names its index, e.g.
- * "request 2 of the batch: ..."); INVALID_ARGUMENT when the batch is larger than the
+ * TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (in a batch of more than one, the
+ * message names its index, e.g. "request 2 of the batch: ..."; PROMPT_TOO_LONG's gives the
+ * prompt's length); INVALID_ARGUMENT when the batch is larger than the
  * engine's `max_waiting` or `max_requests` (it could never fit); BUSY when it does not fit
  * whole now (nothing was queued: retry later); ENGINE_FAILED, SHUT_DOWN, PANIC.
  * Thread-safe.

@@ -85,12 +85,13 @@ fi
 fi
 
 if [[ "$ONLY" != convoy ]]; then
-  # mlx-lm really runs on that BLAS (LD_PRELOAD took effect).
+  # mlx-lm really runs on that BLAS (LD_PRELOAD took effect). The maps name the file behind
+  # the symlinks (libopenblas.so.0 -> libopenblasp-r0.3.21.so).
   LD_PRELOAD="$BLAS" "$VENV/bin/python" -c "
 import mlx.core as mx, sys
 mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))
 maps = open('/proc/self/maps').read() if sys.platform.startswith('linux') else '$BLAS'
-sys.exit(0 if '$(basename "$BLAS")' in maps else 1)" || die "mlx-lm did not load $BLAS"
+sys.exit(0 if '$(basename "$(readlink -f "$BLAS")")' in maps else 1)" || die "mlx-lm did not load $BLAS"
 fi
 if [[ ! -f "$MLX_MODEL/model.safetensors" ]]; then
   say "writing the float32 MLX folder $MLX_MODEL"

@@ -61,9 +61,10 @@ pub struct Tuning {
     /// Decode-step attention as plain matmuls over views of the cache, instead of MLX's
     /// fused attention op (which copies every layer's keys and values on the CPU backend).
     pub copy_free_attention: bool,
-    /// On the CPU backend, dense matmuls with a few rows (a decode step's batch) are
-    /// zero-padded to the row count OpenBLAS splits evenly between its threads (up to 1.9x
-    /// faster matmuls at 3-15 rows on 2 cores; see docs/benchmarks.md). No effect elsewhere.
+    /// On the CPU backend over a multi-threaded OpenBLAS, float32 matmuls with a few rows (a
+    /// decode step's batch) are zero-padded to the row count OpenBLAS splits evenly between
+    /// its threads (a decode step 1.06x faster at batch 8 and 1.30x at 12 on 2 cores; see
+    /// docs/benchmarks.md). No effect elsewhere.
     pub pad_matmul_rows: bool,
 }
 

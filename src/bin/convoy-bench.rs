@@ -516,6 +516,10 @@ fn profile_decode(
     interleave: bool,
 ) {
     let on = |name: &str| !ablate.iter().any(|a| a == name);
+    assert!(
+        !(interleave && !on("fuse")),
+        "--interleave switches between steps; fuse is fixed at load (run it without --interleave)"
+    );
     let (fuse, attn, pad) = (on("fuse"), on("attn"), on("pad"));
     use convoy::mlx_rs::ops::indexing::argmax_axis;
     use convoy::mlx_rs::Array;

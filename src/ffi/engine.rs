@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::types::*;
 use super::{
-    arg, convoy_status, copy_out_str, fail, guard, init_sized, out_arg, out_sized, read_sized,
-    slice_arg, str_arg, write_sized, Failure,
+    arg, array_arg, convoy_status, copy_out_str, fail, guard, init_sized, out_arg, out_sized,
+    read_sized, slice_arg, str_arg, write_sized, Failure,
 };
 use crate::engine::Engine;
 use crate::request::{Event, Prompt, Request};
@@ -284,9 +284,10 @@ pub unsafe extern "C" fn convoy_engine_submit_chat(
     })
 }
 
-/// Sets `request` to an empty batch request (no prompt, default parameters) with
-/// `struct_size` = min(`struct_size`, this library's size). Pass `sizeof(convoy_batch_request)`.
-/// Returns OK, NULL_POINTER, or INVALID_ARGUMENT (size below 4).
+/// Sets `*request` (pass `sizeof(convoy_batch_request)`) to an empty batch request: no
+/// prompt, default parameters, bytes past the fields this library knows zeroed, and
+/// `struct_size` set to the size passed (an array's stride). Returns OK, NULL_POINTER, or
+/// INVALID_ARGUMENT (size below 4).
 #[no_mangle]
 pub unsafe extern "C" fn convoy_batch_request_init(
     request: *mut convoy_batch_request,
@@ -316,8 +317,9 @@ fn empty_batch_request() -> convoy_batch_request {
 /// - `out_ids` (out): an array of `n_requests` ids, written in order on OK only.
 ///
 /// Returns at once: OK; NULL_POINTER, INVALID_UTF8, INVALID_ARGUMENT, PROMPT_TOO_LONG,
-/// TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (the message names its index, e.g.
-/// "request 2 of the batch: ..."); INVALID_ARGUMENT when the batch is larger than the
+/// TOKENIZER_ERROR, TEMPLATE_ERROR for a bad request (in a batch of more than one, the
+/// message names its index, e.g. "request 2 of the batch: ..."; PROMPT_TOO_LONG's gives the
+/// prompt's length); INVALID_ARGUMENT when the batch is larger than the
 /// engine's `max_waiting` or `max_requests` (it could never fit); BUSY when it does not fit
 /// whole now (nothing was queued: retry later); ENGINE_FAILED, SHUT_DOWN, PANIC.
 /// Thread-safe.
@@ -339,7 +341,7 @@ pub unsafe extern "C" fn convoy_engine_submit_batch(
         let out_ids = out_arg(out_ids, "out_ids")?;
         let first = read_sized(requests, empty_batch_request(), "requests")?;
         let stride = first.struct_size as usize;
-        slice_arg(
+        array_arg(
             requests as *const u8,
             n_requests.saturating_mul(stride),
             "requests",
@@ -347,13 +349,14 @@ pub unsafe extern "C" fn convoy_engine_submit_batch(
         let batch = (0..n_requests)
             .map(|i| {
                 let ptr = (requests as *const u8).add(i * stride) as *const convoy_batch_request;
-                read_batch_request(ptr, stride).map_err(|Failure(status, m)| {
-                    fail(status, format!("request {i} of the batch: {m}"))
+                read_batch_request(ptr, stride).map_err(|Failure(status, m)| match n_requests {
+                    1 => fail(status, m),
+                    _ => fail(status, format!("request {i} of the batch: {m}")),
                 })
             })
             .collect::<Result<Vec<Request>, Failure>>()?;
         // Checked before anything is queued: the ids are written only on success.
-        slice_arg(out_ids as *const u64, n_requests, "out_ids")?;
+        array_arg(out_ids as *const u64, n_requests, "out_ids")?;
         let ids = engine.inner.submit_batch(batch)?;
         std::ptr::copy_nonoverlapping(ids.as_ptr(), out_ids, ids.len());
         Ok(())
@@ -413,7 +416,7 @@ unsafe fn read_messages(
     let first = read_sized(messages, empty_message(), "messages")?;
     let stride = first.struct_size as usize;
     // The whole array must be addressable.
-    slice_arg(messages as *const u8, n.saturating_mul(stride), "messages")?;
+    array_arg(messages as *const u8, n.saturating_mul(stride), "messages")?;
     (0..n)
         .map(|i| {
             let ptr = (messages as *const u8).add(i * stride) as *const convoy_chat_message;

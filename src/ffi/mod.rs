@@ -318,6 +318,25 @@ pub(crate) fn out_arg<T>(ptr: *mut T, name: &str) -> Result<*mut T, Failure> {
     }
 }
 
+/// Checks that an array argument of `len` elements of `T` can be addressed (non-NULL when
+/// `len > 0`, a size that fits `isize`), without forming a reference to it: the memory may
+/// be an uninitialised out-array or hold struct padding.
+pub(crate) fn array_arg<T>(ptr: *const T, len: usize, name: &str) -> Result<(), Failure> {
+    if len > 0 && ptr.is_null() {
+        return Err(fail(
+            convoy_status::NullPointer,
+            format!("{name} is NULL but its length is {len}"),
+        ));
+    }
+    if len > (isize::MAX as usize) / std::mem::size_of::<T>().max(1) {
+        return Err(fail(
+            convoy_status::InvalidArgument,
+            format!("{name}: absurd length {len}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Borrows a NUL-terminated UTF-8 string argument.
 pub(crate) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
     if ptr.is_null() {

@@ -626,7 +626,6 @@ super::abi_struct!(convoy_chat_message {
     role: *const c_char,
     content: *const c_char,
 });
-// An event that cannot say whose it is or what it is would lose the request's ending.
 super::abi_struct!(convoy_batch_request {
     struct_size: u32,
     text: *const c_char,
@@ -636,6 +635,7 @@ super::abi_struct!(convoy_batch_request {
     n_messages: usize,
     params: *const convoy_request_params,
 });
+// An event that cannot say whose it is or what it is would lose the request's ending.
 super::abi_struct!(convoy_event {
     struct_size: u32,
     kind: convoy_event_kind,

@@ -323,7 +323,7 @@ impl Model {
             rope_freqs,
             rope_scale,
             copy_free_decode_attention: true,
-            pad_matmul_rows: crate::backend() == "cpu",
+            pad_matmul_rows: pads_matmul_rows_by_default(),
             quantized,
         };
         model.check_shapes()?;
@@ -433,9 +433,9 @@ impl Model {
         self.copy_free_decode_attention = on;
     }
 
-    /// Benchmark switch: dense matmuls with a few rows are zero-padded to the row count the
-    /// CPU backend's BLAS runs fastest at ([`weights::padded_rows`]). On by default on the
-    /// CPU backend only.
+    /// Benchmark switch: dense float32 matmuls with a few rows are zero-padded to the row
+    /// count a multi-threaded OpenBLAS runs fastest at ([`weights::padded_rows`]). On by
+    /// default on the CPU backend over OpenBLAS with more than one thread only.
     #[doc(hidden)]
     pub fn set_pad_matmul_rows(&mut self, on: bool) {
         self.pad_matmul_rows = on;
@@ -569,6 +569,18 @@ impl Model {
             self.rope_freqs.as_ref(),
         )?)
     }
+}
+
+/// Whether padding matmul rows ([`weights::padded_rows`]) pays here: the CPU backend over a
+/// multi-threaded OpenBLAS. (Without OpenBLAS, MLX's reference BLAS runs on one thread and
+/// padding would only add work.)
+fn pads_matmul_rows_by_default() -> bool {
+    let single = |var: &str| std::env::var(var).is_ok_and(|v| v.trim() == "1");
+    crate::backend() == "cpu"
+        && option_env!("CONVOY_OPENBLAS_DIR").is_some()
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+        && !single("OPENBLAS_NUM_THREADS")
+        && !single("OMP_NUM_THREADS")
 }
 
 /// Attention of one new query per row (`q`: `[B, H, 1, D]`) over the cached keys and values

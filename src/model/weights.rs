@@ -289,14 +289,15 @@ impl Embedding {
     }
 }
 
-/// The row count a dense float32 matmul of `rows` rows runs fastest at on the CPU backend.
+/// The row count a dense float32 matmul of `rows` rows runs fastest at with a multi-threaded
+/// OpenBLAS.
 ///
 /// OpenBLAS (MLX's BLAS on Linux) splits an sgemm's rows between its threads in blocks of its
-/// kernel's row tile, so with a few rows that are not near a multiple of 16 one thread does
-/// all the work while the other waits. On the project's 2-core machine the 121 matmuls of a
-/// SmolLM2-135M decode step took 97-165 ms at 4-14 rows and 81-86 ms at 16; padded to 16
-/// rows they take 81-94 ms at every count from 3 to 16 (docs/benchmarks.md). Rows past 64
-/// gain nothing, and 1, 2 or 16k + 1-2 rows are fast as they are.
+/// kernel's row tile, so with a few rows that are not near a multiple of 16 it runs about as
+/// slowly as on one thread. On the project's 2-core machine the 121 matmuls of a SmolLM2-135M
+/// decode step took 97-165 ms at 8-12 rows and 81-86 ms at 16; padded to 16 rows they took
+/// 81-91 ms (docs/benchmarks.md). At 72 and 100 rows padding gained nothing, and 1, 2 or
+/// 16k + 1-2 rows are fast as they are.
 pub(crate) fn padded_rows(rows: i32) -> Option<i32> {
     let rem = rows % 16;
     (rows <= 64 && rem >= 3).then_some(rows - rem + 16)
@@ -310,8 +311,9 @@ fn dense_matmul(x: &Array, w: &Array, pad: Option<i32>) -> Result<Array> {
     let shape = x.shape();
     let width = shape[shape.len() - 1];
     let rows: i32 = shape[..shape.len() - 1].iter().product();
+    let float32 = w.dtype() == mlx_rs::Dtype::Float32 && x.dtype() == mlx_rs::Dtype::Float32;
     match pad {
-        Some(p) if p > rows && shape.len() >= 2 => {
+        Some(p) if p > rows && shape.len() >= 2 && float32 => {
             let flat = x.reshape(&[rows, width])?;
             let zeros = zeros_dtype(&[p - rows, width], x.dtype())?;
             let y = matmul(&concatenate(&[flat, zeros], 0)?, &wt)?;

@@ -175,6 +175,20 @@ class ChatMessageStruct(Structure):
     ]
 
 
+class BatchRequestStruct(Structure):
+    """``convoy_batch_request``"""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("text", c_char_p),
+        ("tokens", POINTER(c_uint32)),
+        ("n_tokens", c_size_t),
+        ("messages", POINTER(ChatMessageStruct)),
+        ("n_messages", c_size_t),
+        ("params", POINTER(RequestParams)),
+    ]
+
+
 #: The C name of each mirrored struct (used by the layout test).
 C_NAMES = {
     EngineConfig: "convoy_engine_config",
@@ -184,6 +198,7 @@ C_NAMES = {
     EngineStatsStruct: "convoy_engine_stats",
     ModelInfoStruct: "convoy_model_info",
     ChatMessageStruct: "convoy_chat_message",
+    BatchRequestStruct: "convoy_batch_request",
 }
 
 
@@ -208,6 +223,11 @@ _PROTOTYPES = {
     "convoy_chat_message_init": (
         c_status,
         [POINTER(ChatMessageStruct), c_size_t, c_char_p, c_char_p],
+    ),
+    "convoy_batch_request_init": (c_status, [POINTER(BatchRequestStruct), c_size_t]),
+    "convoy_engine_submit_batch": (
+        c_status,
+        [c_void_p, POINTER(BatchRequestStruct), c_size_t, POINTER(c_uint64)],
     ),
     "convoy_engine_create": (c_status, [c_char_p, POINTER(EngineConfig), POINTER(c_void_p)]),
     "convoy_engine_destroy": (None, [c_void_p]),

@@ -193,7 +193,8 @@ fn drive(engine: &Engine, w: &Workload, static_mode: bool) -> Vec<Trace> {
             }
         } else if in_flight < w.concurrency && next < n {
             // Every free slot at once (the first c requests start together, as mlx-lm's
-            // driver inserts them all before its first step).
+            // driver inserts them all before its first step; so do the replacements of
+            // requests that ended in the same step).
             let batch: Vec<usize> = (next..n.min(next + w.concurrency - in_flight)).collect();
             next += batch.len();
             in_flight += batch.len();
@@ -204,18 +205,21 @@ fn drive(engine: &Engine, w: &Workload, static_mode: bool) -> Vec<Trace> {
         } else {
             1.0
         };
-        match engine
-            .poll_any(Duration::from_secs_f64(wait))
-            .expect("poll")
-        {
-            Some(Event::Token { id, .. }) => traces[index[&id]].tokens.push(now(start)),
-            Some(Event::Finished { id, error, .. }) => {
-                assert!(error.is_none(), "request failed: {error:?}");
-                traces[index[&id]].finished = now(start);
-                done += 1;
-                in_flight -= 1;
+        // Everything that is ready, before refilling: the requests that ended in one step
+        // are replaced by one batch, as mlx-lm's driver handles all of a tick's responses
+        // before it inserts.
+        let mut timeout = Duration::from_secs_f64(wait);
+        while let Some(event) = engine.poll_any(timeout).expect("poll") {
+            timeout = Duration::ZERO;
+            match event {
+                Event::Token { id, .. } => traces[index[&id]].tokens.push(now(start)),
+                Event::Finished { id, error, .. } => {
+                    assert!(error.is_none(), "request failed: {error:?}");
+                    traces[index[&id]].finished = now(start);
+                    done += 1;
+                    in_flight -= 1;
+                }
             }
-            None => {}
         }
     }
     traces
