@@ -517,7 +517,7 @@ fn profile_decode(
 ) {
     let on = |name: &str| !ablate.iter().any(|a| a == name);
     assert!(
-        !(interleave && !on("fuse")),
+        !interleave || on("fuse"),
         "--interleave switches between steps; fuse is fixed at load (run it without --interleave)"
     );
     let (fuse, attn, pad) = (on("fuse"), on("attn"), on("pad"));
