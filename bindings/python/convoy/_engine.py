@@ -39,6 +39,7 @@ from ._lib import (
     EVENT_KIND_FINISHED,
     EVENT_KIND_TOKEN,
     LOG_CALLBACK,
+    BatchRequestStruct,
     ChatMessageStruct,
     EngineConfig,
     EngineStatsStruct,
@@ -350,6 +351,17 @@ class _Core:
             self.lib.check(call(self.handle, byref(out)))  # type: ignore[arg-type]
             self.routes[out.value] = route
         return out.value
+
+    def submit_many(self, call: Callable[[int, Any], int], routes: List[Any]) -> List[int]:
+        out = (c_uint64 * len(routes))()
+        with self.cond:
+            if self.closed:
+                raise ShutDownError(Status.SHUT_DOWN, "the engine is closed")
+            # As submit: every route is registered before the dispatcher can see an event.
+            self.lib.check(call(self.handle, out))  # type: ignore[arg-type]
+            for request_id, route in zip(out, routes):
+                self.routes[request_id] = route
+        return list(out)
 
     def cancel(self, request_id: int) -> None:
         with self.cond:
@@ -884,6 +896,73 @@ class Engine:
         route = _SyncRoute()
         request_id = self._submit(prompt, messages, tokens, _kw(locals()), route)
         return Request(self, request_id, route)
+
+    def stream_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        min_p: Optional[float] = None,
+        repetition_penalty: Optional[float] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[None, str, Sequence[str]] = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        ignore_eos: bool = False,
+    ) -> List[Request]:
+        """Submits text prompts as one batch (``convoy_engine_submit_batch``): all are
+        queued or none is, and the engine starts them together. Returns one :class:`Request`
+        per prompt, in order. Parameters as :meth:`generate`, shared by every prompt.
+        Raises :class:`ConvoyError` at once for a rejected batch (a bad prompt is named by
+        its index; ``BUSY`` when the batch does not fit whole now)."""
+        core, lib = self._c()
+        if isinstance(prompts, (str, bytes)):
+            raise _invalid("prompts must be a list of str")
+        texts = [_encode(t, f"prompts[{i}]") for i, t in enumerate(prompts)]
+        p, keep = _params(lib, **{k: v for k, v in _kw(locals()).items()})
+        batch = (BatchRequestStruct * len(texts))()
+        for i, text in enumerate(texts):
+            lib.check(lib.batch_request_init(byref(batch[i]), sizeof(BatchRequestStruct)))
+            batch[i].text = text
+            batch[i].params = ctypes.pointer(p)
+
+        def call(h: int, out: Any) -> int:
+            return lib.engine_submit_batch(h, batch, len(texts), out)
+
+        routes = [_SyncRoute() for _ in texts]
+        ids = core.submit_many(call, routes)
+        del keep  # the parameters' buffers lived until the submission returned
+        return [Request(self, i, r) for i, r in zip(ids, routes)]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        min_p: Optional[float] = None,
+        repetition_penalty: Optional[float] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[None, str, Sequence[str]] = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        ignore_eos: bool = False,
+    ) -> List[Completion]:
+        """Generates a completion for each prompt, submitted as one batch
+        (:meth:`stream_batch`), and waits for all of them. Returns them in order."""
+        requests = self.stream_batch(prompts, **_kw(locals()))
+        try:
+            return [r.wait() for r in requests]
+        finally:
+            for r in requests:
+                r.release()
 
     def generate(
         self,

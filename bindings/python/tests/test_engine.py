@@ -76,6 +76,24 @@ def test_token_prompt_equals_the_chat_prompt(engine):
     assert completion.stats.prompt_tokens == len(prompt)
 
 
+def test_generate_batch_equals_single_requests(engine):
+    prompts = [PARIS_TEXT, "Hi", "def fibonacci(n):"]
+    completions = engine.generate_batch(prompts, max_tokens=8)
+    assert [c.text for c in completions] == [
+        engine.generate(p, max_tokens=8).text for p in prompts
+    ]
+    ids = [c.id for c in completions]
+    assert ids == list(range(ids[0], ids[0] + 3))
+    # All or none: a bad prompt is named by its index, and nothing is queued.
+    with pytest.raises(convoy.InvalidArgumentError) as info:
+        engine.generate_batch(["Hi", "a\0b"], max_tokens=4)
+    assert "prompts[1]" in info.value.message
+    for bad in ([], "Hi"):
+        with pytest.raises(convoy.InvalidArgumentError):
+            engine.stream_batch(bad)
+    wait_idle(engine)
+
+
 def test_tokenize_detokenize_round_trip(engine):
     text = "Hello, world! Ünïcödé and 漢字 too."
     ids = engine.tokenize(text, add_special=False)
