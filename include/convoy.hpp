@@ -431,7 +431,8 @@ class Engine {
   }
 
   /** Text prompts queued as one batch (convoy_engine_submit_batch): all or none, and the
-   *  engine starts them together. Handles in the prompts' order. */
+   *  engine takes them together (they start as one batch where max_batch_size allows).
+   *  Handles in the prompts' order. */
   std::vector<Request> submit_text_batch(const std::vector<std::string> &prompts,
                                          const RequestParams &params = RequestParams()) const {
     std::vector<const char *> scratch;

@@ -310,7 +310,8 @@ fn empty_batch_request() -> convoy_batch_request {
 
 /// Submits several requests as one: all are checked first and either all are queued or none
 /// is, and the engine takes them together before its next step, so they start as one batch
-/// (static batching, offline jobs, a fair benchmark baseline).
+/// as far as `max_batch_size` and the KV budget allow (static batching, offline jobs, a fair
+/// benchmark baseline).
 ///
 /// - `requests` (in): `n_requests` (>= 1) requests, each with exactly one prompt (see
 ///   `convoy_batch_request`), read during the call only.

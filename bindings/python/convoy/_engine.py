@@ -915,7 +915,8 @@ class Engine:
         ignore_eos: bool = False,
     ) -> List[Request]:
         """Submits text prompts as one batch (``convoy_engine_submit_batch``): all are
-        queued or none is, and the engine starts them together. Returns one :class:`Request`
+        queued or none is, and the engine takes them together (they start as one batch where
+        ``max_batch_size`` allows). Returns one :class:`Request`
         per prompt, in order. Parameters as :meth:`generate`, shared by every prompt.
         Raises :class:`ConvoyError` at once for a rejected batch (a bad prompt is named by
         its index; ``BUSY`` when the batch does not fit whole now)."""
