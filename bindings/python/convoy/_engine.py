@@ -358,9 +358,18 @@ class _Core:
             if self.closed:
                 raise ShutDownError(Status.SHUT_DOWN, "the engine is closed")
             # As submit: every route is registered before the dispatcher can see an event.
-            self.lib.check(call(self.handle, out))  # type: ignore[arg-type]
-            for request_id, route in zip(out, routes):
-                self.routes[request_id] = route
+            try:
+                self.lib.check(call(self.handle, out))  # type: ignore[arg-type]
+                for request_id, route in zip(out, routes):
+                    self.routes[request_id] = route
+            except BaseException:
+                # A KeyboardInterrupt can land after the batch was queued (ids start at 1
+                # and are written only on success): give those requests up, or nobody would.
+                if len(routes) > 0 and out[0] != 0:
+                    for request_id in out:
+                        self.routes.pop(request_id, None)
+                        self.lib.engine_release(self.handle, request_id)
+                raise
         return list(out)
 
     def cancel(self, request_id: int) -> None:
@@ -915,13 +924,17 @@ class Engine:
         ignore_eos: bool = False,
     ) -> List[Request]:
         """Submits text prompts as one batch (``convoy_engine_submit_batch``): all are
-        queued or none is, and the engine takes them together (they start as one batch where
-        ``max_batch_size`` allows). Returns one :class:`Request`
-        per prompt, in order. Parameters as :meth:`generate`, shared by every prompt.
-        Raises :class:`ConvoyError` at once for a rejected batch (a bad prompt is named by
-        its index; ``BUSY`` when the batch does not fit whole now)."""
+        queued or none is, and the engine takes them together (they start as one batch as
+        far as ``max_batch_size`` and the KV budget allow). Returns one :class:`Request` per
+        prompt, in order. Parameters as :meth:`generate`, shared by every prompt.
+
+        Raises :class:`ConvoyError` at once for a rejected batch, with nothing queued:
+        ``INVALID_ARGUMENT`` for a bad prompt (in a batch of more than one the message names
+        it: ``prompts[i]`` or ``request i of the batch``) or a batch larger than
+        ``max_waiting`` or ``max_requests``; ``PROMPT_TOO_LONG`` (the message gives the
+        length); ``BUSY`` when the batch does not fit whole now."""
         core, lib = self._c()
-        if isinstance(prompts, (str, bytes)):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise _invalid("prompts must be a list of str")
         texts = [_encode(t, f"prompts[{i}]") for i, t in enumerate(prompts)]
         p, keep = _params(lib, **{k: v for k, v in _kw(locals()).items()})
@@ -937,7 +950,15 @@ class Engine:
         routes = [_SyncRoute() for _ in texts]
         ids = core.submit_many(call, routes)
         del keep  # the parameters' buffers lived until the submission returned
-        return [Request(self, i, r) for i, r in zip(ids, routes)]
+        requests: List[Request] = []
+        try:
+            for request_id, route in zip(ids, routes):
+                requests.append(Request(self, request_id, route))
+        except BaseException:
+            for request_id in ids[len(requests) :]:
+                core.release(request_id)
+            raise
+        return requests
 
     def generate_batch(
         self,
@@ -957,7 +978,9 @@ class Engine:
         ignore_eos: bool = False,
     ) -> List[Completion]:
         """Generates a completion for each prompt, submitted as one batch
-        (:meth:`stream_batch`), and waits for all of them. Returns them in order."""
+        (:meth:`stream_batch`), and waits for all of them. Returns them in order. If one
+        request fails (:class:`RequestError`) or the wait is interrupted, the others are
+        released and the exception propagates."""
         requests = self.stream_batch(prompts, **_kw(locals()))
         try:
             return [r.wait() for r in requests]

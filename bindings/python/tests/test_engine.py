@@ -88,9 +88,13 @@ def test_generate_batch_equals_single_requests(engine):
     with pytest.raises(convoy.InvalidArgumentError) as info:
         engine.generate_batch(["Hi", "a\0b"], max_tokens=4)
     assert "prompts[1]" in info.value.message
-    for bad in ([], "Hi"):
+    for bad in ([], "Hi", None, 3):
         with pytest.raises(convoy.InvalidArgumentError):
             engine.stream_batch(bad)
+    # Rejected by the library after the first prompt was checked: still nothing queued.
+    with pytest.raises(convoy.PromptTooLongError):
+        engine.stream_batch(["Hi", "word " * 9000], max_tokens=4)
+    assert engine.stats().requests_held == 0  # a queued "Hi" would be held until polled
     wait_idle(engine)
 
 
