@@ -359,18 +359,7 @@ pub(crate) unsafe fn slice_arg<'a, T>(
     if len == 0 {
         return Ok(&[]);
     }
-    if ptr.is_null() {
-        return Err(fail(
-            convoy_status::NullPointer,
-            format!("{name} is NULL but its length is {len}"),
-        ));
-    }
-    if len > (isize::MAX as usize) / std::mem::size_of::<T>().max(1) {
-        return Err(fail(
-            convoy_status::InvalidArgument,
-            format!("{name}: absurd length {len}"),
-        ));
-    }
+    array_arg(ptr, len, name)?;
     Ok(std::slice::from_raw_parts(ptr, len))
 }
 
