@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
-#                            [--ablate fuse,attn,pad,ahead,join | --ablate none] [--bench BINARY]
+#                            [--ablate fuse,attn,pad,exp,cache,ahead,join | --ablate none] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
 #    MLX 0.32.2 (scripts/bench-compare-requirements.txt, every package pinned).
@@ -28,7 +28,8 @@ OUT="$ROOT/bench-results/compare"
 SMOKE=0
 CONCURRENCY=1,2,4,8,16
 ONLY=""
-ABLATE=fuse,attn,pad,ahead,join
+ABLATE=fuse,attn,pad,exp,cache,ahead,join
+ABLATE_GIVEN=0
 BENCH=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -41,12 +42,14 @@ while [[ $# -gt 0 ]]; do
     --smoke) SMOKE=1; shift ;;
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
-    --ablate) ABLATE="$2"; shift 2 ;;
+    --ablate) ABLATE="$2"; ABLATE_GIVEN=1; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     *) die "unknown option $1" ;;
   esac
 done
 
+# The smoke run checks that ablation runs work with one switch, not what each buys.
+if [[ $SMOKE == 1 && $ABLATE_GIVEN == 0 ]]; then ABLATE=exp; fi
 "$ROOT/scripts/setup.sh"
 GGUF="$("$ROOT/scripts/setup.sh" --model-path)"
 MLX_MODEL="$CACHE/models/$(basename "$GGUF" .gguf | sed 's/\.Q[0-9_A-Z]*$//')-f32-mlx"

@@ -66,7 +66,20 @@ pub struct Tuning {
     /// its threads (a decode step 1.06x faster at batch 8 and 1.30x at 12 on 2 cores; see
     /// docs/benchmarks.md). No effect elsewhere.
     pub pad_matmul_rows: bool,
+    /// On the CPU backend, the attention softmax and the MLP's SiLU compute `exp` with
+    /// multiplies and adds in one compiled kernel instead of MLX's CPU `exp`, which calls libm
+    /// for every `fma` (see `model/fast_math.rs` and docs/benchmarks.md). No effect elsewhere.
+    pub fast_exp: bool,
+    /// On the CPU backend, MLX's buffer cache (freed buffers kept for reuse) is raised to at
+    /// least this many bytes while the engine runs (process-wide; never lowered; 0 leaves it
+    /// alone). MLX's own default, 32 MiB, is smaller than one prefill chunk's temporaries, so
+    /// every chunk returned them to libc and faulted fresh pages back in. The cache is emptied
+    /// whenever the engine goes idle, as before. Default 256 MiB.
+    pub cpu_cache_limit_bytes: usize,
 }
+
+/// The default of [`Tuning::cpu_cache_limit_bytes`].
+pub const DEFAULT_CPU_CACHE_LIMIT_BYTES: usize = 256 << 20;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -75,6 +88,8 @@ impl Default for Tuning {
             decode_ahead: true,
             copy_free_attention: true,
             pad_matmul_rows: true,
+            fast_exp: true,
+            cpu_cache_limit_bytes: DEFAULT_CPU_CACHE_LIMIT_BYTES,
         }
     }
 }
@@ -929,6 +944,10 @@ fn engine_thread(
             return;
         }
     };
+    if crate::backend() == "cpu" && config.tuning.cpu_cache_limit_bytes > 0 {
+        // Best effort: a failure here costs speed, not correctness.
+        let _ = crate::runner::raise_cache_limit(config.tuning.cpu_cache_limit_bytes);
+    }
     let context = lm.model.config.max_position_embeddings;
     let layout = kv_layout(&lm.model);
     let tokenizer = lm.tokenizer.clone();
@@ -958,6 +977,9 @@ fn engine_thread(
                 .set_copy_free_decode_attention(config.tuning.copy_free_attention);
             if !config.tuning.pad_matmul_rows {
                 lm.model.set_pad_matmul_rows(false);
+            }
+            if !config.tuning.fast_exp {
+                lm.model.set_fast_exp(false);
             }
             let mut runner = MlxRunner::new(lm);
             runner.set_pipelining(config.tuning.decode_ahead);

@@ -24,6 +24,16 @@ pub fn kv_layout(model: &Model) -> KvLayout {
     }
 }
 
+/// Raises MLX's buffer-cache limit (process-wide) to at least `bytes`, never lowering it;
+/// returns the limit it found.
+pub fn raise_cache_limit(bytes: usize) -> Result<usize> {
+    let previous = mlx_rs::memory::set_cache_limit(bytes)?;
+    if previous > bytes {
+        mlx_rs::memory::set_cache_limit(previous)?;
+    }
+    Ok(previous)
+}
+
 /// A decode step queued on the device before the previous step's tokens were handed to the
 /// scheduler (decode-ahead): its inputs are the previous step's greedy tokens, still on device.
 struct Pending {

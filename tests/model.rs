@@ -336,13 +336,14 @@ fn bad_model_folders() {
 }
 
 /// The performance switches change how a step is computed, not what: the logits of a padded
-/// batch (a prefill of prompts of different lengths, then decode steps) agree for every
-/// combination of fused projections and copy-free decode attention, and with the decode
-/// steps' matmul rows padded (3 rows to 16) or not.
+/// batch (a prefill of prompts of different lengths, then decode steps) and of one row
+/// prefilled in two chunks agree for every combination of fused projections and copy-free
+/// decode attention, with the decode steps' matmul rows padded (3 rows to 16) or not, and
+/// with softmax and SiLU through convoy's compiled `exp` or MLX's.
 #[test]
 fn tuning_switches_do_not_change_the_logits() {
     use convoy::kv_cache::BatchKvCache;
-    let run = |fuse: bool, copy_free: bool, pad: bool| -> Vec<Vec<f32>> {
+    let run = |fuse: bool, copy_free: bool, pad: bool, exp: bool| -> Vec<Vec<f32>> {
         let mut lm = model::load(
             model_path(),
             LoadOptions {
@@ -353,6 +354,7 @@ fn tuning_switches_do_not_change_the_logits() {
         .unwrap();
         lm.model.set_copy_free_decode_attention(copy_free);
         lm.model.set_pad_matmul_rows(pad);
+        lm.model.set_fast_exp(exp);
         let prompts: Vec<Vec<u32>> = QUESTIONS
             .iter()
             .take(3)
@@ -381,17 +383,30 @@ fn tuning_switches_do_not_change_the_logits() {
             let next: Vec<i32> = (0..3).map(|r| 100 + 7 * r + step).collect();
             input = Array::from_slice(&next, &[3, 1]);
         }
+        // One unpadded row prefilled in two chunks (causal attention over cached columns).
+        let mut cache = BatchKvCache::with_padding(convoy::runner::kv_layout(&lm.model), vec![0]);
+        let row: Vec<i32> = prompts[0].iter().map(|&t| t as i32).collect();
+        let half = row.len() / 2;
+        for chunk in [&row[..half], &row[half..]] {
+            let input = Array::from_slice(chunk, &[1, chunk.len() as i32]);
+            let h = lm.model.forward_last(&input, &mut cache).unwrap();
+            let logits = lm.model.logits(&h).unwrap();
+            logits.eval().unwrap();
+            out.push(logits.as_slice::<f32>().to_vec());
+        }
         out
     };
-    let base = run(true, true, true);
-    for (fuse, copy_free, pad) in [
-        (false, true, true),
-        (true, false, true),
-        (false, false, true),
-        (true, true, false),
-        (false, false, false),
+    let base = run(true, true, true, true);
+    for (fuse, copy_free, pad, exp) in [
+        (false, true, true, true),
+        (true, false, true, true),
+        (false, false, true, true),
+        (true, true, false, true),
+        (true, true, true, false),
+        (true, false, true, false),
+        (false, false, false, false),
     ] {
-        let other = run(fuse, copy_free, pad);
+        let other = run(fuse, copy_free, pad, exp);
         for (step, (a, b)) in base.iter().zip(&other).enumerate() {
             let diff = a
                 .iter()
@@ -400,7 +415,7 @@ fn tuning_switches_do_not_change_the_logits() {
                 .fold(0f32, f32::max);
             assert!(
                 diff < 1e-3,
-                "fuse={fuse} copy_free={copy_free} pad={pad} step {step}: logits differ by {diff}"
+                "fuse={fuse} copy_free={copy_free} pad={pad} exp={exp} step {step}: logits differ by {diff}"
             );
         }
     }

@@ -116,15 +116,22 @@ struct Args {
     steps: usize,
     /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
     /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), pad
-    /// (matmul rows padded to what the CPU BLAS runs fastest), ahead
+    /// (matmul rows padded to what the CPU BLAS runs fastest), exp (softmax and SiLU through
+    /// the compiled multiply-add `exp` instead of MLX's CPU `exp`), cache (MLX's default
+    /// 32 MiB buffer cache instead of convoy's 256 MiB; not with --interleave), ahead
     /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
     /// ends); `all-on` switches nothing off but labels the run as an ablation baseline.
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
     /// With --profile-decode: alternate the steps between the --ablate form and all on, and
-    /// report the median of each (attn and pad switch between steps; fuse cannot).
+    /// report the median of each (attn, pad and exp switch between steps; fuse cannot).
     #[arg(long)]
     interleave: bool,
+    /// Time a prefill chunk of the model alone: one row, chunks of this many tokens after
+    /// --prompt-len cached tokens, --steps times (with --ablate/--interleave as for
+    /// --profile-decode).
+    #[arg(long)]
+    profile_prefill: Option<usize>,
 }
 
 fn default_model() -> PathBuf {
@@ -517,10 +524,10 @@ fn profile_decode(
 ) {
     let on = |name: &str| !ablate.iter().any(|a| a == name);
     assert!(
-        !interleave || on("fuse"),
-        "--interleave switches between steps; fuse is fixed at load (run it without --interleave)"
+        !interleave || (on("fuse") && on("cache")),
+        "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
     );
-    let (fuse, attn, pad) = (on("fuse"), on("attn"), on("pad"));
+    let (fuse, attn, pad, exp) = (on("fuse"), on("attn"), on("pad"), on("exp"));
     use convoy::mlx_rs::ops::indexing::argmax_axis;
     use convoy::mlx_rs::Array;
     let options = LoadOptions {
@@ -531,6 +538,10 @@ fn profile_decode(
     // (--ablate attn: MLX's fused attention op for decode steps too.)
     lm.model.set_copy_free_decode_attention(attn);
     lm.model.set_pad_matmul_rows(pad);
+    lm.model.set_fast_exp(exp);
+    if on("cache") {
+        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_CPU_CACHE_LIMIT_BYTES).unwrap();
+    }
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + b * 7 {
         let again = corpus.clone();
@@ -571,6 +582,7 @@ fn profile_decode(
         let ablated = !interleave || i % 2 == 0;
         lm.model.set_copy_free_decode_attention(attn || !ablated);
         lm.model.set_pad_matmul_rows(pad || !ablated);
+        lm.model.set_fast_exp(exp || !ablated);
         let (next, secs) = step(&lm.model, &mut cache, &input);
         input = next;
         times[usize::from(ablated)].push(secs);
@@ -582,10 +594,76 @@ fn profile_decode(
     let per = times[1].iter().sum::<f64>() / times[1].len() as f64;
     println!(
         "{}",
-        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "batch": b, "context": t, "prefill_s": prefill,
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "batch": b, "context": t, "prefill_s": prefill,
                "prefill_tok_s": (b * t) as f64 / prefill, "decode_step_ms": per * 1e3,
                "decode_tok_s": b as f64 / per, "median_step_ms": median(&mut times[1]),
                "interleaved_all_on_median_step_ms": median(&mut times[0])})
+    );
+}
+
+/// Milliseconds per prefill chunk of the model alone: one row with `t` cached tokens, then a
+/// chunk of `chunk` tokens evaluated `steps` times (the cache rolled back after each), after
+/// two warm-up chunks. With `interleave`, chunks alternate between the ablated form and all on.
+fn profile_prefill(
+    model: &Path,
+    chunk: usize,
+    t: usize,
+    steps: usize,
+    ablate: &[String],
+    interleave: bool,
+) {
+    let on = |name: &str| !ablate.iter().any(|a| a == name);
+    assert!(
+        !interleave || (on("fuse") && on("cache")),
+        "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
+    );
+    let (fuse, pad, exp) = (on("fuse"), on("pad"), on("exp"));
+    use convoy::mlx_rs::Array;
+    if on("cache") {
+        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_CPU_CACHE_LIMIT_BYTES).unwrap();
+    }
+    let options = LoadOptions {
+        fuse_projections: fuse,
+        ..Default::default()
+    };
+    let mut lm = model::load(model, options).expect("load model");
+    let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
+    while corpus.len() < t + chunk {
+        let again = corpus.clone();
+        corpus.extend(again);
+    }
+    let ids: Vec<i32> = corpus.iter().map(|&x| x as i32).collect();
+    let layout = convoy::runner::kv_layout(&lm.model);
+    let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout, vec![0]);
+    if t > 0 {
+        let context = Array::from_slice(&ids[..t], &[1, t as i32]);
+        lm.model.forward_last(&context, &mut cache).unwrap().eval().unwrap();
+    }
+    let input = Array::from_slice(&ids[t..t + chunk], &[1, chunk as i32]);
+    let mut times = [Vec::new(), Vec::new()];
+    for i in 0..steps + 2 {
+        let ablated = !interleave || i % 2 == 0;
+        lm.model.set_pad_matmul_rows(pad || !ablated);
+        lm.model.set_fast_exp(exp || !ablated);
+        let start = Instant::now();
+        let h = lm.model.forward_last(&input, &mut cache).unwrap();
+        h.eval().unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        cache.rollback(chunk);
+        if i >= 2 {
+            times[usize::from(ablated)].push(secs);
+        }
+    }
+    let median = |v: &mut Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2] * 1e3)
+    };
+    let ms = median(&mut times[1]);
+    println!(
+        "{}",
+        json!({"engine": "convoy", "fuse": fuse, "pad": pad, "exp": exp, "chunk": chunk, "context": t,
+               "median_chunk_ms": ms, "prefill_tok_s": ms.map(|ms| chunk as f64 / ms * 1e3),
+               "interleaved_all_on_median_chunk_ms": median(&mut times[0])})
     );
 }
 
@@ -764,6 +842,17 @@ fn main() {
             itl: args.slo_itl,
         };
         print!("{}", compare::report(results, &args.out, &slo, &header));
+        return;
+    }
+    if let Some(chunk) = args.profile_prefill {
+        profile_prefill(
+            &model,
+            chunk,
+            args.prompt_len,
+            args.steps,
+            &args.ablate,
+            args.interleave,
+        );
         return;
     }
     if let Some(b) = args.profile_decode {

@@ -9,6 +9,7 @@
 //! and an optional mask, so the same code serves single-sequence generation, batched prefill
 //! and continuous-batching decode. All arrays live on the engine thread (MLX arrays are not Send).
 
+mod fast_math;
 pub mod gguf;
 pub mod hf;
 pub(crate) mod safetensors;
@@ -209,6 +210,7 @@ pub struct Model {
     rope_scale: f32,
     copy_free_decode_attention: bool,
     pad_matmul_rows: bool,
+    fast_exp: bool,
     quantized: bool,
 }
 
@@ -324,6 +326,7 @@ impl Model {
             rope_scale,
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
+            fast_exp: crate::backend() == "cpu",
             quantized,
         };
         model.check_shapes()?;
@@ -427,7 +430,7 @@ impl Model {
     }
 
     /// Benchmark switch: decode steps use MLX's fused attention op instead of
-    /// [`decode_attention`] (to measure what the copy-free form buys).
+    /// [`attention`] (to measure what the copy-free form buys).
     #[doc(hidden)]
     pub fn set_copy_free_decode_attention(&mut self, on: bool) {
         self.copy_free_decode_attention = on;
@@ -439,6 +442,14 @@ impl Model {
     #[doc(hidden)]
     pub fn set_pad_matmul_rows(&mut self, on: bool) {
         self.pad_matmul_rows = on;
+    }
+
+    /// Benchmark switch: attention softmax and the MLP's SiLU use [`fast_math`]'s `exp`
+    /// (float32 only) instead of MLX's, whose CPU kernel calls libm for every `fma`. On by
+    /// default on the CPU backend only.
+    #[doc(hidden)]
+    pub fn set_fast_exp(&mut self, on: bool) {
+        self.fast_exp = on;
     }
 
     fn matmul_pad(&self, rows: i32) -> Option<i32> {
@@ -473,7 +484,7 @@ impl Model {
         let c = &self.config;
         let (h, kvh, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let offsets = Array::from_slice(&cache.offsets(), &[b]);
-        let mask = cache.mask(l as usize);
+        let mut mask = cache.mask(l as usize);
         let scale = 1.0 / (hd as f32).sqrt();
         let pad = self.matmul_pad(b * l);
 
@@ -491,8 +502,13 @@ impl Model {
             let q = self.rope(&q, &offsets)?;
             let k = self.rope(&k, &offsets)?;
             let (keys, values) = cache.update(i, &k, &v)?;
-            let attn = if l == 1 && self.copy_free_decode_attention {
-                decode_attention(&q, &keys, &values, scale, &mask, kvh)?
+            let fast_exp = self.fast_exp && q.dtype() == mlx_rs::Dtype::Float32;
+            let attn = if (l == 1 && self.copy_free_decode_attention) || (l > 1 && fast_exp) {
+                if l > 1 && matches!(mask, AttentionMask::Causal) {
+                    // Built once per forward pass, on first use.
+                    mask = AttentionMask::Array(causal_mask(l, keys.shape()[2]));
+                }
+                attention(&q, &keys, &values, scale, &mask, kvh, fast_exp)?
             } else {
                 let attn = match &mask {
                     AttentionMask::None => {
@@ -520,9 +536,12 @@ impl Model {
                 .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("gate/up split".into()))?;
-            let ff = layer
-                .down
-                .forward(&mlx_rs::nn::silu(gate)?.multiply(up)?, pad)?;
+            let act = if self.fast_exp && gate.dtype() == mlx_rs::Dtype::Float32 {
+                fast_math::swiglu(&gate, &up)?
+            } else {
+                mlx_rs::nn::silu(gate)?.multiply(up)?
+            };
+            let ff = layer.down.forward(&act, pad)?;
             x = x.add(ff)?;
         }
         cache.advance(l as usize);
@@ -583,36 +602,70 @@ fn pads_matmul_rows_by_default() -> bool {
         && !single("OMP_NUM_THREADS")
 }
 
-/// Attention of one new query per row (`q`: `[B, H, 1, D]`) over the cached keys and values
-/// (`[B, KVH, T, D]`, views into the cache's buffers), returned as `[B, 1, H * D]`.
+/// Attention of `L` new queries per row (`q`: `[B, H, L, D]`, at the last `L` of the `T`
+/// positions) over the cached keys and values (`[B, KVH, T, D]`, views into the cache's
+/// buffers), returned as `[B, L, H * D]`.
 ///
 /// The same computation as MLX's `scaled_dot_product_attention`, written so that no operand
 /// is copied: each key/value head's query group becomes the rows of one matmul (q reshaped
-/// to `[B, KVH, H / KVH, D]`, a view) against the cache views as they are, where the fused op
-/// on the CPU backend copies the keys and values of every layer at every step.
-fn decode_attention(
+/// to `[B, KVH, H / KVH * L, D]`) against the cache views as they are, where the fused op on
+/// the CPU backend copies the keys and values of every layer at every step. With `fast_exp`
+/// the softmax is [`fast_math::softmax_parts`], normalized after the product with the values
+/// (`[.., L, D]` rather than `[.., L, T]`).
+fn attention(
     q: &Array,
     keys: &Array,
     values: &Array,
     scale: f32,
     mask: &AttentionMask,
     kv_heads: i32,
+    fast_exp: bool,
 ) -> Result<Array> {
     let s = q.shape();
-    let (b, h, d) = (s[0], s[1], s[3]);
+    let (b, h, l, d) = (s[0], s[1], s[2], s[3]);
+    let t = keys.shape()[2];
+    let group = h / kv_heads;
     let grouped = q
-        .reshape(&[b, kv_heads, h / kv_heads, d])?
+        .reshape(&[b, kv_heads, group * l, d])?
         .multiply(Array::from_f32(scale))?;
     let scores = mlx_rs::ops::matmul(&grouped, keys.swap_axes(-1, -2)?)?;
+    let hide = |scores: Array, visible: &Array| -> Result<Array> {
+        // [B, KVH, G, L, T] against the [B or 1, 1, L, T] mask as [B or 1, 1, 1, L, T].
+        let s5 = scores.reshape(&[b, kv_heads, group, l, t])?;
+        let m = visible.reshape(&[visible.shape()[0], 1, 1, l, t])?;
+        let s5 = mlx_rs::ops::select(&m, &s5, Array::from_f32(f32::NEG_INFINITY))?;
+        Ok(s5.reshape(&[b, kv_heads, group * l, t])?)
+    };
     let scores = match mask {
-        // [B, 1, 1, T] broadcasts over the heads and the query group.
-        AttentionMask::Array(m) => {
-            mlx_rs::ops::select(m, &scores, Array::from_f32(f32::NEG_INFINITY))?
-        }
+        AttentionMask::Array(m) => hide(scores, m)?,
+        AttentionMask::Causal if l > 1 => hide(scores, &causal_mask(l, t))?,
         AttentionMask::None | AttentionMask::Causal => scores,
     };
-    let weights = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
-    Ok(mlx_rs::ops::matmul(&weights, values)?.reshape(&[b, 1, h * d])?)
+    let out = if fast_exp {
+        let (weights, sum) = fast_math::softmax_parts(&scores)?;
+        mlx_rs::ops::matmul(&weights, values)?.divide(&sum)?
+    } else {
+        let weights = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
+        mlx_rs::ops::matmul(&weights, values)?
+    };
+    // [B, KVH, G * L, D] -> [B, H, L, D] -> [B, L, H * D].
+    let out = out.reshape(&[b, h, l, d])?;
+    let out = if l == 1 {
+        out
+    } else {
+        out.transpose_axes(&[0, 2, 1, 3])?
+    };
+    Ok(out.reshape(&[b, l, h * d])?)
+}
+
+/// `[1, 1, L, T]` booleans (the shape of [`AttentionMask::Array`] for every row): query `i`,
+/// at position `T - L + i`, sees keys `0..=T - L + i`.
+fn causal_mask(l: i32, t: i32) -> Array {
+    let (lu, tu) = (l as usize, t as usize);
+    let m: Vec<bool> = (0..lu)
+        .flat_map(|i| (0..tu).map(move |j| j <= tu - lu + i))
+        .collect();
+    Array::from_slice(&m, &[1, 1, l, t])
 }
 
 fn take_tensor(t: &mut HashMap<String, Array>, name: &str) -> Result<Array> {
