@@ -340,6 +340,14 @@ typedef struct {
    * admitted request fits when grown to prompt + max_tokens. Default 2 GiB.
    */
   uint64_t max_kv_bytes;
+  /**
+   * CPU backend only: MLX's buffer-cache limit (freed buffers it keeps for reuse) is
+   * raised to at least this many bytes while the engine exists; the limit from before is
+   * restored when the last such engine is destroyed. The limit is process-wide (a host
+   * that uses MLX itself sees it); 0 leaves it alone. MLX's own 32 MiB made every prefill
+   * chunk fault its temporaries in afresh. Default 256 MiB.
+   */
+  uint64_t mlx_cache_limit_bytes;
 } convoy_engine_config;
 
 /**

@@ -249,6 +249,9 @@ class EngineConfig {
   EngineConfig &max_context(std::uint32_t v) { c_.max_context = v; return *this; }
   EngineConfig &prefill_chunk(std::uint32_t v) { c_.prefill_chunk = v; return *this; }
   EngineConfig &max_kv_bytes(std::uint64_t v) { c_.max_kv_bytes = v; return *this; }
+  /** CPU backend: MLX's process-wide buffer-cache limit while the engine exists (0 = leave
+   *  MLX's alone). */
+  EngineConfig &mlx_cache_limit_bytes(std::uint64_t v) { c_.mlx_cache_limit_bytes = v; return *this; }
   /** Called on the engine thread with one line per finished request. It must not call
    *  into convoy for the same engine; exceptions it throws are swallowed. */
   EngineConfig &log(LogCallback cb) { log_ = std::move(cb); return *this; }

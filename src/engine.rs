@@ -70,16 +70,18 @@ pub struct Tuning {
     /// multiplies and adds in one compiled kernel instead of MLX's CPU `exp`, which calls libm
     /// for every `fma` (see `model/fast_math.rs` and docs/benchmarks.md). No effect elsewhere.
     pub fast_exp: bool,
-    /// On the CPU backend, MLX's buffer cache (freed buffers kept for reuse) is raised to at
-    /// least this many bytes while the engine runs (process-wide; never lowered; 0 leaves it
-    /// alone). MLX's own default, 32 MiB, is smaller than one prefill chunk's temporaries, so
-    /// every chunk returned them to libc and faulted fresh pages back in. The cache is emptied
-    /// whenever the engine goes idle, as before. Default 256 MiB.
-    pub cpu_cache_limit_bytes: usize,
+    /// On the CPU backend, MLX's buffer-cache limit (freed buffers kept for reuse) is raised
+    /// to at least this many bytes while the engine exists, and what it was before is put
+    /// back when the last such engine is dropped. MLX's limit is process-wide: a host that
+    /// uses MLX itself sees it too; 0 leaves it alone. MLX's own default, 32 MiB, is smaller
+    /// than one prefill chunk's temporaries, so every chunk handed them back to libc and
+    /// faulted fresh pages in again. The engine still empties the cache whenever it goes
+    /// idle. Default 256 MiB.
+    pub mlx_cache_limit_bytes: usize,
 }
 
-/// The default of [`Tuning::cpu_cache_limit_bytes`].
-pub const DEFAULT_CPU_CACHE_LIMIT_BYTES: usize = 256 << 20;
+/// The default of [`Tuning::mlx_cache_limit_bytes`].
+pub const DEFAULT_MLX_CACHE_LIMIT_BYTES: usize = 256 << 20;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -89,7 +91,7 @@ impl Default for Tuning {
             copy_free_attention: true,
             pad_matmul_rows: true,
             fast_exp: true,
-            cpu_cache_limit_bytes: DEFAULT_CPU_CACHE_LIMIT_BYTES,
+            mlx_cache_limit_bytes: DEFAULT_MLX_CACHE_LIMIT_BYTES,
         }
     }
 }
@@ -944,10 +946,11 @@ fn engine_thread(
             return;
         }
     };
-    if crate::backend() == "cpu" && config.tuning.cpu_cache_limit_bytes > 0 {
-        // Best effort: a failure here costs speed, not correctness.
-        let _ = crate::runner::raise_cache_limit(config.tuning.cpu_cache_limit_bytes);
-    }
+    // Held until this thread ends (dropped after the runner). Best effort: a failure here
+    // costs speed, not correctness.
+    let _cache_limit = (crate::backend() == "cpu" && config.tuning.mlx_cache_limit_bytes > 0)
+        .then(|| crate::runner::raise_cache_limit(config.tuning.mlx_cache_limit_bytes).ok())
+        .flatten();
     let context = lm.model.config.max_position_embeddings;
     let layout = kv_layout(&lm.model);
     let tokenizer = lm.tokenizer.clone();

@@ -24,14 +24,38 @@ pub fn kv_layout(model: &Model) -> KvLayout {
     }
 }
 
-/// Raises MLX's buffer-cache limit (process-wide) to at least `bytes`, never lowering it;
-/// returns the limit it found.
-pub fn raise_cache_limit(bytes: usize) -> Result<usize> {
+/// Engines holding a raised MLX buffer-cache limit, and the limit found before the first.
+static CACHE_LIMIT: std::sync::Mutex<(usize, usize)> = std::sync::Mutex::new((0, 0));
+
+/// Keeps MLX's buffer-cache limit (process-wide) at least at the bytes given to
+/// [`raise_cache_limit`]; when the last guard drops, the limit found before the first is put
+/// back.
+pub struct CacheLimitGuard(());
+
+/// Raises MLX's buffer-cache limit to at least `bytes` (never lowers it) until the returned
+/// guard drops. Guards nest across engines: the limit in place before the first one is
+/// restored after the last one.
+pub fn raise_cache_limit(bytes: usize) -> Result<CacheLimitGuard> {
+    let mut held = CACHE_LIMIT.lock().unwrap_or_else(|e| e.into_inner());
     let previous = mlx_rs::memory::set_cache_limit(bytes)?;
     if previous > bytes {
         mlx_rs::memory::set_cache_limit(previous)?;
     }
-    Ok(previous)
+    if held.0 == 0 {
+        held.1 = previous;
+    }
+    held.0 += 1;
+    Ok(CacheLimitGuard(()))
+}
+
+impl Drop for CacheLimitGuard {
+    fn drop(&mut self) {
+        let mut held = CACHE_LIMIT.lock().unwrap_or_else(|e| e.into_inner());
+        held.0 -= 1;
+        if held.0 == 0 {
+            let _ = mlx_rs::memory::set_cache_limit(held.1);
+        }
+    }
 }
 
 /// A decode step queued on the device before the previous step's tokens were handed to the

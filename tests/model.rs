@@ -336,8 +336,8 @@ fn bad_model_folders() {
 }
 
 /// The performance switches change how a step is computed, not what: the logits of a padded
-/// batch (a prefill of prompts of different lengths, then decode steps) and of one row
-/// prefilled in two chunks agree for every combination of fused projections and copy-free
+/// batch (a prefill of prompts of different lengths, then decode steps), of one row
+/// prefilled in two chunks and of two long padded rows prefilled at once agree for every combination of fused projections and copy-free
 /// decode attention, with the decode steps' matmul rows padded (3 rows to 16) or not, and
 /// with softmax and SiLU through convoy's compiled `exp` or MLX's.
 #[test]
@@ -394,6 +394,27 @@ fn tuning_switches_do_not_change_the_logits() {
             logits.eval().unwrap();
             out.push(logits.as_slice::<f32>().to_vec());
         }
+        // Two long rows (600 and 530 tokens, left-padded) in one forward pass: attention
+        // takes its queries in blocks of 256.
+        let long: Vec<i32> = prompts
+            .iter()
+            .flatten()
+            .cycle()
+            .take(600)
+            .map(|&t| t as i32)
+            .collect();
+        let mut cache =
+            BatchKvCache::with_padding(convoy::runner::kv_layout(&lm.model), vec![0, 70]);
+        let ids: Vec<i32> = long
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(0, 70).chain(long[..530].iter().copied()))
+            .collect();
+        let input = Array::from_slice(&ids, &[2, 600]);
+        let h = lm.model.forward_last(&input, &mut cache).unwrap();
+        let logits = lm.model.logits(&h).unwrap();
+        logits.eval().unwrap();
+        out.push(logits.as_slice::<f32>().to_vec());
         out
     };
     let base = run(true, true, true, true);

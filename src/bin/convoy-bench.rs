@@ -522,6 +522,7 @@ fn profile_decode(
     ablate: &[String],
     interleave: bool,
 ) {
+    check_model_ablations(ablate);
     let on = |name: &str| !ablate.iter().any(|a| a == name);
     assert!(
         !interleave || (on("fuse") && on("cache")),
@@ -539,9 +540,9 @@ fn profile_decode(
     lm.model.set_copy_free_decode_attention(attn);
     lm.model.set_pad_matmul_rows(pad);
     lm.model.set_fast_exp(exp);
-    if on("cache") {
-        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_CPU_CACHE_LIMIT_BYTES).unwrap();
-    }
+    let _cache_limit = on("cache").then(|| {
+        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
+    });
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + b * 7 {
         let again = corpus.clone();
@@ -601,6 +602,18 @@ fn profile_decode(
     );
 }
 
+/// The switches the model-alone profiles know (engine-level ones, ahead and join, have no
+/// effect there).
+fn check_model_ablations(ablate: &[String]) {
+    for a in ablate {
+        assert!(
+            ["fuse", "attn", "pad", "exp", "cache", "all-on"].contains(&a.as_str()),
+            "--ablate with --profile-decode/--profile-prefill takes fuse, attn, pad, exp, cache \
+             or all-on, not {a}"
+        );
+    }
+}
+
 /// Milliseconds per prefill chunk of the model alone: one row with `t` cached tokens, then a
 /// chunk of `chunk` tokens evaluated `steps` times (the cache rolled back after each), after
 /// two warm-up chunks. With `interleave`, chunks alternate between the ablated form and all on.
@@ -612,16 +625,17 @@ fn profile_prefill(
     ablate: &[String],
     interleave: bool,
 ) {
+    check_model_ablations(ablate);
     let on = |name: &str| !ablate.iter().any(|a| a == name);
     assert!(
         !interleave || (on("fuse") && on("cache")),
         "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
     );
-    let (fuse, pad, exp) = (on("fuse"), on("pad"), on("exp"));
+    let (fuse, attn, pad, exp) = (on("fuse"), on("attn"), on("pad"), on("exp"));
     use convoy::mlx_rs::Array;
-    if on("cache") {
-        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_CPU_CACHE_LIMIT_BYTES).unwrap();
-    }
+    let _cache_limit = on("cache").then(|| {
+        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
+    });
     let options = LoadOptions {
         fuse_projections: fuse,
         ..Default::default()
@@ -637,12 +651,17 @@ fn profile_prefill(
     let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout, vec![0]);
     if t > 0 {
         let context = Array::from_slice(&ids[..t], &[1, t as i32]);
-        lm.model.forward_last(&context, &mut cache).unwrap().eval().unwrap();
+        lm.model
+            .forward_last(&context, &mut cache)
+            .unwrap()
+            .eval()
+            .unwrap();
     }
     let input = Array::from_slice(&ids[t..t + chunk], &[1, chunk as i32]);
     let mut times = [Vec::new(), Vec::new()];
     for i in 0..steps + 2 {
         let ablated = !interleave || i % 2 == 0;
+        lm.model.set_copy_free_decode_attention(attn || !ablated);
         lm.model.set_pad_matmul_rows(pad || !ablated);
         lm.model.set_fast_exp(exp || !ablated);
         let start = Instant::now();
@@ -661,7 +680,7 @@ fn profile_prefill(
     let ms = median(&mut times[1]);
     println!(
         "{}",
-        json!({"engine": "convoy", "fuse": fuse, "pad": pad, "exp": exp, "chunk": chunk, "context": t,
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "chunk": chunk, "context": t,
                "median_chunk_ms": ms, "prefill_tok_s": ms.map(|ms| chunk as f64 / ms * 1e3),
                "interleaved_all_on_median_chunk_ms": median(&mut times[0])})
     );

@@ -66,6 +66,12 @@ pub struct convoy_engine_config {
     /// running batch plus the group being prefilled). Requests are admitted only while every
     /// admitted request fits when grown to prompt + max_tokens. Default 2 GiB.
     pub max_kv_bytes: u64,
+    /// CPU backend only: MLX's buffer-cache limit (freed buffers it keeps for reuse) is
+    /// raised to at least this many bytes while the engine exists; the limit from before is
+    /// restored when the last such engine is destroyed. The limit is process-wide (a host
+    /// that uses MLX itself sees it); 0 leaves it alone. MLX's own 32 MiB made every prefill
+    /// chunk fault its temporaries in afresh. Default 256 MiB.
+    pub mlx_cache_limit_bytes: u64,
 }
 
 /// Sampling and stopping parameters of one request. Fill with `convoy_request_params_init`
@@ -295,6 +301,7 @@ impl Default for convoy_engine_config {
             prefill_chunk: s.prefill_chunk as u32,
             log_callback: None,
             log_user_data: std::ptr::null_mut(),
+            mlx_cache_limit_bytes: crate::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES as u64,
         }
     }
 }
@@ -381,12 +388,17 @@ impl convoy_engine_config {
         } else {
             scheduler.max_context = usize::MAX;
         }
+        let tuning = crate::engine::Tuning {
+            mlx_cache_limit_bytes: usize::try_from(self.mlx_cache_limit_bytes)
+                .unwrap_or(usize::MAX),
+            ..Default::default()
+        };
         Ok(EngineConfig {
             scheduler,
             weights,
             log,
             max_requests: self.max_requests as usize,
-            ..EngineConfig::default()
+            tuning,
         })
     }
 }
@@ -598,6 +610,7 @@ super::abi_struct!(convoy_engine_config {
     log_callback: convoy_log_callback,
     log_user_data: *mut c_void,
     max_kv_bytes: u64,
+    mlx_cache_limit_bytes: u64,
 });
 super::abi_struct!(convoy_request_params {
     struct_size: u32,

@@ -9,16 +9,20 @@
 //! prefill chunk.
 //!
 //! [`exp_parts`] computes the same Cephes polynomial for `2^frac` with plain multiplies and
-//! adds in one fused, compiled MLX kernel (`mlx::compile`), rounds with the float32
-//! magic-number trick instead of `floor` (another libm call), and returns the power of two
-//! `2^int` as its IEEE-754 bit pattern, which a free `view` turns into a float. Relative error
-//! against MLX's `exp` is about 1.2e-7 (an ulp); inputs are clamped to [-87, 88], so `exp`
-//! of `-inf` is 1.6e-38 rather than 0 (which a softmax cannot tell apart: every row's maximum
-//! contributes 1).
+//! adds in compiled MLX code (`mlx::compile`: MLX fuses the graph into a few elementwise
+//! kernels, split where its fuser's depth limit and shared intermediates require), rounds
+//! with the float32 magic-number trick instead of `floor` (another libm call), and returns
+//! the power of two `2^int` as its IEEE-754 bit pattern, which a free `view` turns into a
+//! float. About 4-5 ns per element here against MLX's 15. Relative error against MLX's `exp`
+//! is about 1.2e-7 (an ulp). Inputs are clamped to [-87, 88], so `exp(-inf)` (a masked score)
+//! is 1.6e-38 rather than 0, which a softmax cannot tell apart (every row's maximum
+//! contributes 1); a NaN input gives NaN.
 //!
 //! The compiled functions are kept per thread (MLX's compile cache is per thread, and compiled
-//! state is not `Send`). Without a C++ compiler at run time MLX runs the same graph uncompiled:
-//! slower, equally correct.
+//! state is not `Send`). MLX's CPU compile needs a C++ compiler at run time (`g++`, kernels
+//! cached under the temporary directory); without one MLX runs the same graph uncompiled,
+//! slower and equally correct. [`self_check`] tells whether it works here at all.
+
 use std::cell::RefCell;
 
 use mlx_rs::error::Exception;
@@ -26,6 +30,18 @@ use mlx_rs::ops;
 use mlx_rs::Array;
 
 use crate::error::{Error, Result};
+
+/// Below this many elements MLX's own `exp` is faster: the compiled form is several kernels
+/// and a view, whose fixed cost per call (a few microseconds each) outweighs 15 ns per
+/// element. Measured on the decode step (`convoy-bench --profile-decode B --ablate exp
+/// --interleave`): 4-5% slower at batch 1-2 (2-4 thousand elements per softmax or SiLU),
+/// even at 4, 5% faster at 8.
+pub(crate) const MIN_ELEMENTS: usize = 8192;
+
+/// Whether [`exp`] pays for an operand of this shape.
+pub(crate) fn pays_off(shape: &[i32]) -> bool {
+    shape.iter().map(|&d| d.max(0) as usize).product::<usize>() >= MIN_ELEMENTS
+}
 
 type CompiledFn = Box<dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>>;
 
@@ -37,6 +53,8 @@ thread_local! {
 /// log2(e).
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude < 2^22 to an integer.
+/// (MLX's JIT prints it as 1.258291e+07, i.e. 12582910: any integer within 2^23 + 128 ..
+/// 2^24 - 128 rounds the same way for |t| <= 128, so the trick survives the printing.)
 const ROUND: f32 = 12_582_912.0;
 /// Cephes' polynomial for 2^f on [-0.5, 0.5], highest degree first (as in MLX's `simd::exp`).
 const POLY: [f32; 7] = [
@@ -107,6 +125,36 @@ pub(crate) fn exp(x: &Array) -> Result<Array> {
     Ok(p.multiply(&scale)?)
 }
 
+/// Whether [`exp`] runs and agrees with MLX's here (a compiler that fails, or a temporary
+/// directory MLX cannot write its kernels to, would fail every step instead): evaluated on
+/// contiguous and strided inputs, which compile to different kernels. The model falls back
+/// to MLX's `exp` when it does not.
+pub(crate) fn self_check() -> bool {
+    let check = || -> Result<bool> {
+        let xs: Vec<f32> = (0..64).map(|i| i as f32 * 0.75 - 30.0).collect();
+        let x = Array::from_slice(&xs, &[8, 8]);
+        let strided = x.transpose_axes(&[1, 0])?;
+        let mut ok = true;
+        for input in [&x, &strided] {
+            let got = exp(input)?;
+            let sw = swiglu(input, input)?;
+            let want = input.exp()?;
+            let want_sw = mlx_rs::nn::silu(input)?.multiply(input)?;
+            mlx_rs::transforms::eval([&got, &want, &sw, &want_sw])?;
+            // |a - b| <= tol * (1 + |b|) everywhere (compared by MLX: layouts may differ).
+            let close = |a: &Array, b: &Array, tol: f32| -> Result<bool> {
+                let bound = b.abs()?.add(f(1.0))?.multiply(f(tol))?;
+                let all = a.subtract(b)?.abs()?.le(&bound)?.all(None)?;
+                all.eval()?;
+                Ok(all.try_item_exact::<bool>().unwrap_or(false))
+            };
+            ok &= close(&got, &want, 1e-6)? && close(&sw, &want_sw, 1e-5)?;
+        }
+        Ok(ok)
+    };
+    check().unwrap_or(false)
+}
+
 /// `silu(gate) * up`, the SwiGLU MLP's activation, for float32 inputs.
 pub(crate) fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
     let (p, scale) = exp_parts(&gate.negative()?)?;
@@ -165,7 +213,9 @@ mod tests {
 
     #[test]
     fn swiglu_and_softmax_match_their_definitions() {
-        let g: Vec<f32> = (0..3 * 97).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
+        let g: Vec<f32> = (0..3 * 97)
+            .map(|i| (i as f32 * 0.37).sin() * 12.0)
+            .collect();
         let u: Vec<f32> = (0..3 * 97).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
         let (ga, ua) = (
             Array::from_slice(&g, &[3, 97]),

@@ -326,7 +326,8 @@ impl Model {
             rope_scale,
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
-            fast_exp: crate::backend() == "cpu",
+            // Checked once per load: a broken run-time compiler must cost speed, not requests.
+            fast_exp: crate::backend() == "cpu" && fast_math::self_check(),
             quantized,
         };
         model.check_shapes()?;
@@ -429,8 +430,9 @@ impl Model {
         Ok(())
     }
 
-    /// Benchmark switch: decode steps use MLX's fused attention op instead of
-    /// [`attention`] (to measure what the copy-free form buys).
+    /// Benchmark switch: decode steps (and, with [`set_fast_exp`](Self::set_fast_exp),
+    /// prefill chunks) use MLX's fused attention op instead of [`attention`] (to measure what
+    /// the copy-free form buys).
     #[doc(hidden)]
     pub fn set_copy_free_decode_attention(&mut self, on: bool) {
         self.copy_free_decode_attention = on;
@@ -445,8 +447,9 @@ impl Model {
     }
 
     /// Benchmark switch: attention softmax and the MLP's SiLU use [`fast_math`]'s `exp`
-    /// (float32 only) instead of MLX's, whose CPU kernel calls libm for every `fma`. On by
-    /// default on the CPU backend only.
+    /// (float32 only) instead of MLX's, whose CPU kernel calls libm for every `fma`. Prefill
+    /// chunks then also take the matmul form of attention ([`attention`]), the only one that
+    /// can use it; off, they take MLX's fused op. On by default on the CPU backend only.
     #[doc(hidden)]
     pub fn set_fast_exp(&mut self, on: bool) {
         self.fast_exp = on;
@@ -502,8 +505,14 @@ impl Model {
             let q = self.rope(&q, &offsets)?;
             let k = self.rope(&k, &offsets)?;
             let (keys, values) = cache.update(i, &k, &v)?;
-            let fast_exp = self.fast_exp && q.dtype() == mlx_rs::Dtype::Float32;
-            let attn = if (l == 1 && self.copy_free_decode_attention) || (l > 1 && fast_exp) {
+            // Decode steps: the copy-free matmul form. Prefill chunks: MLX's fused op, except
+            // where convoy's own `exp` applies (CPU, float32), which only the matmul form can
+            // use (the fused op's softmax is MLX's).
+            let fast_exp = self.fast_exp
+                && q.dtype() == mlx_rs::Dtype::Float32
+                && fast_math::pays_off(&[b, h, l, keys.shape()[2]]);
+            let own = self.copy_free_decode_attention && (l == 1 || fast_exp);
+            let attn = if own {
                 if l > 1 && matches!(mask, AttentionMask::Causal) {
                     // Built once per forward pass, on first use.
                     mask = AttentionMask::Array(causal_mask(l, keys.shape()[2]));
@@ -536,7 +545,10 @@ impl Model {
                 .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("gate/up split".into()))?;
-            let act = if self.fast_exp && gate.dtype() == mlx_rs::Dtype::Float32 {
+            let act = if self.fast_exp
+                && gate.dtype() == mlx_rs::Dtype::Float32
+                && fast_math::pays_off(gate.shape())
+            {
                 fast_math::swiglu(&gate, &up)?
             } else {
                 mlx_rs::nn::silu(gate)?.multiply(up)?
@@ -613,6 +625,51 @@ fn pads_matmul_rows_by_default() -> bool {
 /// the softmax is [`fast_math::softmax_parts`], normalized after the product with the values
 /// (`[.., L, D]` rather than `[.., L, T]`).
 fn attention(
+    q: &Array,
+    keys: &Array,
+    values: &Array,
+    scale: f32,
+    mask: &AttentionMask,
+    kv_heads: i32,
+    fast_exp: bool,
+) -> Result<Array> {
+    let l = q.shape()[2];
+    if l <= QUERY_BLOCK {
+        return attention_block(q, keys, values, scale, mask, kv_heads, fast_exp);
+    }
+    // Long prefills (static batches take a whole prompt at once) go QUERY_BLOCK queries at a
+    // time, so the scores are [B, H, block, T] rather than [B, H, L, T]; and since every mask
+    // here is causal (no query sees a key after its own position), each block reads only the
+    // keys up to its last query.
+    let t = keys.shape()[2];
+    let causal = !matches!(mask, AttentionMask::None);
+    let mut outs = Vec::new();
+    for start in (0..l).step_by(QUERY_BLOCK as usize) {
+        let end = (start + QUERY_BLOCK).min(l);
+        let seen = if causal { t - l + end } else { t };
+        let qb = q.try_index((.., .., start..end, ..))?;
+        let kb = keys.try_index((.., .., ..seen, ..))?;
+        let vb = values.try_index((.., .., ..seen, ..))?;
+        let mb = match mask {
+            AttentionMask::Array(m) => {
+                AttentionMask::Array(m.try_index((.., .., start..end, ..seen))?)
+            }
+            // Block queries sit at the last positions of the keys they see, as a chunk's do.
+            AttentionMask::Causal => AttentionMask::Causal,
+            AttentionMask::None => AttentionMask::None,
+        };
+        outs.push(attention_block(
+            &qb, &kb, &vb, scale, &mb, kv_heads, fast_exp,
+        )?);
+    }
+    Ok(mlx_rs::ops::concatenate(&outs, 1)?)
+}
+
+/// Queries per block of [`attention`].
+const QUERY_BLOCK: i32 = 256;
+
+/// [`attention`] of at most [`QUERY_BLOCK`] queries.
+fn attention_block(
     q: &Array,
     keys: &Array,
     values: &Array,

@@ -732,6 +732,8 @@ class Engine:
     * ``weights``: ``"auto"``, ``"dequantize"`` or ``"keep_quantized"`` (:class:`Weights`)
     * ``max_batch_size`` (default 8), ``max_waiting`` (256), ``max_requests`` (1024),
       ``max_context`` (0 = the model's), ``prefill_chunk`` (256), ``max_kv_bytes`` (2 GiB)
+    * ``mlx_cache_limit_bytes`` (256 MiB; CPU backend only): MLX's process-wide buffer-cache
+      limit is raised to at least this while the engine exists (0 leaves it alone)
     * ``log_callback``: called with one log line (str) per finished request, on the engine's
       thread; it must return quickly and must not call this engine.
 
@@ -757,6 +759,7 @@ class Engine:
         max_context: Optional[int] = None,
         prefill_chunk: Optional[int] = None,
         max_kv_bytes: Optional[int] = None,
+        mlx_cache_limit_bytes: Optional[int] = None,
         log_callback: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._core: Optional[_Core] = None
@@ -784,6 +787,10 @@ class Engine:
                 setattr(cfg, name, _uint(value, name))
         if max_kv_bytes is not None:
             cfg.max_kv_bytes = _uint(max_kv_bytes, "max_kv_bytes", _U64_MAX)
+        if mlx_cache_limit_bytes is not None:
+            cfg.mlx_cache_limit_bytes = _uint(
+                mlx_cache_limit_bytes, "mlx_cache_limit_bytes", _U64_MAX
+            )
         thunk = None
         if log_callback is not None:
             if not callable(log_callback):

@@ -61,6 +61,7 @@ class EngineConfig(Structure):
         ("log_callback", LOG_CALLBACK),
         ("log_user_data", c_void_p),
         ("max_kv_bytes", c_uint64),
+        ("mlx_cache_limit_bytes", c_uint64),
     ]
 
 

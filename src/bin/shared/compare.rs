@@ -248,7 +248,8 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         .max_batch_size(w.batch);
     for a in ablate {
         assert!(
-            ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "all-on"].contains(&a.as_str()),
+            ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "all-on"]
+                .contains(&a.as_str()),
             "--ablate takes fuse, attn, pad, exp, cache, ahead, join or all-on, not {a}"
         );
     }
@@ -259,7 +260,7 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
     cfg.tuning.pad_matmul_rows = !off("pad");
     cfg.tuning.fast_exp = !off("exp");
     if off("cache") {
-        cfg.tuning.cpu_cache_limit_bytes = 0;
+        cfg.tuning.mlx_cache_limit_bytes = 0;
     }
     cfg.scheduler.skip_wasted_ahead = !off("join");
     let engine = Engine::new(model, cfg).expect("create the engine");
