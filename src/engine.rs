@@ -917,12 +917,23 @@ fn engine_thread(
     shared: Arc<Shared>,
     streams: Arc<Streams>,
 ) {
-    // A first evaluation creates MLX's static objects (device, scheduler, allocator); the exit
-    // hook registered after it runs before their destructors.
+    // Dropped last, after the runner: compiled functions are freed before the thread reports
+    // itself done (see `model::release_compiled_state`).
+    struct ReleaseCompiled;
+    impl Drop for ReleaseCompiled {
+        fn drop(&mut self) {
+            let _ = catch_unwind(model::release_compiled_state);
+        }
+    }
+    let _release_compiled = ReleaseCompiled;
+    // A first evaluation creates MLX's static objects (device, scheduler, allocator), and a
+    // first compiled function those of its compiler and JIT; the exit hook registered after
+    // them runs before their destructors.
     let _ = catch_unwind(|| {
         let one = mlx_rs::Array::from_f32(1.0);
         mlx_rs::ops::add(&one, &one).and_then(|two| two.eval())
     });
+    let _ = catch_unwind(model::warm_up_compiler);
     register_exit_hook(&EXIT_HOOK_AFTER_INIT);
     let loaded = catch_unwind(|| {
         model::load(

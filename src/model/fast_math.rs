@@ -21,7 +21,7 @@
 //! The compiled functions are kept per thread (MLX's compile cache is per thread, and compiled
 //! state is not `Send`). MLX's CPU compile needs a C++ compiler at run time (`g++`, kernels
 //! cached under the temporary directory); without one MLX runs the same graph uncompiled,
-//! slower and equally correct. [`self_check`] tells whether it works here at all.
+//! slower and equally correct. [`available`] tells whether it works here at all.
 
 use std::cell::RefCell;
 
@@ -123,6 +123,24 @@ pub(crate) fn exp_parts(x: &Array) -> Result<(Array, Array)> {
 pub(crate) fn exp(x: &Array) -> Result<Array> {
     let (p, scale) = exp_parts(x)?;
     Ok(p.multiply(&scale)?)
+}
+
+/// Drops this thread's compiled functions. MLX frees them through its compiler's static
+/// objects, so an engine thread calls this before it reports itself finished to the exit
+/// hook: a thread-local destructor would run after that, possibly while the exiting process
+/// destroys those objects.
+pub(crate) fn release_thread_state() {
+    for slot in [&EXP_PARTS, &SWIGLU_FINISH] {
+        let _ = slot.try_with(|cell| cell.borrow_mut().take());
+    }
+}
+
+/// [`self_check`], run once per process (whether a compiler works does not change). The
+/// engine thread calls it before it registers its exit hook, so the static objects MLX's
+/// compiler creates on first use are destroyed after the hook has stopped engine threads.
+pub(crate) fn available() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(self_check)
 }
 
 /// Whether [`exp`] runs and agrees with MLX's here (a compiler that fails, or a temporary

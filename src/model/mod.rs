@@ -11,6 +11,17 @@
 
 mod fast_math;
 pub mod gguf;
+
+/// Creates the static objects of MLX's compiler (tracing, the CPU JIT and its kernel cache)
+/// by running convoy's compiled `exp` once; see [`fast_math::available`].
+pub(crate) fn warm_up_compiler() {
+    fast_math::available();
+}
+
+/// Frees this thread's compiled functions (see [`fast_math::release_thread_state`]).
+pub(crate) fn release_compiled_state() {
+    fast_math::release_thread_state();
+}
 pub mod hf;
 pub(crate) mod safetensors;
 mod weights;
@@ -327,7 +338,7 @@ impl Model {
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
             // Checked once per load: a broken run-time compiler must cost speed, not requests.
-            fast_exp: crate::backend() == "cpu" && fast_math::self_check(),
+            fast_exp: crate::backend() == "cpu" && fast_math::available(),
             quantized,
         };
         model.check_shapes()?;
