@@ -60,6 +60,8 @@ pub struct Tuning {
     pub decode_ahead: bool,
     /// Decode-step attention as plain matmuls over views of the cache, instead of MLX's
     /// fused attention op (which copies every layer's keys and values on the CPU backend).
+    /// With [`fast_exp`](Self::fast_exp) also prefill attention, the only form that can use
+    /// convoy's `exp`; off, both take MLX's fused op.
     pub copy_free_attention: bool,
     /// On the CPU backend over a multi-threaded OpenBLAS, float32 matmuls with a few rows (a
     /// decode step's batch) are zero-padded to the row count OpenBLAS splits evenly between
@@ -67,8 +69,11 @@ pub struct Tuning {
     /// docs/benchmarks.md). No effect elsewhere.
     pub pad_matmul_rows: bool,
     /// On the CPU backend, the attention softmax and the MLP's SiLU compute `exp` with
-    /// multiplies and adds in one compiled kernel instead of MLX's CPU `exp`, which calls libm
-    /// for every `fma` (see `model/fast_math.rs` and docs/benchmarks.md). No effect elsewhere.
+    /// multiplies and adds in compiled MLX code instead of MLX's CPU `exp`, which calls libm
+    /// for every `fma` (see `model/fast_math.rs` and docs/benchmarks.md), for operands of at
+    /// least 8192 elements (below that MLX's is faster). It needs `g++` at run time (MLX's
+    /// JIT, kernels under `$TMPDIR/mlx`); without a working one convoy uses MLX's `exp`. No
+    /// effect on other backends.
     pub fast_exp: bool,
     /// On the CPU backend, MLX's buffer-cache limit (freed buffers kept for reuse) is raised
     /// to at least this many bytes while the engine exists, and what it was before is put
@@ -933,7 +938,9 @@ fn engine_thread(
         let one = mlx_rs::Array::from_f32(1.0);
         mlx_rs::ops::add(&one, &one).and_then(|two| two.eval())
     });
-    let _ = catch_unwind(model::warm_up_compiler);
+    if crate::backend() == "cpu" && config.tuning.fast_exp {
+        let _ = catch_unwind(model::warm_up_compiler);
+    }
     register_exit_hook(&EXIT_HOOK_AFTER_INIT);
     let loaded = catch_unwind(|| {
         model::load(
@@ -941,6 +948,7 @@ fn engine_thread(
             LoadOptions {
                 weights: config.weights,
                 fuse_projections: config.tuning.fuse_projections,
+                fast_exp: config.tuning.fast_exp,
             },
         )
     });
@@ -991,9 +999,6 @@ fn engine_thread(
                 .set_copy_free_decode_attention(config.tuning.copy_free_attention);
             if !config.tuning.pad_matmul_rows {
                 lm.model.set_pad_matmul_rows(false);
-            }
-            if !config.tuning.fast_exp {
-                lm.model.set_fast_exp(false);
             }
             let mut runner = MlxRunner::new(lm);
             runner.set_pipelining(config.tuning.decode_ahead);

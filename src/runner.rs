@@ -24,12 +24,12 @@ pub fn kv_layout(model: &Model) -> KvLayout {
     }
 }
 
-/// Engines holding a raised MLX buffer-cache limit, and the limit found before the first.
-static CACHE_LIMIT: std::sync::Mutex<(usize, usize)> = std::sync::Mutex::new((0, 0));
+/// Guards alive, the limit found before the first, and the limit convoy last set.
+static CACHE_LIMIT: std::sync::Mutex<(usize, usize, usize)> = std::sync::Mutex::new((0, 0, 0));
 
 /// Keeps MLX's buffer-cache limit (process-wide) at least at the bytes given to
 /// [`raise_cache_limit`]; when the last guard drops, the limit found before the first is put
-/// back.
+/// back (unless the host changed it in the meantime: then the host's stays).
 pub struct CacheLimitGuard(());
 
 /// Raises MLX's buffer-cache limit to at least `bytes` (never lowers it) until the returned
@@ -38,6 +38,7 @@ pub struct CacheLimitGuard(());
 pub fn raise_cache_limit(bytes: usize) -> Result<CacheLimitGuard> {
     let mut held = CACHE_LIMIT.lock().unwrap_or_else(|e| e.into_inner());
     let previous = mlx_rs::memory::set_cache_limit(bytes)?;
+    let now = bytes.max(previous);
     if previous > bytes {
         mlx_rs::memory::set_cache_limit(previous)?;
     }
@@ -45,6 +46,7 @@ pub fn raise_cache_limit(bytes: usize) -> Result<CacheLimitGuard> {
         held.1 = previous;
     }
     held.0 += 1;
+    held.2 = now;
     Ok(CacheLimitGuard(()))
 }
 
@@ -53,7 +55,12 @@ impl Drop for CacheLimitGuard {
         let mut held = CACHE_LIMIT.lock().unwrap_or_else(|e| e.into_inner());
         held.0 -= 1;
         if held.0 == 0 {
-            let _ = mlx_rs::memory::set_cache_limit(held.1);
+            if let Ok(current) = mlx_rs::memory::set_cache_limit(held.1) {
+                if current != held.2 {
+                    // The host set its own limit while convoy's was in place: keep it.
+                    let _ = mlx_rs::memory::set_cache_limit(current);
+                }
+            }
         }
     }
 }

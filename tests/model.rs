@@ -394,8 +394,8 @@ fn tuning_switches_do_not_change_the_logits() {
             logits.eval().unwrap();
             out.push(logits.as_slice::<f32>().to_vec());
         }
-        // Two long rows (600 and 530 tokens, left-padded) in one forward pass: attention
-        // takes its queries in blocks of 256.
+        // Two long rows (600 and 530 tokens, left-padded) in one forward pass, then 300 more
+        // tokens each: attention takes its queries in blocks of 256.
         let long: Vec<i32> = prompts
             .iter()
             .flatten()
@@ -410,11 +410,21 @@ fn tuning_switches_do_not_change_the_logits() {
             .copied()
             .chain(std::iter::repeat_n(0, 70).chain(long[..530].iter().copied()))
             .collect();
-        let input = Array::from_slice(&ids, &[2, 600]);
-        let h = lm.model.forward_last(&input, &mut cache).unwrap();
-        let logits = lm.model.logits(&h).unwrap();
-        logits.eval().unwrap();
-        out.push(logits.as_slice::<f32>().to_vec());
+        let mut forward = |cache: &mut BatchKvCache, ids: &[i32], rows: i32| {
+            let input = Array::from_slice(ids, &[rows, ids.len() as i32 / rows]);
+            let h = lm.model.forward_last(&input, cache).unwrap();
+            let logits = lm.model.logits(&h).unwrap();
+            logits.eval().unwrap();
+            out.push(logits.as_slice::<f32>().to_vec());
+        };
+        forward(&mut cache, &ids, 2);
+        // Then 300 more tokens per row over those 600 cached columns.
+        let more: Vec<i32> = long[..300].iter().chain(&long[300..600]).copied().collect();
+        forward(&mut cache, &more, 2);
+        // One unpadded row (causal attention without a padding mask): 300 tokens, then 300.
+        let mut cache = BatchKvCache::with_padding(convoy::runner::kv_layout(&lm.model), vec![0]);
+        forward(&mut cache, &long[..300], 1);
+        forward(&mut cache, &long[300..], 1);
         out
     };
     let base = run(true, true, true, true);

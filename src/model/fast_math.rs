@@ -19,9 +19,9 @@
 //! contributes 1); a NaN input gives NaN.
 //!
 //! The compiled functions are kept per thread (MLX's compile cache is per thread, and compiled
-//! state is not `Send`). MLX's CPU compile needs a C++ compiler at run time (`g++`, kernels
-//! cached under the temporary directory); without one MLX runs the same graph uncompiled,
-//! slower and equally correct. [`available`] tells whether it works here at all.
+//! state is not `Send`). MLX's CPU compile needs a C++ compiler at run time (`g++`; kernels
+//! are built into and loaded from `$TMPDIR/mlx/<version>/cpu`). [`available`] checks both
+//! once; without them convoy uses MLX's `exp`.
 
 use std::cell::RefCell;
 
@@ -135,18 +135,49 @@ pub(crate) fn release_thread_state() {
     }
 }
 
-/// [`self_check`], run once per process (whether a compiler works does not change). The
-/// engine thread calls it before it registers its exit hook, so the static objects MLX's
-/// compiler creates on first use are destroyed after the hook has stopped engine threads.
+/// Whether convoy's `exp` is used here, decided once per process: MLX's CPU compiler must be
+/// there (MLX runs `g++ --version` once and, without it, runs compiled graphs op by op, which
+/// would be slower than its own `exp`), and [`self_check`] must pass. The engine thread calls
+/// it before it registers its exit hook, so the static objects MLX's compiler creates on
+/// first use are destroyed after the hook has stopped engine threads.
 pub(crate) fn available() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WORKS.get_or_init(self_check)
+    *WORKS.get_or_init(|| compiler_runs() && self_check())
 }
 
-/// Whether [`exp`] runs and agrees with MLX's here (a compiler that fails, or a temporary
-/// directory MLX cannot write its kernels to, would fail every step instead): evaluated on
-/// contiguous and strided inputs, which compile to different kernels. The model falls back
-/// to MLX's `exp` when it does not.
+/// `g++ --version` succeeds within 10 s (the check MLX makes, bounded: a compiler that hangs
+/// turns convoy's `exp` off rather than hanging the engine).
+fn compiler_runs() -> bool {
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("g++")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Whether [`exp`] runs and agrees with MLX's here: evaluated on contiguous and strided
+/// inputs, which compile to different kernels. (A compiler that fails, or a temporary
+/// directory MLX cannot write its kernels to, is caught here at load; one that breaks later
+/// fails MLX's evaluations, as it would for every compiled MLX op.)
 pub(crate) fn self_check() -> bool {
     let check = || -> Result<bool> {
         let xs: Vec<f32> = (0..64).map(|i| i as f32 * 0.75 - 30.0).collect();

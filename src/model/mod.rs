@@ -242,6 +242,9 @@ pub struct LoadOptions {
     /// Store q/k/v and gate/up as one matrix each (one matmul per step instead of three
     /// and two; default true). Off only to measure what it buys.
     pub fuse_projections: bool,
+    /// On the CPU backend, use convoy's compiled `exp` where it pays (default true; see
+    /// `Tuning::fast_exp`). Off, loading never runs MLX's run-time compiler check.
+    pub fast_exp: bool,
 }
 
 impl Default for LoadOptions {
@@ -249,6 +252,7 @@ impl Default for LoadOptions {
         Self {
             weights: WeightsPolicy::default(),
             fuse_projections: true,
+            fast_exp: true,
         }
     }
 }
@@ -337,8 +341,8 @@ impl Model {
             rope_scale,
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
-            // Checked once per load: a broken run-time compiler must cost speed, not requests.
-            fast_exp: crate::backend() == "cpu" && fast_math::available(),
+            // Checked once per process: a missing or broken run-time compiler costs speed.
+            fast_exp: options.fast_exp && crate::backend() == "cpu" && fast_math::available(),
             quantized,
         };
         model.check_shapes()?;

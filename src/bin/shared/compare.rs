@@ -760,6 +760,7 @@ pub fn export_mlx_folder(gguf: &Path, dir: &Path) -> Result<(), String> {
         LoadOptions {
             weights: WeightsPolicy::KeepQuantized,
             fuse_projections: false,
+            fast_exp: false,
         },
     )
     .map_err(|e| e.to_string())?;
