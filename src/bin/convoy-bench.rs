@@ -512,6 +512,53 @@ fn single(
     })
 }
 
+/// The switches of the model-alone profiles that `--ablate` left on.
+struct ProfileSwitches {
+    fuse: bool,
+    attn: bool,
+    pad: bool,
+    exp: bool,
+}
+
+/// Checks `--ablate`/`--interleave` for a model-alone profile, raises MLX's buffer cache as
+/// the engine does (unless `cache` is ablated; the guard must outlive the run), and loads the
+/// model with the ablated switches off.
+fn profile_setup(
+    model: &Path,
+    ablate: &[String],
+    interleave: bool,
+) -> (
+    convoy::model::LoadedModel,
+    ProfileSwitches,
+    Option<convoy::runner::CacheLimitGuard>,
+) {
+    check_model_ablations(ablate);
+    let on = |name: &str| !ablate.iter().any(|a| a == name);
+    assert!(
+        !interleave || (on("fuse") && on("cache")),
+        "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
+    );
+    let switches = ProfileSwitches {
+        fuse: on("fuse"),
+        attn: on("attn"),
+        pad: on("pad"),
+        exp: on("exp"),
+    };
+    let cache_limit = on("cache").then(|| {
+        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
+    });
+    let options = LoadOptions {
+        fuse_projections: switches.fuse,
+        ..Default::default()
+    };
+    let mut lm = model::load(model, options).expect("load model");
+    // (--ablate attn: MLX's fused attention op for decode steps too.)
+    lm.model.set_copy_free_decode_attention(switches.attn);
+    lm.model.set_pad_matmul_rows(switches.pad);
+    lm.model.set_fast_exp(switches.exp);
+    (lm, switches, cache_limit)
+}
+
 /// Milliseconds per decode step of the model alone (no engine) at batch `b` with `t` cached
 /// tokens per row: prefill, 3 warm-up steps, then `steps` timed greedy steps, each evaluated.
 fn profile_decode(
@@ -522,27 +569,10 @@ fn profile_decode(
     ablate: &[String],
     interleave: bool,
 ) {
-    check_model_ablations(ablate);
-    let on = |name: &str| !ablate.iter().any(|a| a == name);
-    assert!(
-        !interleave || (on("fuse") && on("cache")),
-        "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
-    );
-    let (fuse, attn, pad, exp) = (on("fuse"), on("attn"), on("pad"), on("exp"));
+    let (mut lm, on, _cache_limit) = profile_setup(model, ablate, interleave);
+    let (fuse, attn, pad, exp) = (on.fuse, on.attn, on.pad, on.exp);
     use convoy::mlx_rs::ops::indexing::argmax_axis;
     use convoy::mlx_rs::Array;
-    let options = LoadOptions {
-        fuse_projections: fuse,
-        ..Default::default()
-    };
-    let mut lm = model::load(model, options).expect("load model");
-    // (--ablate attn: MLX's fused attention op for decode steps too.)
-    lm.model.set_copy_free_decode_attention(attn);
-    lm.model.set_pad_matmul_rows(pad);
-    lm.model.set_fast_exp(exp);
-    let _cache_limit = on("cache").then(|| {
-        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
-    });
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + b * 7 {
         let again = corpus.clone();
@@ -625,22 +655,9 @@ fn profile_prefill(
     ablate: &[String],
     interleave: bool,
 ) {
-    check_model_ablations(ablate);
-    let on = |name: &str| !ablate.iter().any(|a| a == name);
-    assert!(
-        !interleave || (on("fuse") && on("cache")),
-        "--interleave switches between steps; fuse is fixed at load and cache is process-wide (run them without --interleave)"
-    );
-    let (fuse, attn, pad, exp) = (on("fuse"), on("attn"), on("pad"), on("exp"));
+    let (mut lm, on, _cache_limit) = profile_setup(model, ablate, interleave);
+    let (fuse, attn, pad, exp) = (on.fuse, on.attn, on.pad, on.exp);
     use convoy::mlx_rs::Array;
-    let _cache_limit = on("cache").then(|| {
-        convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
-    });
-    let options = LoadOptions {
-        fuse_projections: fuse,
-        ..Default::default()
-    };
-    let mut lm = model::load(model, options).expect("load model");
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + chunk {
         let again = corpus.clone();
