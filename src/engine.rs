@@ -44,6 +44,12 @@ pub struct EngineConfig {
     pub max_requests: usize,
     /// Performance switches, all on by default; off only to measure what each buys.
     pub tuning: Tuning,
+    /// A prefix cache saved by [`Engine::save_prefix_cache`] (a `.safetensors` file), loaded
+    /// when the engine starts, so an app's relaunch keeps its warm system prompt and chats.
+    /// A missing file starts the cache empty; a file made by another convoy format version,
+    /// for another model or for other weights is refused: the engine is not created
+    /// (`InvalidArgument`, saying why). Entries beyond `prefix_cache_bytes` are not loaded.
+    pub prefix_cache_file: Option<PathBuf>,
 }
 
 /// Optimizations that can be switched off to measure them (`convoy-bench --ablate`,
@@ -112,6 +118,7 @@ impl Default for EngineConfig {
             log: None,
             max_requests: DEFAULT_MAX_REQUESTS,
             tuning: Tuning::default(),
+            prefix_cache_file: None,
         }
     }
 }
@@ -124,6 +131,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("log", &self.log.is_some())
             .field("max_requests", &self.max_requests)
             .field("tuning", &self.tuning)
+            .field("prefix_cache_file", &self.prefix_cache_file)
             .finish()
     }
 }
@@ -191,6 +199,14 @@ pub struct EngineStats {
     /// MLX keeps these per process: they include other engines in the same process.
     pub active_memory_bytes: u64,
     pub cache_memory_bytes: u64,
+    /// Prefix cache: admitted requests that reused a cached prefix, the prompt tokens they
+    /// did not compute, the bytes and entries held now (at most `prefix_cache_bytes`), and
+    /// entries evicted to stay within it.
+    pub prefix_cache_hits: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub prefix_cache_bytes: usize,
+    pub prefix_cache_entries: usize,
+    pub prefix_cache_evictions: u64,
 }
 
 /// What a loaded model is (see [`Engine::model_info`]).
@@ -236,6 +252,8 @@ enum Command {
     /// Requests submitted together: the engine thread takes all of them before its next step.
     Submit(Vec<Submission>),
     Cancel(RequestId),
+    /// Write the prefix cache to a file; the reply is the number of entries written.
+    SavePrefixCache(PathBuf, Sender<Result<usize>>),
     /// The process is exiting: stop at once and call nothing of the host's.
     Exit,
     #[cfg(feature = "fault-injection")]
@@ -636,6 +654,30 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes the prefix cache (every entry's tokens and KV) to `path`, a `.safetensors`
+    /// file, replacing it atomically; returns how many entries it holds. Load it again with
+    /// [`EngineConfig::prefix_cache_file`]. Runs on the engine thread between two steps.
+    /// Errors: `InvalidArgument` (bad name, cannot write), `EngineFailed`, `ShutDown`.
+    pub fn save_prefix_cache(&self, path: impl Into<PathBuf>) -> Result<usize> {
+        self.check_alive()?;
+        let (tx, rx) = channel::bounded(1);
+        if self
+            .commands
+            .send(Command::SavePrefixCache(path.into(), tx))
+            .is_err()
+        {
+            self.check_alive()?;
+            return Err(Error::ShutDown);
+        }
+        match rx.recv() {
+            Ok(result) => result,
+            Err(_) => {
+                self.check_alive()?;
+                Err(Error::ShutDown)
+            }
+        }
+    }
+
     /// Gives request `id` up: it is cancelled if still running, its unpolled events are
     /// dropped, and the id becomes unknown at once (pollers waiting on it get
     /// `UnknownRequest`). Use it for requests whose output is no longer wanted; a request
@@ -727,11 +769,12 @@ fn log_line(id: RequestId, reason: FinishReason, s: &RequestStats) -> String {
         0.0
     };
     format!(
-        "request_id={id} prompt_tps={:.1} generation_tps={:.1} total_tps={:.1} total_tokens={} latency_ms={:.1} finish_reason={}",
+        "request_id={id} prompt_tps={:.1} generation_tps={:.1} total_tps={:.1} total_tokens={} cached_tokens={} latency_ms={:.1} finish_reason={}",
         s.prompt_tps,
         s.generation_tps,
         total_tps,
         s.prompt_tokens + s.generated_tokens,
+        s.cached_tokens,
         s.total_latency * 1e3,
         reason.as_str()
     )
@@ -745,9 +788,55 @@ struct Loop {
     log: Option<LogCallback>,
     tokenizer: Arc<Tokenizer>,
     finished: u64,
+    /// The model's probe state for prefix-cache files (computed once, when first needed).
+    probe: Option<Vec<f32>>,
 }
 
 impl Loop {
+    fn probe(&mut self) -> Result<&[f32]> {
+        if self.probe.is_none() {
+            let model = &self.runner.model().model;
+            self.probe = Some(crate::prefix_file::probe(model, kv_layout(model))?);
+        }
+        Ok(self.probe.as_deref().expect("set above"))
+    }
+
+    /// Loads a prefix-cache file into the (empty) cache; returns the entries adopted.
+    fn load_prefix_cache(&mut self, path: &std::path::Path) -> Result<usize> {
+        if !self.sched.prefix_index().enabled() || !path.exists() {
+            return Ok(0);
+        }
+        let model = &self.runner.model().model;
+        let (layout, vocab) = (kv_layout(model), model.config.vocab_size);
+        let probe = self.probe()?.to_vec();
+        let entries = crate::prefix_file::load(path, layout, &probe, vocab)?;
+        let mut adopted = 0;
+        // Oldest first, as saved: the most recently used end up newest here too.
+        for e in entries {
+            if let Some((id, len)) = self.sched.adopt_prefix(&mut self.runner, &e.tokens) {
+                self.runner.put_prefix(id, e.kv, len)?;
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
+    fn save_prefix_cache(&mut self, path: &std::path::Path) -> Result<usize> {
+        let model = &self.runner.model().model;
+        let layout = kv_layout(model);
+        let probe = self.probe()?.to_vec();
+        let index = self.sched.prefix_index();
+        let mut entries = Vec::new();
+        for (id, tokens) in index.entries() {
+            let kv = self
+                .runner
+                .prefix_kv(id)
+                .ok_or_else(|| Error::EngineFailed(format!("prefix-cache entry {id} has no KV")))?;
+            entries.push((tokens, kv));
+        }
+        crate::prefix_file::save(path, layout, &probe, &entries)?;
+        Ok(entries.len())
+    }
     /// Sends events to their requests. Stats are published first, so a caller that has seen
     /// a terminal event also sees it counted.
     fn deliver(&mut self, events: Vec<Event>) {
@@ -820,6 +909,9 @@ impl Loop {
             Command::Cancel(id) => {
                 self.sched.cancel(id);
             }
+            Command::SavePrefixCache(path, reply) => {
+                let _ = reply.send(self.save_prefix_cache(&path));
+            }
             #[cfg(feature = "fault-injection")]
             Command::Fault(Fault::StepError) => {
                 use crate::scheduler::Runner;
@@ -860,6 +952,11 @@ impl Loop {
             peak_memory_bytes: mlx_rs::memory::peak_memory().unwrap_or(0) as u64,
             active_memory_bytes: mlx_rs::memory::active_memory().unwrap_or(0) as u64,
             cache_memory_bytes: mlx_rs::memory::cache_memory().unwrap_or(0) as u64,
+            prefix_cache_hits: s.prefix.hits,
+            prefix_cache_hit_tokens: s.prefix.hit_tokens,
+            prefix_cache_bytes: s.prefix.bytes,
+            prefix_cache_entries: s.prefix.entries,
+            prefix_cache_evictions: s.prefix.evictions,
         };
     }
 
@@ -1009,7 +1106,23 @@ fn engine_thread(
         log: config.log.clone(),
         tokenizer: tokenizer.clone(),
         finished: 0,
+        probe: None,
     };
+    if let Some(file) = &config.prefix_cache_file {
+        let loaded = catch_unwind(AssertUnwindSafe(|| state.load_prefix_cache(file)));
+        let failed = match loaded {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(Error::EngineFailed(
+                "panic while loading the prefix cache".into(),
+            )),
+        };
+        if let Some(e) = failed {
+            drop(state);
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
     let _ = ready.send(Ok(Ready {
         tokenizer,
         context,

@@ -253,6 +253,32 @@ impl PrefillTokens {
     }
 }
 
+/// The columns a prefill group starts with from the prefix cache: `cached[r] = Some((_, n))`
+/// reuses row r's first n prompt tokens. With the prompts left-padded to one width, every
+/// row's cached part must end at the same column, and rows without one must have only
+/// padding before it; returns that column (0 when nothing is cached).
+pub fn prefix_columns<T>(prompts: &[&[u32]], cached: &[Option<(T, usize)>]) -> Result<usize> {
+    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let end = |r: usize, n: usize| width - prompts[r].len() + n;
+    let columns = cached
+        .iter()
+        .enumerate()
+        .filter_map(|(r, c)| c.as_ref().filter(|c| c.1 > 0).map(|c| end(r, c.1)))
+        .max()
+        .unwrap_or(0);
+    let aligned = cached.len() == prompts.len()
+        && cached.iter().enumerate().all(|(r, c)| match c {
+            Some((_, n)) if *n > 0 => *n <= prompts[r].len() && end(r, *n) == columns,
+            _ => end(r, 0) >= columns,
+        });
+    if !aligned {
+        return Err(crate::Error::EngineFailed(
+            "cached prefixes of a prefill group do not line up".into(),
+        ));
+    }
+    Ok(columns)
+}
+
 /// A batch of per-row KV histories; see the module docs.
 pub struct BatchKvCache {
     layout: KvLayout,
@@ -440,6 +466,36 @@ impl BatchKvCache {
             }
         }
         Ok(trim)
+    }
+
+    /// Copies of row `row`'s keys and values for its first `len` tokens, per layer
+    /// (`[1, kv_heads, len, head_dim]` each), evaluated into arrays of their own: they share
+    /// no buffer with the cache, so later in-place writes to it are never turned into copies.
+    pub fn row_prefix(&self, row: usize, len: usize) -> Result<Vec<(Array, Array)>> {
+        if row >= self.batch_size() || len > self.row_len(row) {
+            return Err(crate::Error::EngineFailed(format!(
+                "no {len} tokens in row {row} of the KV cache"
+            )));
+        }
+        let start = self.geom.left_pad[row] as i32;
+        let cols = start..start + len as i32;
+        let first = Array::from_slice(&[0i32], &[1]);
+        let mut out = Vec::with_capacity(self.data.len());
+        for slot in &self.data {
+            let Some((k, v)) = slot else {
+                return Err(crate::Error::EngineFailed("an unwritten KV cache".into()));
+            };
+            let r = row as i32;
+            // Slice, then gather: the gather writes a fresh buffer of exactly this size.
+            let copy = |a: &Array| -> Result<Array> {
+                Ok(a.try_index((r..r + 1, .., cols.clone()))?
+                    .take_axis(&first, 0)?)
+            };
+            out.push((copy(k)?, copy(v)?));
+        }
+        let arrays: Vec<&Array> = out.iter().flat_map(|(k, v)| [k, v]).collect();
+        mlx_rs::transforms::eval(arrays)?;
+        Ok(out)
     }
 
     /// Appends the rows of `other` after this cache's rows, right-aligning both so every row's

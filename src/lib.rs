@@ -9,6 +9,8 @@ pub mod ffi;
 pub mod fuzzing;
 pub mod kv_cache;
 pub mod model;
+pub mod prefix_cache;
+pub mod prefix_file;
 pub mod request;
 pub mod runner;
 pub mod sampling;

@@ -94,6 +94,8 @@ impl FinishReason {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RequestStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     /// Submit to first generated token, seconds (0 if none was generated).
     pub time_to_first_token: f64,

@@ -3,12 +3,13 @@
 //! prefilled). Everything here runs on the engine thread: MLX arrays are not Send.
 use std::time::{Duration, Instant};
 
-use mlx_rs::ops::indexing::argmax_axis;
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
 
 use crate::error::Result;
-use crate::kv_cache::{BatchKvCache, KvLayout, PrefillTokens};
+use crate::kv_cache::{prefix_columns, BatchKvCache, KvLayout, PrefillTokens};
 use crate::model::{LoadedModel, Model};
+use crate::prefix_cache::EntryId;
 use crate::sampling::Sampler;
 use crate::scheduler::Runner;
 
@@ -89,6 +90,8 @@ pub struct MlxRunner {
     last_logits: Option<Array>,
     pipeline: bool,
     pending: Option<Pending>,
+    /// The prefix cache's KV, per entry and layer (`[1, kv_heads, len, head_dim]`).
+    prefixes: std::collections::HashMap<EntryId, Vec<(Array, Array)>>,
 }
 
 impl MlxRunner {
@@ -104,7 +107,31 @@ impl MlxRunner {
             last_logits: None,
             pipeline: true,
             pending: None,
+            prefixes: Default::default(),
         }
+    }
+
+    /// The KV of prefix-cache entry `id` (per layer, `[1, kv_heads, len, head_dim]`).
+    pub fn prefix_kv(&self, id: EntryId) -> Option<&[(Array, Array)]> {
+        self.prefixes.get(&id).map(Vec::as_slice)
+    }
+
+    /// Stores KV made elsewhere (a cache file) as entry `id`, keeping its first `len` tokens.
+    pub fn put_prefix(&mut self, id: EntryId, kv: Vec<(Array, Array)>, len: usize) -> Result<()> {
+        let cut = kv
+            .into_iter()
+            .map(|(k, v)| -> Result<(Array, Array)> {
+                let n = len as i32;
+                Ok((
+                    k.try_index((.., .., ..n))?.contiguous()?,
+                    v.try_index((.., .., ..n))?.contiguous()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let arrays: Vec<&Array> = cut.iter().flat_map(|(k, v)| [k, v]).collect();
+        mlx_rs::transforms::eval(arrays)?;
+        self.prefixes.insert(id, cut);
+        Ok(())
     }
 
     /// Decode-ahead (on by default): when every row decodes greedily, the next step is queued
@@ -185,9 +212,57 @@ fn token_matrix(rows: &[&[u32]]) -> Array {
 }
 
 impl Runner for MlxRunner {
-    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
-        let (tokens, geometry) = PrefillTokens::new(prompts);
-        let cache = BatchKvCache::with_geometry(kv_layout(&self.lm.model), geometry);
+    fn start_prefill(
+        &mut self,
+        prompts: &[&[u32]],
+        cached: &[Option<(EntryId, usize)>],
+    ) -> Result<()> {
+        let columns = prefix_columns(prompts, cached)?;
+        let (mut tokens, geometry) = PrefillTokens::new(prompts);
+        let layout = kv_layout(&self.lm.model);
+        let mut cache = BatchKvCache::with_geometry(layout, geometry);
+        if columns > 0 {
+            // The cached parts, right-aligned at `columns` (zeros before them are padding).
+            let zeros = |n: usize| {
+                mlx_rs::ops::zeros::<f32>(&[
+                    1,
+                    layout.kv_heads as i32,
+                    n as i32,
+                    layout.head_dim as i32,
+                ])
+            };
+            for layer in 0..layout.layers {
+                let mut keys = Vec::with_capacity(prompts.len());
+                let mut values = Vec::with_capacity(prompts.len());
+                for c in cached {
+                    let reuse = c.filter(|c| c.1 > 0);
+                    let Some((id, n)) = reuse else {
+                        keys.push(zeros(columns)?);
+                        values.push(zeros(columns)?);
+                        continue;
+                    };
+                    let entry = self.prefixes.get(&id).ok_or_else(|| {
+                        crate::Error::EngineFailed(format!("prefix-cache entry {id} is gone"))
+                    })?;
+                    let (k, v) = &entry[layer];
+                    let part = |a: &Array| -> Result<Array> {
+                        let a = a.try_index((.., .., ..n as i32))?;
+                        Ok(if n < columns {
+                            mlx_rs::ops::concatenate(&[zeros(columns - n)?, a], 2)?
+                        } else {
+                            a
+                        })
+                    };
+                    keys.push(part(k)?);
+                    values.push(part(v)?);
+                }
+                let k = mlx_rs::ops::concatenate(&keys, 0)?;
+                let v = mlx_rs::ops::concatenate(&values, 0)?;
+                cache.update(layer, &k, &v)?;
+            }
+            cache.advance(columns);
+            tokens.advance(columns);
+        }
         self.group = Some(PrefillGroup { cache, tokens });
         Ok(())
     }
@@ -307,10 +382,23 @@ impl Runner for MlxRunner {
         Ok(())
     }
 
+    fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {
+        let kv = self.batch.row_prefix(row, len)?;
+        self.prefixes.insert(id, kv);
+        Ok(())
+    }
+
+    fn drop_prefixes(&mut self, ids: &[EntryId]) {
+        for id in ids {
+            self.prefixes.remove(id);
+        }
+    }
+
     fn reset(&mut self) {
         self.synchronize();
         self.batch = BatchKvCache::new(kv_layout(&self.lm.model));
         self.group = None;
+        self.prefixes.clear();
         self.last_logits = None;
         self.pending = None;
         let _ = mlx_rs::memory::clear_cache();

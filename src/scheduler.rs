@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{footprint_bytes, KvLayout, STEP};
+use crate::prefix_cache::{common_prefix, EntryId, PrefixIndex, PrefixStats};
 use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextDecoder};
@@ -23,7 +24,15 @@ use crate::tokenizer::{IncrementalDecoder, TextDecoder};
 /// [`join`](Runner::join) come after existing rows.
 pub trait Runner {
     /// Starts prefilling a group; `prompts` exclude each request's last token (may be empty).
-    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()>;
+    /// `cached[r] = Some((entry, n))`: row r's first n tokens are not computed but copied
+    /// from prefix-cache entry `entry` (saved by [`save_prefix`](Runner::save_prefix)). The
+    /// prompts are left-padded to one width as usual; every cached part ends at the same
+    /// column (see [`prefix_columns`](crate::kv_cache::prefix_columns)).
+    fn start_prefill(
+        &mut self,
+        prompts: &[&[u32]],
+        cached: &[Option<(EntryId, usize)>],
+    ) -> Result<()>;
     /// Prefills up to `max_columns` more columns of the group; true when the group is done.
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool>;
     /// Keeps only these rows of the prefill group.
@@ -47,6 +56,11 @@ pub trait Runner {
     }
     /// Keeps only these rows of the running batch.
     fn retain(&mut self, rows: &[usize]) -> Result<()>;
+    /// Saves a copy of the KV of running row `row`'s first `len` tokens as prefix-cache
+    /// entry `id`.
+    fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()>;
+    /// Forgets these prefix-cache entries.
+    fn drop_prefixes(&mut self, ids: &[EntryId]);
     /// Drops all state (after an error).
     fn reset(&mut self);
     /// KV tokens held (running batch plus prefill group).
@@ -94,6 +108,10 @@ pub struct SchedulerConfig {
     /// Do not let the runner queue a decode step ahead when it would be thrown away (a
     /// group joins, or every row ends by length). Default true; off only to measure it.
     pub skip_wasted_ahead: bool,
+    /// Most bytes the prefix cache keeps (KV of finished requests' prompts and outputs, and
+    /// of running requests' prefixes, reused by later requests that start with the same
+    /// tokens); 0 turns it off. Separate from `max_kv_bytes`.
+    pub prefix_cache_bytes: usize,
 }
 
 impl SchedulerConfig {
@@ -141,6 +159,13 @@ impl SchedulerConfig {
 /// The default KV budget: 2 GiB.
 pub const DEFAULT_MAX_KV_BYTES: usize = 2 << 30;
 
+/// The default prefix-cache budget: 512 MiB.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 512 << 20;
+
+/// A waiting request that shares at least this many more tokens with a prompt being admitted
+/// than the prefix cache holds waits for that prompt's prefill, then reuses it.
+const DEFER_FOR_SHARED: usize = 32;
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
@@ -152,6 +177,7 @@ impl Default for SchedulerConfig {
             prefill_chunk: 256,
             max_prefill_group: 8,
             skip_wasted_ahead: true,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -164,6 +190,10 @@ struct Seq {
     eos: Vec<u32>,
     generated: usize,
     next_input: u32,
+    /// Generated token ids (the history after the prompt, for the prefix cache).
+    generated_ids: Vec<u32>,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     decoder: IncrementalDecoder,
     held_text: String,
     cancelled: bool,
@@ -177,6 +207,40 @@ impl Seq {
     fn final_len(&self) -> usize {
         self.prompt.len() + self.stop.max_tokens
     }
+
+    /// Tokens whose KV a running row holds: the prompt, then every generated token but the
+    /// last (which is the next step's input).
+    fn kv_len(&self) -> usize {
+        self.prompt.len() - 1 + self.generated
+    }
+
+    /// The first `n` tokens of the history (prompt, then generated tokens).
+    fn history(&self, n: usize) -> Vec<u32> {
+        self.prompt
+            .iter()
+            .chain(&self.generated_ids)
+            .take(n)
+            .copied()
+            .collect()
+    }
+
+    /// How many of the first `kv_len` history tokens `tokens` starts with.
+    fn shared_with(&self, tokens: &[u32]) -> usize {
+        let limit = self.kv_len().min(tokens.len());
+        let p = common_prefix(&self.prompt[..self.prompt.len().min(limit)], tokens);
+        if p < self.prompt.len() || p >= limit {
+            return p.min(limit);
+        }
+        p + common_prefix(&self.generated_ids, &tokens[p..limit])
+    }
+}
+
+/// A group chosen for admission: how many requests from the head of the queue, each one's
+/// cached prefix (entry and tokens reused), and the columns left to compute.
+struct GroupPlan {
+    take: usize,
+    cached: Vec<Option<(EntryId, usize)>>,
+    computed: usize,
 }
 
 /// Counters for engine stats.
@@ -196,6 +260,8 @@ pub struct SchedulerStats {
     pub step_seconds: f64,
     pub mlx_seconds: f64,
     pub eval_seconds: f64,
+    /// Prefix-cache counters.
+    pub prefix: PrefixStats,
 }
 
 /// Measures the time spent inside the runner, so the rest of a step (scheduling, stop
@@ -215,8 +281,18 @@ impl TimedRunner<'_> {
 }
 
 impl Runner for TimedRunner<'_> {
-    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
-        self.time(|r| r.start_prefill(prompts))
+    fn start_prefill(
+        &mut self,
+        prompts: &[&[u32]],
+        cached: &[Option<(EntryId, usize)>],
+    ) -> Result<()> {
+        self.time(|r| r.start_prefill(prompts, cached))
+    }
+    fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {
+        self.time(|r| r.save_prefix(id, row, len))
+    }
+    fn drop_prefixes(&mut self, ids: &[EntryId]) {
+        self.time(|r| r.drop_prefixes(ids))
     }
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
         self.time(|r| r.prefill_step(max_columns))
@@ -263,12 +339,14 @@ pub struct Scheduler {
     prefilling: Vec<Seq>,
     running: Vec<Seq>,
     stats: SchedulerStats,
+    prefix: PrefixIndex,
 }
 
 impl Scheduler {
     /// A scheduler for a model whose KV cache has this layout.
     pub fn new(cfg: SchedulerConfig, layout: KvLayout) -> Self {
         Self {
+            prefix: PrefixIndex::new(cfg.prefix_cache_bytes, layout.column_bytes()),
             cfg,
             layout,
             waiting: VecDeque::new(),
@@ -313,6 +391,8 @@ impl Scheduler {
             stop,
             eos,
             generated: 0,
+            generated_ids: Vec::new(),
+            cached: 0,
             decoder: IncrementalDecoder::new(),
             held_text: String::new(),
             cancelled: false,
@@ -354,8 +434,26 @@ impl Scheduler {
             running: self.running.len(),
             prefilling: self.prefilling.len(),
             waiting: self.waiting.len(),
+            prefix: self.prefix.stats(),
             ..self.stats
         }
+    }
+
+    /// The prefix cache's index (entries and their tokens).
+    pub fn prefix_index(&self) -> &PrefixIndex {
+        &self.prefix
+    }
+
+    /// Registers KV the runner already holds under a new entry (a cache loaded from disk):
+    /// returns its id, or None when it is not stored (see [`PrefixIndex::insert`]).
+    pub fn adopt_prefix(
+        &mut self,
+        runner: &mut dyn Runner,
+        tokens: &[u32],
+    ) -> Option<(EntryId, usize)> {
+        let ins = self.prefix.insert(tokens, &[])?;
+        runner.drop_prefixes(&ins.evict);
+        Some((ins.id, ins.len))
     }
 
     /// Runs one step (see the module docs), appending events. On a runner error the requests
@@ -374,6 +472,8 @@ impl Scheduler {
         };
         if let Err(e) = self.try_step(&mut timed, text, events) {
             timed.reset();
+            // The runner dropped the entries' KV with everything else.
+            self.prefix.clear();
             self.fail_active(&e.to_string(), events);
         }
         let mlx = timed.spent;
@@ -484,32 +584,125 @@ impl Scheduler {
         if !self.prefilling.is_empty() {
             return runner.prefill_remaining() <= self.chunk(self.prefilling.len());
         }
-        let n = self.admissible(leaving);
-        let widest = self
+        let plan = self.plan_group(self.admissible(leaving));
+        plan.take > 0 && plan.computed <= self.chunk(plan.take)
+    }
+
+    /// Chooses the group to admit from the first `n` waiting requests (see [`GroupPlan`]).
+    ///
+    /// Each row computes as many columns as the group's longest uncached remainder (shorter
+    /// prompts are left-padded; a row with a cached prefix reuses all of it but what
+    /// exceeds that width). In continuous mode the group stops before a request that would
+    /// make the padded work more than twice the useful work (beyond one chunk), and before
+    /// one that shares [`DEFER_FOR_SHARED`] more tokens with a group member than the cache
+    /// holds: it waits for that member's prefill and reuses it. A static wave takes all `n`.
+    fn plan_group(&self, n: usize) -> GroupPlan {
+        let continuous = self.cfg.mode == BatchMode::Continuous;
+        let mut hits: Vec<Option<(EntryId, usize)>> = Vec::with_capacity(n);
+        let (mut widest, mut useful) = (0, 0);
+        for (k, seq) in self.waiting.iter().take(n).enumerate() {
+            let body = &seq.prompt[..seq.prompt.len() - 1];
+            let hit = self.prefix.longest(body);
+            let cached = hit.map_or(0, |h| h.1);
+            let remainder = body.len() - cached;
+            if continuous && k > 0 {
+                if self.prefix.enabled() {
+                    let shared = self
+                        .waiting
+                        .iter()
+                        .take(k)
+                        .map(|m| common_prefix(&m.prompt[..m.prompt.len() - 1], body))
+                        .max()
+                        .unwrap_or(0);
+                    if shared >= cached + DEFER_FOR_SHARED {
+                        break;
+                    }
+                }
+                let padded = (k + 1) * widest.max(remainder);
+                if padded > (2 * (useful + remainder)).max(self.cfg.prefill_chunk) {
+                    break;
+                }
+            }
+            widest = widest.max(remainder);
+            useful += remainder;
+            hits.push(hit);
+        }
+        let cached = self
             .waiting
             .iter()
-            .take(n)
-            .map(|s| s.prompt.len() - 1)
-            .max();
-        widest.is_some_and(|w| w <= self.chunk(n))
+            .zip(&hits)
+            .map(|(seq, hit)| {
+                let reuse = (seq.prompt.len() - 1).saturating_sub(widest);
+                hit.filter(|_| reuse > 0).map(|(id, _)| (id, reuse))
+            })
+            .collect();
+        GroupPlan {
+            take: hits.len(),
+            cached,
+            computed: widest,
+        }
+    }
+
+    /// Copies into the prefix cache the prefixes of running rows that waiting requests (the
+    /// first `n`) share beyond what the cache holds, so they can be reused like any entry.
+    fn snapshot_running_prefixes(&mut self, runner: &mut dyn Runner, n: usize) -> Result<()> {
+        if !self.prefix.enabled() || self.running.is_empty() {
+            return Ok(());
+        }
+        for k in 0..n {
+            let body = &self.waiting[k].prompt[..self.waiting[k].prompt.len() - 1];
+            let cached = self.prefix.longest(body).map_or(0, |h| h.1);
+            let best = self
+                .running
+                .iter()
+                .enumerate()
+                .map(|(r, seq)| (seq.shared_with(body), r))
+                .max();
+            let Some((shared, row)) = best.filter(|&(shared, _)| shared > cached) else {
+                continue;
+            };
+            let tokens = self.running[row].history(shared);
+            self.store(runner, row, &tokens)?;
+        }
+        Ok(())
+    }
+
+    /// Saves running row `row`'s KV of `tokens` (its history's first tokens) in the cache.
+    fn store(&mut self, runner: &mut dyn Runner, row: usize, tokens: &[u32]) -> Result<()> {
+        let Some(ins) = self.prefix.insert(tokens, &[]) else {
+            return Ok(());
+        };
+        runner.drop_prefixes(&ins.evict);
+        if let Err(e) = runner.save_prefix(ins.id, row, ins.len) {
+            self.prefix.remove(ins.id);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn admit(&mut self, runner: &mut dyn Runner) -> Result<()> {
         let n = self.admissible(0);
-        for _ in 0..n {
-            let mut seq = self.waiting.pop_front().expect("counted above");
-            seq.admitted = Some(Instant::now());
-            self.prefilling.push(seq);
-        }
-        if self.prefilling.is_empty() {
+        if n == 0 {
             return Ok(());
+        }
+        self.snapshot_running_prefixes(runner, n)?;
+        let plan = self.plan_group(n);
+        let now = Instant::now();
+        for cached in plan.cached.iter().take(plan.take) {
+            let mut seq = self.waiting.pop_front().expect("counted above");
+            seq.admitted = Some(now);
+            if let Some((id, tokens)) = *cached {
+                seq.cached = tokens;
+                self.prefix.record_hit(id, tokens);
+            }
+            self.prefilling.push(seq);
         }
         let prompts: Vec<&[u32]> = self
             .prefilling
             .iter()
             .map(|s| &s.prompt[..s.prompt.len() - 1])
             .collect();
-        runner.start_prefill(&prompts)
+        runner.start_prefill(&prompts, &plan.cached[..plan.take])
     }
 
     fn decode(
@@ -556,6 +749,16 @@ impl Scheduler {
         done: Vec<Option<FinishReason>>,
         events: &mut Vec<Event>,
     ) -> Result<()> {
+        // What the leaving rows computed stays in the prefix cache for later requests.
+        if self.prefix.enabled() {
+            for (row, reason) in done.iter().enumerate() {
+                if reason.is_some() {
+                    let seq = &self.running[row];
+                    let tokens = seq.history(seq.kv_len());
+                    self.store(runner, row, &tokens)?;
+                }
+            }
+        }
         let keep: Vec<usize> = (0..done.len()).filter(|&r| done[r].is_none()).collect();
         runner.retain(&keep)?;
         let rows = std::mem::take(&mut self.running);
@@ -609,6 +812,7 @@ impl Scheduler {
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         let mut stats = RequestStats {
             prompt_tokens: seq.prompt.len(),
+            cached_tokens: seq.cached,
             generated_tokens: seq.generated,
             total_latency: secs(seq.submitted, now),
             queue_time: seq
@@ -651,6 +855,7 @@ fn accept_token(
     events: &mut Vec<Event>,
 ) -> Result<Option<FinishReason>> {
     seq.generated += 1;
+    seq.generated_ids.push(token);
     seq.first_token.get_or_insert(now);
     seq.sampler.accept(token);
     seq.next_input = token;

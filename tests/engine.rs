@@ -420,7 +420,9 @@ fn batched_logits_match_single_sequence_logits() {
         }
     };
     let tail = |p: &Vec<u32>| p[..p.len() - 1].to_vec();
-    runner.start_prefill(&[&tail(&prompts[0])]).unwrap();
+    runner
+        .start_prefill(&[&tail(&prompts[0])], &[None])
+        .unwrap();
     assert!(runner.prefill_step(1 << 20).unwrap());
     runner.join().unwrap();
     rows.push((0, 0, *prompts[0].last().unwrap()));
@@ -428,7 +430,7 @@ fn batched_logits_match_single_sequence_logits() {
     // Two prompts of different lengths prefill as one left-padded group, in chunks, while row
     // 0 keeps decoding; then they join mid-decode.
     runner
-        .start_prefill(&[&tail(&prompts[1]), &tail(&prompts[2])])
+        .start_prefill(&[&tail(&prompts[1]), &tail(&prompts[2])], &[None, None])
         .unwrap();
     while !runner.prefill_step(16).unwrap() {
         decode(&mut runner, &mut rows);

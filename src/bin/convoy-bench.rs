@@ -132,6 +132,10 @@ struct Args {
     /// --profile-decode).
     #[arg(long)]
     profile_prefill: Option<usize>,
+    /// With --run-workload: the scheduler's prefill token budget per step (default: the
+    /// library's).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
 }
 
 fn default_model() -> PathBuf {
@@ -864,7 +868,14 @@ fn main() {
     }
     if let Some(w) = &args.run_workload {
         let result = args.result.clone().expect("--run-workload needs --result");
-        compare::run_convoy(&model, w, &args.mode, &result, &args.ablate);
+        compare::run_convoy(
+            &model,
+            w,
+            &args.mode,
+            &result,
+            &args.ablate,
+            args.prefill_chunk,
+        );
         return;
     }
     if let Some(results) = &args.report {

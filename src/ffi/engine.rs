@@ -188,7 +188,12 @@ pub unsafe extern "C" fn convoy_engine_create(
         } else {
             read_sized(config, convoy_engine_config::default(), "config")?
         };
-        let engine = Engine::new(path, config.to_engine_config()?)?;
+        let mut engine_config = config.to_engine_config()?;
+        if !config.prefix_cache_path.is_null() {
+            engine_config.prefix_cache_file =
+                Some(str_arg(config.prefix_cache_path, "prefix_cache_path")?.into());
+        }
+        let engine = Engine::new(path, engine_config)?;
         let info = InfoStrings::new(&engine);
         out_engine.write(Box::into_raw(Box::new(convoy_engine {
             inner: engine,
@@ -589,6 +594,30 @@ pub unsafe extern "C" fn convoy_engine_cancel(
 ) -> convoy_status {
     guard(|| {
         arg(engine, "engine")?.inner.cancel(id)?;
+        Ok(())
+    })
+}
+
+/// Writes the engine's prefix cache (every entry's tokens and KV) to `path`, a
+/// NUL-terminated UTF-8 path ending in `.safetensors`, replacing the file atomically; load it
+/// into a later engine with `convoy_engine_config.prefix_cache_path`. `out_entries` (may be
+/// NULL) receives how many entries were written. Blocks until the engine thread has written
+/// it between two steps (about one step, plus the write). Returns OK, NULL_POINTER,
+/// INVALID_UTF8, INVALID_ARGUMENT (bad name, cannot write: see the message), ENGINE_FAILED,
+/// SHUT_DOWN, PANIC. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn convoy_engine_save_prefix_cache(
+    engine: *const convoy_engine,
+    path: *const c_char,
+    out_entries: *mut u64,
+) -> convoy_status {
+    guard(|| {
+        let engine = arg(engine, "engine")?;
+        let path = str_arg(path, "path")?;
+        let n = engine.inner.save_prefix_cache(path)?;
+        if !out_entries.is_null() {
+            out_entries.write(n as u64);
+        }
         Ok(())
     })
 }

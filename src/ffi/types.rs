@@ -72,6 +72,19 @@ pub struct convoy_engine_config {
     /// that uses MLX itself sees it); 0 leaves it alone. MLX's own 32 MiB made every prefill
     /// chunk fault its temporaries in afresh. Default 256 MiB.
     pub mlx_cache_limit_bytes: u64,
+    /// Most bytes the prefix cache keeps: the KV of finished requests (prompt and output)
+    /// and of running requests' prefixes, reused by later requests that start with the same
+    /// tokens (chat turns, shared system prompts), which then skip that part of their
+    /// prefill. Separate from `max_kv_bytes`; least recently used entries are evicted.
+    /// 0 turns the cache off. Default 512 MiB.
+    pub prefix_cache_bytes: u64,
+    /// NUL-terminated UTF-8 path of a prefix-cache file written by
+    /// `convoy_engine_save_prefix_cache` (a `.safetensors` name), loaded while the engine is
+    /// created; NULL for none (the default). A missing file starts the cache empty; a file
+    /// made by another format version, for another model or for other weights makes
+    /// `convoy_engine_create` fail with INVALID_ARGUMENT and a message saying why. Read
+    /// during `convoy_engine_create` only.
+    pub prefix_cache_path: *const c_char,
 }
 
 /// Sampling and stopping parameters of one request. Fill with `convoy_request_params_init`
@@ -188,6 +201,8 @@ pub struct convoy_request_stats {
     pub generation_tokens_per_second: f64,
     /// Seconds from submit to the end.
     pub total_latency: f64,
+    /// Prompt tokens taken from the prefix cache instead of being computed.
+    pub cached_tokens: u32,
 }
 
 /// An event of one request. Set `struct_size` (`convoy_event_init` or
@@ -247,6 +262,14 @@ pub struct convoy_engine_stats {
     pub cache_memory_bytes: u64,
     /// Of `running`, requests whose prompt is still being prefilled.
     pub prefilling: u32,
+    /// Prefix cache: requests that reused a cached prefix, the prompt tokens they did not
+    /// compute, bytes and entries held now (at most `prefix_cache_bytes`), and entries
+    /// evicted to stay within it.
+    pub prefix_cache_hits: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub prefix_cache_bytes: u64,
+    pub prefix_cache_entries: u64,
+    pub prefix_cache_evictions: u64,
 }
 
 /// What the engine's model is (`convoy_engine_model_info`). Set `struct_size`
@@ -302,6 +325,8 @@ impl Default for convoy_engine_config {
             log_callback: None,
             log_user_data: std::ptr::null_mut(),
             mlx_cache_limit_bytes: crate::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES as u64,
+            prefix_cache_bytes: s.prefix_cache_bytes as u64,
+            prefix_cache_path: std::ptr::null(),
         }
     }
 }
@@ -381,6 +406,7 @@ impl convoy_engine_config {
             max_waiting: self.max_waiting as usize,
             max_kv_bytes: usize::try_from(self.max_kv_bytes).unwrap_or(usize::MAX),
             prefill_chunk: self.prefill_chunk as usize,
+            prefix_cache_bytes: usize::try_from(self.prefix_cache_bytes).unwrap_or(usize::MAX),
             ..SchedulerConfig::default()
         };
         if self.max_context > 0 {
@@ -399,6 +425,8 @@ impl convoy_engine_config {
             log,
             max_requests: self.max_requests as usize,
             tuning,
+            // Read by `convoy_engine_create` (a pointer to read).
+            prefix_cache_file: None,
         })
     }
 }
@@ -570,6 +598,7 @@ impl From<&RequestStats> for convoy_request_stats {
             prompt_tokens_per_second: s.prompt_tps,
             generation_tokens_per_second: s.generation_tps,
             total_latency: s.total_latency,
+            cached_tokens: s.cached_tokens as u32,
         }
     }
 }
@@ -593,6 +622,11 @@ impl From<EngineStats> for convoy_engine_stats {
             active_memory_bytes: s.active_memory_bytes,
             cache_memory_bytes: s.cache_memory_bytes,
             prefilling: s.prefilling as u32,
+            prefix_cache_hits: s.prefix_cache_hits,
+            prefix_cache_hit_tokens: s.prefix_cache_hit_tokens,
+            prefix_cache_bytes: s.prefix_cache_bytes as u64,
+            prefix_cache_entries: s.prefix_cache_entries as u64,
+            prefix_cache_evictions: s.prefix_cache_evictions,
         }
     }
 }
@@ -611,6 +645,8 @@ super::abi_struct!(convoy_engine_config {
     log_user_data: *mut c_void,
     max_kv_bytes: u64,
     mlx_cache_limit_bytes: u64,
+    prefix_cache_bytes: u64,
+    prefix_cache_path: *const c_char,
 });
 super::abi_struct!(convoy_request_params {
     struct_size: u32,
@@ -669,6 +705,7 @@ super::abi_struct!(convoy_request_stats {
     prompt_tokens_per_second: f64,
     generation_tokens_per_second: f64,
     total_latency: f64,
+    cached_tokens: u32,
 });
 super::abi_struct!(convoy_engine_stats {
     struct_size: u32,
@@ -687,6 +724,11 @@ super::abi_struct!(convoy_engine_stats {
     active_memory_bytes: u64,
     cache_memory_bytes: u64,
     prefilling: u32,
+    prefix_cache_hits: u64,
+    prefix_cache_hit_tokens: u64,
+    prefix_cache_bytes: u64,
+    prefix_cache_entries: u64,
+    prefix_cache_evictions: u64,
 });
 super::abi_struct!(convoy_model_info {
     struct_size: u32,

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::kv_cache::{KvGeometry, PrefillTokens, Trim};
+use crate::kv_cache::{prefix_columns, KvGeometry, PrefillTokens, Trim};
 use crate::tokenizer;
 
 fn next_of(history: &[u32]) -> u32 {
@@ -136,6 +136,11 @@ struct FakeRunner {
     aheads: usize,
     /// Steps a real runner would have queued ahead and then thrown away.
     wasted_aheads: usize,
+    /// Prefix-cache entries: the tokens the saved columns held.
+    prefixes: HashMap<EntryId, Vec<u32>>,
+    /// Prompt columns computed by prefill (padding included), and taken from the cache.
+    prefill_columns: usize,
+    reused_columns: usize,
 }
 
 impl FakeRunner {
@@ -146,11 +151,52 @@ impl FakeRunner {
 }
 
 impl Runner for FakeRunner {
-    fn start_prefill(&mut self, prompts: &[&[u32]]) -> Result<()> {
+    fn start_prefill(
+        &mut self,
+        prompts: &[&[u32]],
+        cached: &[Option<(EntryId, usize)>],
+    ) -> Result<()> {
         assert!(self.group.is_none(), "one group at a time");
-        let (tokens, geom) = PrefillTokens::new(prompts);
-        self.group = Some((HostKv::new(geom), tokens));
+        let columns = prefix_columns(prompts, cached).expect("aligned cached parts");
+        let (mut tokens, geom) = PrefillTokens::new(prompts);
+        let mut kv = HostKv::new(geom);
+        if columns > 0 {
+            // The saved columns, whatever they hold: a wrong entry shows in the outputs.
+            let rows: Vec<Vec<u32>> = cached
+                .iter()
+                .map(|c| match c {
+                    Some((id, n)) if *n > 0 => {
+                        let saved = &self.prefixes[id];
+                        assert!(saved.len() >= *n, "entry shorter than its use");
+                        let mut row = vec![PAD; columns - n];
+                        row.extend_from_slice(&saved[..*n]);
+                        self.reused_columns += n;
+                        row
+                    }
+                    _ => vec![PAD; columns],
+                })
+                .collect();
+            let chunk: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            kv.write(&chunk);
+            tokens.advance(columns);
+        }
+        self.group = Some((kv, tokens));
         Ok(())
+    }
+    fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {
+        let h = self.batch.history(row);
+        assert!(len <= h.len(), "saving more than the row holds");
+        let saved = h[..len].to_vec();
+        self.prefixes.insert(id, saved);
+        Ok(())
+    }
+    fn drop_prefixes(&mut self, ids: &[EntryId]) {
+        for id in ids {
+            assert!(
+                self.prefixes.remove(id).is_some(),
+                "dropping unknown entry {id}"
+            );
+        }
     }
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool> {
         let Some((kv, tokens)) = self.group.as_mut() else {
@@ -160,6 +206,7 @@ impl Runner for FakeRunner {
             let chunk = tokens.next_chunk(max_columns);
             let n = chunk.first().map_or(0, |c| c.len());
             assert!(n > 0 && n <= max_columns.max(1));
+            self.prefill_columns += n * chunk.len();
             kv.write(&chunk);
             tokens.advance(n);
             assert_eq!(tokens.done(), kv.geom.width(), "prefill and cache agree");
@@ -234,6 +281,7 @@ impl Runner for FakeRunner {
     fn reset(&mut self) {
         self.batch = HostKv::default();
         self.group = None;
+        self.prefixes.clear();
     }
     fn kv_tokens(&self) -> usize {
         self.batch.geom.tokens() + self.group.as_ref().map_or(0, |g| g.0.geom.tokens())
@@ -316,6 +364,25 @@ impl Harness {
             "KV cache allocated {} bytes over a budget of {budget}",
             self.runner.max_bytes_seen
         );
+        self.check_prefix_cache();
+    }
+    /// The prefix cache stays within its budget, and the index and the runner agree on
+    /// which entries exist and how long each is.
+    fn check_prefix_cache(&self) {
+        let index = self.sched.prefix_index();
+        assert!(index.bytes() <= self.sched.config().prefix_cache_bytes);
+        let entries = index.entries();
+        assert_eq!(
+            entries.len(),
+            self.runner.prefixes.len(),
+            "index and runner agree"
+        );
+        for (id, tokens) in entries {
+            assert_eq!(
+                self.runner.prefixes[&id], tokens,
+                "entry {id} holds its tokens"
+            );
+        }
     }
     fn run(&mut self) {
         for _ in 0..10_000 {
@@ -578,6 +645,7 @@ impl Rng {
 /// scheduler drains in a bounded number of steps.
 #[test]
 fn randomized_operation_sequences() {
+    let (mut hits, mut reused) = (0, 0);
     for seed in 1..=300u64 {
         let mut rng = Rng::new(seed);
         let mode = if rng.below(4) == 0 {
@@ -597,8 +665,11 @@ fn randomized_operation_sequences() {
             // Between one and several long rows' worth.
             max_kv_bytes: footprint_bytes(&LAYOUT, 1 + rng.below(rows + 2), max_len),
             skip_wasted_ahead: rng.below(2) == 0,
+            // Off, a few entries' worth (evicting all the time), or room for everything.
+            prefix_cache_bytes: [0, 8 * (1 + rng.below(300)), 1 << 20][rng.below(3)],
         };
         let mut h = Harness::new(cfg);
+        let system = prompt(seed as u32 + 7, 1 + rng.below(120));
         let mut submitted: Vec<(RequestId, Vec<u32>, usize)> = Vec::new();
         let mut cancelled = std::collections::HashSet::new();
         let ops = 20 + rng.below(60);
@@ -612,7 +683,22 @@ fn randomized_operation_sequences() {
                         _ => 1 + rng.below(max_len - 40),
                     };
                     let n = 1 + rng.below(24);
-                    let p = prompt(seed as u32 + id as u32, len);
+                    let fresh = prompt(seed as u32 + id as u32, len);
+                    // Prompts that share prefixes: a system prompt, or the next turn of an
+                    // earlier request (its prompt, some of its output, then new tokens).
+                    let mut p = match rng.below(3) {
+                        0 => system.iter().chain(&fresh).copied().collect(),
+                        1 if !submitted.is_empty() => {
+                            let (_, before, m) = &submitted[rng.below(submitted.len())];
+                            let said = alone(before, (*m).min(512 - before.len()));
+                            let mut p = before.clone();
+                            p.extend_from_slice(&said[..rng.below(said.len() + 1)]);
+                            p.extend_from_slice(&fresh[..rng.below(fresh.len()) + 1]);
+                            p
+                        }
+                        _ => fresh,
+                    };
+                    p.truncate(max_len);
                     if h.submit(id, p.clone(), limit(n)).is_ok() {
                         submitted.push((id, p, n));
                     }
@@ -636,7 +722,8 @@ fn randomized_operation_sequences() {
             assert_eq!(count, 1, "seed {seed}: request {id} ended {count} times");
             if !cancelled.contains(id) {
                 // EOS (token 2) never comes out of `next_of`, so every survivor runs to n.
-                let want = alone(p, (*n).min(512 - p.len()));
+                let room = h.sched.config().kv_row_limit(&LAYOUT).min(512) - p.len();
+                let want = alone(p, (*n).min(room));
                 assert_eq!(h.tokens[id], want, "seed {seed}: request {id}");
                 assert_eq!(reason, FinishReason::Length);
             } else if reason != FinishReason::Cancelled {
@@ -646,7 +733,14 @@ fn randomized_operation_sequences() {
         }
         assert!(h.sched.is_idle());
         assert_eq!(h.runner.kv_bytes(), 0, "seed {seed}: cache emptied");
+        hits += h.sched.stats().prefix.hits;
+        reused += h.runner.reused_columns;
     }
+    // The shared prefixes above were reused, not only stored.
+    assert!(
+        hits > 100 && reused > 1000,
+        "{hits} hits, {reused} columns reused"
+    );
 }
 
 #[test]
@@ -872,4 +966,74 @@ fn no_step_is_queued_ahead_only_to_be_thrown_away() {
             }
         }
     }
+}
+
+/// The prefix cache with the fake runner: a next chat turn, a burst sharing a system prompt,
+/// a prompt that is a prefix of a cached one, and a prompt cached in full each reuse what
+/// was computed, and every output is the one the request would get alone.
+#[test]
+fn prefix_cache_reuses_prompts_and_outputs() {
+    let mut h = Harness::new(SchedulerConfig {
+        prefill_chunk: 16,
+        ..Default::default()
+    });
+    let first = prompt(1, 40);
+    h.submit(1, first.clone(), limit(10)).unwrap();
+    h.run();
+    assert_eq!(h.tokens[&1], alone(&first, 10));
+    // Next turn: the whole history (prompt + output) plus new tokens.
+    let mut turn = first.clone();
+    turn.extend_from_slice(&h.tokens[&1]);
+    turn.extend_from_slice(&prompt(2, 5));
+    let before = h.runner.prefill_columns;
+    h.submit(2, turn.clone(), limit(10)).unwrap();
+    h.run();
+    assert_eq!(h.tokens[&2], alone(&turn, 10));
+    // The KV of the prompt and of all but the last output token was saved.
+    assert_eq!(h.sched.running.len() + h.sched.waiting.len(), 0);
+    assert_eq!(h.runner.prefill_columns - before, turn.len() - 1 - (40 + 9));
+    // A prefix of a cached sequence, and a sequence cached in full: nothing computed but
+    // the last prompt token (the first decode step's input).
+    for (id, p) in [(3, turn[..30].to_vec()), (4, turn.clone())] {
+        let before = h.runner.prefill_columns;
+        h.submit(id, p.clone(), limit(5)).unwrap();
+        h.run();
+        assert_eq!(h.tokens[&id], alone(&p, 5));
+        assert_eq!(h.runner.prefill_columns, before, "request {id}");
+    }
+    // A burst sharing a long system prompt: the first computes it, the rest reuse it.
+    let system = prompt(9, 100);
+    let burst: Vec<Vec<u32>> = (0..4)
+        .map(|i| system.iter().chain(&prompt(20 + i, 8)).copied().collect())
+        .collect();
+    let before = h.runner.prefill_columns;
+    for (i, p) in burst.iter().enumerate() {
+        h.submit(10 + i as u64, p.clone(), limit(6)).unwrap();
+    }
+    h.run();
+    for (i, p) in burst.iter().enumerate() {
+        assert_eq!(h.tokens[&(10 + i as u64)], alone(p, 6));
+    }
+    // 107 columns (all but the last prompt token) for the first, then the 7 after the
+    // system prompt for each of the others.
+    assert_eq!(h.runner.prefill_columns - before, 107 + 3 * 7);
+    let stats = h.sched.stats().prefix;
+    assert!(stats.hits >= 6, "{stats:?}");
+}
+
+/// With the cache off nothing is stored or reused.
+#[test]
+fn prefix_cache_off_stores_nothing() {
+    let mut h = Harness::new(SchedulerConfig {
+        prefix_cache_bytes: 0,
+        ..Default::default()
+    });
+    let p = prompt(1, 40);
+    for id in 1..=2 {
+        h.submit(id, p.clone(), limit(4)).unwrap();
+        h.run();
+    }
+    assert_eq!(h.runner.reused_columns, 0);
+    assert!(h.runner.prefixes.is_empty());
+    assert_eq!(h.sched.stats().prefix, PrefixStats::default());
 }

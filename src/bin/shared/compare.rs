@@ -235,7 +235,14 @@ fn max_rss_bytes() -> u64 {
 }
 
 /// Runs `workload` on convoy and appends its result line to `result`.
-pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, ablate: &[String]) {
+pub fn run_convoy(
+    model: &Path,
+    workload: &Path,
+    mode: &str,
+    result: &Path,
+    ablate: &[String],
+    prefill_chunk: Option<usize>,
+) {
     let w: Workload = serde_json::from_slice(&std::fs::read(workload).expect("read workload"))
         .expect("parse workload");
     let static_mode = mode == "static";
@@ -246,6 +253,9 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
             BatchMode::Continuous
         })
         .max_batch_size(w.batch);
+    if let Some(chunk) = prefill_chunk {
+        cfg.scheduler.prefill_chunk = chunk;
+    }
     for a in ablate {
         assert!(
             ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "all-on"]
@@ -263,6 +273,7 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         cfg.tuning.mlx_cache_limit_bytes = 0;
     }
     cfg.scheduler.skip_wasted_ahead = !off("join");
+    let cfg_chunk = cfg.scheduler.prefill_chunk;
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
     let warm = Item {
@@ -284,6 +295,7 @@ pub fn run_convoy(model: &Path, workload: &Path, mode: &str, result: &Path, abla
         "version": env!("CARGO_PKG_VERSION"),
         "workload": w.name, "kind": w.kind, "mode": mode,
         "concurrency": w.concurrency, "batch": w.batch,
+        "prefill_chunk": cfg_chunk,
         "peak_mlx_memory_bytes": stats.peak_memory_bytes,
         "peak_rss_bytes": max_rss_bytes(),
         "peak_kv_bytes": stats.peak_kv_bytes,
