@@ -163,6 +163,9 @@ impl EngineConfig {
         if self.max_requests == 0 {
             return bad("max_requests must be at least 1");
         }
+        if let Some(file) = &self.prefix_cache_file {
+            crate::prefix_file::check_extension(file)?;
+        }
         Ok(())
     }
 }
@@ -1123,6 +1126,7 @@ fn engine_thread(
             return;
         }
     }
+    state.publish_stats();
     let _ = ready.send(Ok(Ready {
         tokenizer,
         context,

@@ -52,7 +52,8 @@ fn layout_string(l: &KvLayout) -> String {
     format!("{},{},{}", l.layers, l.kv_heads, l.head_dim)
 }
 
-fn check_extension(path: &Path) -> Result<()> {
+/// Prefix-cache files are `.safetensors` files (MLX reads and writes only those).
+pub fn check_extension(path: &Path) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         return Err(refuse(path, "the name must end in .safetensors"));
     }

@@ -109,7 +109,10 @@ fn pool() -> &'static Vec<Entry> {
                 let ids = tok.encode(&PARAGRAPH.repeat(n / 40 + 2), true).unwrap();
                 prompts.push(Prompt::Tokens(ids[..n].to_vec()));
             }
-            prompts
+            // Prompts that share prefixes with others (the prefix cache reuses them): a longer
+            // text, and the next turn of a chat, made below once its first answer is known.
+            prompts.push(Prompt::Text(format!("{}The mill", PARAGRAPH.repeat(2))));
+            let mut pool: Vec<Entry> = prompts
                 .into_iter()
                 .map(|prompt| {
                     let ids = match &prompt {
@@ -119,35 +122,54 @@ fn pool() -> &'static Vec<Entry> {
                     };
                     let (reference, logits) =
                         generate_greedy_with_logits(&lm, &ids, max_new(), true).unwrap();
-                    let gaps = logits
-                        .iter()
-                        .map(|l| {
-                            let (mut a, mut b) = (f32::MIN, f32::MIN);
-                            for &x in l {
-                                if x > a {
-                                    b = a;
-                                    a = x;
-                                } else if x > b {
-                                    b = x;
-                                }
-                            }
-                            a - b
-                        })
-                        .collect();
-                    let eos_end = reference.last().is_some_and(|t| tok.eos_ids().contains(t));
-                    Entry {
-                        prompt,
-                        ids,
-                        reference,
-                        gaps,
-                        eos_end,
-                    }
+                    entry_of(prompt, ids, reference, &logits, tok)
                 })
-                .collect()
+                .collect();
+            let answer = tok.decode(&pool[3].reference).unwrap();
+            let mut turn = chat(QUESTIONS[0]);
+            turn.push(ChatMessage::new("assistant", &answer));
+            turn.push(ChatMessage::new("user", "Say that again in fewer words."));
+            let ids = tok.encode_chat(&turn).unwrap();
+            let (reference, logits) =
+                generate_greedy_with_logits(&lm, &ids, max_new(), true).unwrap();
+            pool.push(entry_of(Prompt::Chat(turn), ids, reference, &logits, tok));
+            pool
         })
         .join()
         .unwrap()
     })
+}
+
+fn entry_of(
+    prompt: Prompt,
+    ids: Vec<u32>,
+    reference: Vec<u32>,
+    logits: &[Vec<f32>],
+    tok: &convoy::tokenizer::Tokenizer,
+) -> Entry {
+    let gaps = logits
+        .iter()
+        .map(|l| {
+            let (mut a, mut b) = (f32::MIN, f32::MIN);
+            for &x in l {
+                if x > a {
+                    b = a;
+                    a = x;
+                } else if x > b {
+                    b = x;
+                }
+            }
+            a - b
+        })
+        .collect();
+    let eos_end = reference.last().is_some_and(|t| tok.eos_ids().contains(t));
+    Entry {
+        prompt,
+        ids,
+        reference,
+        gaps,
+        eos_end,
+    }
 }
 
 /// Seeded randomness (ChaCha: a stable stream for a seed).
@@ -246,6 +268,7 @@ struct Totals {
     late_polls: usize,
     multi_polled: usize,
     drops_in_flight: usize,
+    prefix_hits: usize,
 }
 
 fn compare(
@@ -294,16 +317,21 @@ fn run_sequence(seed: u64, totals: &mut Totals) {
         s.max_kv_bytes = 2 * (2300 + 256) * 2 * 30 * 3 * 64 * 4;
     }
     config.max_requests = if rng.chance(30) { 6 } else { 1024 };
+    // Prefix cache: off, room for a few short prefixes (evicting all the time), or the
+    // default.
+    s.prefix_cache_bytes = [0, 200 * 46_080, s.prefix_cache_bytes][rng.below(3)];
     let summary = format!(
-        "seed {seed}: {:?} batch {} chunk {} group {} waiting {} kv {} held {}",
+        "seed {seed}: {:?} batch {} chunk {} group {} waiting {} kv {} held {} prefix cache {}",
         s.mode,
         s.max_batch_size,
         s.prefill_chunk,
         s.max_prefill_group,
         s.max_waiting,
         s.max_kv_bytes,
-        config.max_requests
+        config.max_requests,
+        s.prefix_cache_bytes
     );
+    let prefix_budget = s.prefix_cache_bytes;
     eprintln!("{summary}");
     let kv_budget = s.max_kv_bytes;
     let engine = Arc::new(Engine::new(model_path(), config).unwrap());
@@ -471,11 +499,18 @@ fn run_sequence(seed: u64, totals: &mut Totals) {
     std::thread::sleep(Duration::from_millis(300));
     let later = engine.stats();
     assert_eq!(later.steps, s.steps, "{summary}: steps while idle");
+    // What stays is the prefix cache's KV, within its budget.
     assert!(
-        later.active_memory_bytes <= baseline + (1 << 20),
-        "{summary}: MLX active memory {} after draining, baseline {baseline}",
-        later.active_memory_bytes
+        later.prefix_cache_bytes <= prefix_budget,
+        "{summary}: prefix cache over budget"
     );
+    assert!(
+        later.active_memory_bytes <= baseline + later.prefix_cache_bytes as u64 + (1 << 20),
+        "{summary}: MLX active memory {} after draining, baseline {baseline}, prefix cache {}",
+        later.active_memory_bytes,
+        later.prefix_cache_bytes
+    );
+    totals.prefix_hits += later.prefix_cache_hits as usize;
     assert!(
         later.peak_kv_bytes <= kv_budget,
         "{summary}: KV peak over budget"
@@ -500,7 +535,7 @@ fn randomized_sequences_on_the_real_model() {
     }
     let t = *totals.lock().unwrap();
     let line = format!(
-        "{{\"first_seed\":{first},\"sequences\":{},\"requests\":{},\"compared\":{},\"ties\":{},\"cancels\":{},\"releases\":{},\"busy\":{},\"late_polls\":{},\"multi_polled\":{},\"drops_in_flight\":{},\"long\":{},\"seconds\":{:.1}}}",
+        "{{\"first_seed\":{first},\"sequences\":{},\"requests\":{},\"compared\":{},\"ties\":{},\"cancels\":{},\"releases\":{},\"busy\":{},\"late_polls\":{},\"multi_polled\":{},\"drops_in_flight\":{},\"prefix_hits\":{},\"long\":{},\"seconds\":{:.1}}}",
         t.sequences,
         t.requests,
         t.compared,
@@ -511,6 +546,7 @@ fn randomized_sequences_on_the_real_model() {
         t.late_polls,
         t.multi_polled,
         t.drops_in_flight,
+        t.prefix_hits,
         long_mode(),
         started.elapsed().as_secs_f64()
     );
