@@ -29,6 +29,9 @@ pub struct SavedEntry {
     pub kv: Vec<(Array, Array)>,
 }
 
+/// One entry's keys and values, per layer.
+pub type LayerKv<'a> = &'a [(Array, Array)];
+
 fn refuse(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("prefix cache file {}: {why}", path.display()))
 }
@@ -66,7 +69,7 @@ pub fn save(
     path: &Path,
     layout: KvLayout,
     probe: &[f32],
-    entries: &[(&[u32], &[(Array, Array)])],
+    entries: &[(&[u32], LayerKv<'_>)],
 ) -> Result<()> {
     check_extension(path)?;
     let mut arrays: Vec<(String, &Array)> = Vec::new();
@@ -163,7 +166,8 @@ pub fn load(
     } else {
         f32::INFINITY
     };
-    if !(diff <= PROBE_TOLERANCE) {
+    // NaN (a corrupt probe) is refused too.
+    if diff.is_nan() || diff > PROBE_TOLERANCE {
         return Err(refuse(
             path,
             "made for other weights (another model, fine-tune or quantization): this model's \

@@ -247,8 +247,10 @@ fn a_saved_cache_warms_a_new_engine_and_foreign_files_are_refused() {
         (cold, n)
     };
     // A relaunch: the new engine starts warm.
-    let mut cfg = EngineConfig::default();
-    cfg.prefix_cache_file = Some(file.clone());
+    let cfg = EngineConfig {
+        prefix_cache_file: Some(file.clone()),
+        ..Default::default()
+    };
     let warm = Engine::new(model_path(), cfg.clone()).unwrap();
     assert_eq!(warm.stats().prefix_cache_entries, entries);
     let again = warm.generate(ask(QUESTIONS[0])).unwrap();
@@ -322,8 +324,10 @@ fn a_saved_cache_warms_a_new_engine_and_foreign_files_are_refused() {
     let cut = dir.path().join("cut.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let mut c = EngineConfig::default();
-    c.prefix_cache_file = Some(cut);
+    let c = EngineConfig {
+        prefix_cache_file: Some(cut),
+        ..Default::default()
+    };
     assert!(matches!(
         Engine::new(model_path(), c),
         Err(Error::InvalidArgument(_))
