@@ -348,6 +348,23 @@ typedef struct {
    * chunk fault its temporaries in afresh. Default 256 MiB.
    */
   uint64_t mlx_cache_limit_bytes;
+  /**
+   * Most bytes the prefix cache keeps: the KV of finished requests (prompt and output)
+   * and of running requests' prefixes, reused by later requests that start with the same
+   * tokens (chat turns, shared system prompts), which then skip that part of their
+   * prefill. Separate from `max_kv_bytes`; least recently used entries are evicted.
+   * 0 turns the cache off. Default 512 MiB.
+   */
+  uint64_t prefix_cache_bytes;
+  /**
+   * NUL-terminated UTF-8 path of a prefix-cache file written by
+   * `convoy_engine_save_prefix_cache` (a `.safetensors` name), loaded while the engine is
+   * created; NULL for none (the default). A missing file starts the cache empty; a file
+   * made by another format version, for another model or for other weights makes
+   * `convoy_engine_create` fail with INVALID_ARGUMENT and a message saying why. Read
+   * during `convoy_engine_create` only.
+   */
+  const char *prefix_cache_path;
 } convoy_engine_config;
 
 /**
@@ -436,6 +453,10 @@ typedef struct {
    * Seconds from submit to the end.
    */
   double total_latency;
+  /**
+   * Prompt tokens taken from the prefix cache instead of being computed.
+   */
+  uint32_t cached_tokens;
 } convoy_request_stats;
 
 /**
@@ -517,6 +538,16 @@ typedef struct {
    * Of `running`, requests whose prompt is still being prefilled.
    */
   uint32_t prefilling;
+  /**
+   * Prefix cache: requests that reused a cached prefix, the prompt tokens they did not
+   * compute, bytes and entries held now (at most `prefix_cache_bytes`), and entries
+   * evicted to stay within it.
+   */
+  uint64_t prefix_cache_hits;
+  uint64_t prefix_cache_hit_tokens;
+  uint64_t prefix_cache_bytes;
+  uint64_t prefix_cache_entries;
+  uint64_t prefix_cache_evictions;
 } convoy_engine_stats;
 
 /**
@@ -839,6 +870,19 @@ convoy_status convoy_engine_poll_any(const convoy_engine *engine,
  * SHUT_DOWN (the engine is being destroyed), PANIC. Never blocks; thread-safe.
  */
 convoy_status convoy_engine_cancel(const convoy_engine *engine, uint64_t id);
+
+/**
+ * Writes the engine's prefix cache (every entry's tokens and KV) to `path`, a
+ * NUL-terminated UTF-8 path ending in `.safetensors`, replacing the file atomically; load it
+ * into a later engine with `convoy_engine_config.prefix_cache_path`. `out_entries` (may be
+ * NULL) receives how many entries were written. Blocks until the engine thread has written
+ * it between two steps (about one step, plus the write). Returns OK, NULL_POINTER,
+ * INVALID_UTF8, INVALID_ARGUMENT (bad name, cannot write: see the message), ENGINE_FAILED,
+ * SHUT_DOWN, PANIC. Thread-safe.
+ */
+convoy_status convoy_engine_save_prefix_cache(const convoy_engine *engine,
+                                              const char *path,
+                                              uint64_t *out_entries);
 
 /**
  * Gives request `id` up: it is cancelled if still running, events not yet polled are
