@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
+.PHONY: setup demo test bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +24,7 @@ test: setup
 	$(CARGO) test --workspace $(TEST_FEATURES)
 	target/debug/convoy-bench $(SMOKE_ARGS)
 	scripts/bench-compare.sh --smoke --only convoy --bench target/debug/convoy-bench --out target/bench-compare-smoke-convoy
+	target/debug/convoy-bench --model $(MODEL) --prefix-cache --smoke --out target/bench-prefix-smoke
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
 # with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, every fuzz input replayed
@@ -65,6 +66,12 @@ bench: setup
 # compare.png, results.jsonl}. About 25 minutes on 2 cores.
 bench-compare: setup
 	scripts/bench-compare.sh $(BENCH_COMPARE_ARGS)
+
+# The prefix cache off and on (issue 10): 8 chats of 6 turns arriving interleaved, and a burst of
+# 8 requests sharing a long system prompt. Writes bench-results/prefix-cache.{md,jsonl}. About
+# 6 minutes on 2 cores.
+bench-prefix: setup
+	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --prefix-cache --out bench-results
 
 # The same pipeline at a tiny size: both engines run every workload and the report is built.
 bench-compare-smoke: setup

@@ -11,6 +11,8 @@ mod chart;
 mod compare;
 #[path = "shared/font.rs"]
 mod font;
+#[path = "shared/prefix_bench.rs"]
+mod prefix_bench;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,6 +138,11 @@ struct Args {
     /// library's).
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Run the prefix-cache benchmark instead (multi-turn chats and a burst sharing a system
+    /// prompt, cache off and on; tiny sizes with --smoke): writes prefix-cache.{md,jsonl}
+    /// into --out.
+    #[arg(long)]
+    prefix_cache: bool,
 }
 
 fn default_model() -> PathBuf {
@@ -829,6 +836,15 @@ fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
 fn main() {
     let args = Args::parse();
     let model = args.model.clone().unwrap_or_else(default_model);
+    if args.prefix_cache {
+        let sizes = if args.smoke {
+            prefix_bench::Sizes::smoke()
+        } else {
+            prefix_bench::Sizes::full()
+        };
+        print!("{}", prefix_bench::run(&model, &args.out, &sizes));
+        return;
+    }
     if let Some(dir) = &args.export_mlx {
         if let Err(e) = compare::export_mlx_folder(&model, dir) {
             eprintln!("export failed: {e}");
