@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
-#                            [--ablate fuse,attn,pad,exp,cache,ahead,join | --ablate none] [--bench BINARY]
+#                            [--ablate fuse,attn,pad,exp,cache,ahead,join,prefix | --ablate none] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
 #    MLX 0.32.2 (scripts/bench-compare-requirements.txt, every package pinned).
@@ -28,7 +28,7 @@ OUT="$ROOT/bench-results/compare"
 SMOKE=0
 CONCURRENCY=1,2,4,8,16
 ONLY=""
-ABLATE=fuse,attn,pad,exp,cache,ahead,join
+ABLATE=fuse,attn,pad,exp,cache,ahead,join,prefix
 ABLATE_GIVEN=0
 BENCH=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1

@@ -122,7 +122,8 @@ struct Args {
     /// the compiled multiply-add `exp` instead of MLX's CPU `exp`), cache (MLX's default
     /// 32 MiB buffer cache instead of convoy's 256 MiB; not with --interleave), ahead
     /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
-    /// ends); `all-on` switches nothing off but labels the run as an ablation baseline.
+    /// ends), prefix (the prefix cache; --run-workload only); `all-on` switches nothing off
+    /// but labels the run as an ablation baseline.
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
     /// With --profile-decode: alternate the steps between the --ablate form and all on, and

@@ -258,9 +258,9 @@ pub fn run_convoy(
     }
     for a in ablate {
         assert!(
-            ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "all-on"]
+            ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "prefix", "all-on"]
                 .contains(&a.as_str()),
-            "--ablate takes fuse, attn, pad, exp, cache, ahead, join or all-on, not {a}"
+            "--ablate takes fuse, attn, pad, exp, cache, ahead, join, prefix or all-on, not {a}"
         );
     }
     let off = |name: &str| ablate.iter().any(|a| a == name);
@@ -273,6 +273,9 @@ pub fn run_convoy(
         cfg.tuning.mlx_cache_limit_bytes = 0;
     }
     cfg.scheduler.skip_wasted_ahead = !off("join");
+    if off("prefix") {
+        cfg.scheduler.prefix_cache_bytes = 0;
+    }
     let cfg_chunk = cfg.scheduler.prefill_chunk;
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
