@@ -252,16 +252,27 @@ class EngineConfig {
   /** CPU backend: MLX's process-wide buffer-cache limit while the engine exists (0 = leave
    *  MLX's alone). */
   EngineConfig &mlx_cache_limit_bytes(std::uint64_t v) { c_.mlx_cache_limit_bytes = v; return *this; }
+  /** Most bytes of KV the prefix cache keeps for later requests that start with the same
+   *  tokens (0 turns it off; default 512 MiB). */
+  EngineConfig &prefix_cache_bytes(std::uint64_t v) { c_.prefix_cache_bytes = v; return *this; }
+  /** A prefix-cache file written by Engine::save_prefix_cache (a `.safetensors` name),
+   *  loaded when the engine is created; a missing file starts the cache empty, a foreign one
+   *  makes the Engine constructor throw INVALID_ARGUMENT. The path is copied. */
+  EngineConfig &prefix_cache_path(std::string path) { prefix_cache_path_ = std::move(path); return *this; }
   /** Called on the engine thread with one line per finished request. It must not call
    *  into convoy for the same engine; exceptions it throws are swallowed. */
   EngineConfig &log(LogCallback cb) { log_ = std::move(cb); return *this; }
 
+  /** The C struct without the pointers this object owns (log callback, prefix cache path):
+   *  the Engine constructor sets those. */
   const convoy_engine_config &c_config() const noexcept { return c_; }
   const LogCallback &log_callback() const noexcept { return log_; }
+  const std::optional<std::string> &prefix_cache_path() const noexcept { return prefix_cache_path_; }
 
  private:
   convoy_engine_config c_;
   LogCallback log_;
+  std::optional<std::string> prefix_cache_path_;
 };
 
 /** What a request produced (Request::wait). */
@@ -386,6 +397,8 @@ class Engine {
       c.log_callback = &detail::log_trampoline;
       c.log_user_data = log_.get();
     }
+    if (config.prefix_cache_path())  // read during convoy_engine_create only
+      c.prefix_cache_path = detail::c_str(*config.prefix_cache_path(), "prefix cache path");
     detail::check(convoy_engine_create(detail::c_str(model_path, "model path"), &c, &engine_));
   }
   Engine(const Engine &) = delete;
@@ -490,6 +503,16 @@ class Engine {
     if (st == CONVOY_STATUS_UNKNOWN_REQUEST) return false;
     detail::check(st);
     return true;
+  }
+
+  /** Writes the prefix cache to `path` (a `.safetensors` name), replacing the file
+   *  atomically; EngineConfig::prefix_cache_path loads it into a later engine. Returns the
+   *  number of entries written. Blocks about one engine step, plus the write. Throws Error
+   *  (INVALID_ARGUMENT for another name or a file that cannot be written). */
+  std::uint64_t save_prefix_cache(const std::string &path) const {
+    std::uint64_t entries = 0;
+    detail::check(convoy_engine_save_prefix_cache(engine_, detail::c_str(path, "path"), &entries));
+    return entries;
   }
 
   EngineStats stats() const {

@@ -58,7 +58,15 @@ static int drain(const convoy_engine *e, uint64_t id, uint32_t *out, size_t even
     CHECK(ev->struct_size <= event_size);
     CHECK(canary_intact(buf, event_size, event_size + EXTRA));
     CHECK(ev->request_id == id);
-    if (ev->kind == CONVOY_EVENT_KIND_FINISHED) break;
+    if (ev->kind == CONVOY_EVENT_KIND_FINISHED) {
+#ifndef OLD_HEADER
+      /* Stats convoy owns carry the library's size: the end of its last field, not sizeof
+       * (tail padding never counts). */
+      CHECK(ev->stats != NULL && ev->stats->struct_size == offsetof(convoy_request_stats, cached_tokens) + 4);
+      CHECK(CONVOY_HAS_FIELD(ev->stats, convoy_request_stats, cached_tokens));
+#endif
+      break;
+    }
     if (n < 8) out[n] = ev->token;
     n++;
   }
@@ -166,13 +174,14 @@ int main(int argc, char **argv) {
 #else
   /* The library wrote its own fields and said so (the end of its last field: tail padding,
    * where a later release may append a field, never counts); the host can test fields. */
-  CHECK(s->struct_size == offsetof(convoy_engine_stats, prefilling) + 4);
+  CHECK(s->struct_size == offsetof(convoy_engine_stats, prefix_cache_evictions) + 8);
   CHECK(CONVOY_HAS_FIELD(s, convoy_engine_stats, prefilling));
+  CHECK(CONVOY_HAS_FIELD(s, convoy_engine_stats, prefix_cache_evictions));
   CHECK(info->struct_size == offsetof(convoy_model_info, max_context) + 4);
   CHECK(CONVOY_HAS_FIELD(info, convoy_model_info, max_context) && info->max_context > 0);
   CHECK(canary_intact(s_buf, s->struct_size, s_size + EXTRA));
   /* A field appended in the tail padding of today's struct is reported absent. */
-  CHECK(s->struct_size < offsetof(convoy_engine_stats, prefilling) + 8);
+  CHECK(info->struct_size < offsetof(convoy_model_info, max_context) + 8);
 #endif
   convoy_engine_destroy(e);
   free(cfg_buf);

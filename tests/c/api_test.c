@@ -1,6 +1,7 @@
 /* Exercises the C API through the generated header only. Compiled as C11 and as C++17 with
  * warnings as errors, linked against the shared and the static library (tests/c_api.rs).
  * Exit code 0 = all checks passed; prints "N passed, M failed". */
+#define _POSIX_C_SOURCE 200809L /* mkdtemp under -std=c11 */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,8 @@ typedef struct {
   int finished;
   convoy_finish_reason reason;
   uint32_t generated; /* from the FINISHED event's stats */
+  uint32_t cached;    /* its cached_tokens, if the library has the field */
+  int has_cached;
   char text[2048];
 } outcome;
 
@@ -47,8 +50,12 @@ static convoy_status drain(const convoy_engine *e, uint64_t id, outcome *o) {
     if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
       o->finished++;
       o->reason = ev.finish_reason;
-      CHECK(ev.stats != NULL && ev.stats->struct_size >= sizeof(convoy_request_stats));
+      /* The library has every field of this header (its size ends at the last field:
+       * tail padding never counts). */
+      CHECK(ev.stats != NULL && CONVOY_HAS_FIELD(ev.stats, convoy_request_stats, cached_tokens));
       o->generated = ev.stats->generated_tokens;
+      o->has_cached = CONVOY_HAS_FIELD(ev.stats, convoy_request_stats, cached_tokens);
+      if (o->has_cached) o->cached = ev.stats->cached_tokens;
       /* Exactly one terminal event: the id is unknown afterwards. */
       CHECK(convoy_engine_poll(e, id, 0, &ev) == CONVOY_STATUS_UNKNOWN_REQUEST);
       CHECK(convoy_engine_cancel(e, id) == CONVOY_STATUS_UNKNOWN_REQUEST);
@@ -75,6 +82,7 @@ static void test_without_engine(void) {
   CHECK(convoy_engine_config_init(&cfg, sizeof cfg) == CONVOY_STATUS_OK);
   CHECK(convoy_engine_config_init(NULL, sizeof cfg) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_config_init(&cfg, 3) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(cfg.prefix_cache_bytes == 512u << 20 && cfg.prefix_cache_path == NULL);
   cfg.mode = 99;
   CHECK(convoy_engine_create("x", &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT);
   convoy_engine_config_init(&cfg, sizeof cfg);
@@ -102,6 +110,7 @@ static void test_without_engine(void) {
   CHECK(convoy_engine_poll(NULL, 1, 0, &ev) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_cancel(NULL, 1) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_get_stats(NULL, &stats) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_save_prefix_cache(NULL, "cache.safetensors", NULL) == CONVOY_STATUS_NULL_POINTER);
   CHECK(convoy_engine_context_length(NULL) == 0);
   convoy_engine_destroy(NULL); /* harmless */
   convoy_last_error_message(NULL, 0);
@@ -336,11 +345,92 @@ static void test_engine(const char *model, int full) {
   convoy_engine_destroy(e);
 }
 
+/* The prefix cache: a repeated chat reuses its prompt's KV and gives the same tokens; a saved
+ * cache warms a new engine; bad paths are refused. */
+static void test_prefix_cache(const char *model) {
+  char dir[256], file[300], bad[300];
+  const char *tmp = getenv("TMPDIR");
+  snprintf(dir, sizeof dir, "%s/convoy-api-test-XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp");
+  if (mkdtemp(dir) == NULL) {
+    CHECK(!"mkdtemp");
+    return;
+  }
+  snprintf(file, sizeof file, "%s/cache.safetensors", dir);
+  snprintf(bad, sizeof bad, "%s/x.bin", dir);
+  const uint64_t budget = (uint64_t)64 << 20;
+  convoy_engine_config cfg;
+  convoy_engine_config_init(&cfg, sizeof cfg);
+  cfg.prefix_cache_bytes = budget;
+  convoy_engine *e = NULL;
+  CHECK(convoy_engine_create(model, &cfg, &e) == CONVOY_STATUS_OK && e != NULL);
+  if (e == NULL) {
+    remove(dir);
+    return;
+  }
+  convoy_chat_message chat[2] = {{sizeof(convoy_chat_message), "system", SYSTEM},
+                                 {sizeof(convoy_chat_message), "user", "What is the capital of France?"}};
+  convoy_request_params p;
+  convoy_request_params_init(&p, sizeof p);
+  p.max_tokens = 20;
+  uint64_t id;
+  outcome first, second;
+  CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
+  CHECK(drain(e, id, &first) == CONVOY_STATUS_OK);
+  CHECK(first.has_cached && first.cached == 0);
+  CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
+  CHECK(drain(e, id, &second) == CONVOY_STATUS_OK);
+  CHECK(second.has_cached && second.cached > 0);
+  CHECK(second.tokens == first.tokens && strcmp(second.text, first.text) == 0);
+  CHECK(strcmp(second.text, "The capital of France is Paris.") == 0);
+
+  convoy_engine_stats stats;
+  convoy_engine_stats_init(&stats, sizeof stats);
+  CHECK(convoy_engine_get_stats(e, &stats) == CONVOY_STATUS_OK);
+  CHECK(CONVOY_HAS_FIELD(&stats, convoy_engine_stats, prefix_cache_evictions));
+  CHECK(stats.prefix_cache_hits > 0 && stats.prefix_cache_hit_tokens >= second.cached);
+  CHECK(stats.prefix_cache_entries > 0 && stats.prefix_cache_bytes > 0 && stats.prefix_cache_bytes <= budget);
+
+  uint64_t entries = 0, untouched = 77;
+  CHECK(convoy_engine_save_prefix_cache(e, file, &entries) == CONVOY_STATUS_OK && entries > 0);
+  CHECK(convoy_engine_save_prefix_cache(e, file, NULL) == CONVOY_STATUS_OK); /* replaces it */
+  CHECK(convoy_engine_save_prefix_cache(e, NULL, &untouched) == CONVOY_STATUS_NULL_POINTER);
+  CHECK(convoy_engine_save_prefix_cache(e, bad, &untouched) == CONVOY_STATUS_INVALID_ARGUMENT);
+  char msg[512];
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0);
+  const char bad_utf8[] = {'/', 't', 'm', 'p', '/', (char)0xff, '.', 's', 'a', 'f', 'e', 't', 'e', 'n', 's', 'o', 'r', 's', 0};
+  CHECK(convoy_engine_save_prefix_cache(e, bad_utf8, &untouched) == CONVOY_STATUS_INVALID_UTF8);
+  CHECK(untouched == 77); /* out-param untouched on failure */
+  convoy_engine_destroy(e);
+
+  /* A new engine starts with the saved entries and reuses them at once. */
+  convoy_engine_config_init(&cfg, sizeof cfg);
+  cfg.prefix_cache_path = file;
+  e = NULL;
+  CHECK(convoy_engine_create(model, &cfg, &e) == CONVOY_STATUS_OK && e != NULL);
+  if (e != NULL) {
+    convoy_engine_stats_init(&stats, sizeof stats);
+    CHECK(convoy_engine_get_stats(e, &stats) == CONVOY_STATUS_OK);
+    CHECK(stats.prefix_cache_entries > 0 && stats.prefix_cache_entries == entries);
+    CHECK(convoy_engine_submit_chat(e, chat, 2, &p, &id) == CONVOY_STATUS_OK);
+    CHECK(drain(e, id, &second) == CONVOY_STATUS_OK);
+    CHECK(second.has_cached && second.cached > 0 && strcmp(second.text, first.text) == 0);
+    convoy_engine_destroy(e);
+  }
+  /* Not a .safetensors name: refused before the model loads. */
+  cfg.prefix_cache_path = bad;
+  e = NULL;
+  CHECK(convoy_engine_create(model, &cfg, &e) == CONVOY_STATUS_INVALID_ARGUMENT && e == NULL);
+  CHECK(remove(file) == 0 && remove(dir) == 0); /* nothing else was left in the folder */
+}
+
 int main(int argc, char **argv) {
   const char *model = argc > 1 ? argv[1] : getenv("CONVOY_MODEL");
   int full = argc > 2 && strcmp(argv[2], "full") == 0;
   test_without_engine();
-  if (model) test_engine(model, full);
+  if (model) {
+    test_engine(model, full);
+    test_prefix_cache(model);
+  }
   else fprintf(stderr, "no model given: engine checks skipped\n");
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 && model ? 0 : 1;

@@ -3,7 +3,9 @@
 // Usage: wrapper_test MODEL. Prints "N passed, M failed"; exit code 0 = all passed.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -316,6 +318,48 @@ void test_cancel_abandon_and_errors(const convoy::Engine &e) {
                "next on an empty handle");
 }
 
+// The prefix cache: a repeated chat reuses its cached prompt; a saved cache warms a new
+// engine (the config copies the path); a wrong file name is refused.
+void test_prefix_cache(const std::string &model) {
+  std::string dir = (std::filesystem::temp_directory_path() / "convoy-wrapper-XXXXXX").string();
+  CHECK(mkdtemp(&dir[0]) != nullptr);
+  const std::string file = dir + "/cache.safetensors";
+  auto params = convoy::RequestParams().max_tokens(20);
+  std::uint64_t entries = 0;
+  {
+    convoy::Engine e(model, convoy::EngineConfig().prefix_cache_bytes(std::uint64_t{64} << 20));
+    convoy::Completion first = e.submit_chat(chat(FRANCE), params).wait();
+    convoy::Completion again = e.submit_chat(chat(FRANCE), params).wait();
+    CHECK(first.stats.cached_tokens == 0);
+    CHECK(again.stats.cached_tokens > 0 && again.stats.cached_tokens < again.stats.prompt_tokens);
+    CHECK(again.tokens == first.tokens && again.text == "The capital of France is Paris.");
+    convoy::EngineStats s = e.stats();
+    CHECK(CONVOY_HAS_FIELD(&s, convoy_engine_stats, prefix_cache_evictions));
+    CHECK(s.prefix_cache_hits >= 1 && s.prefix_cache_hit_tokens >= again.stats.cached_tokens);
+    CHECK(s.prefix_cache_entries > 0 && s.prefix_cache_bytes > 0 && s.prefix_cache_bytes <= (64u << 20));
+    entries = e.save_prefix_cache(file);
+    CHECK(entries > 0 && std::filesystem::is_regular_file(file));
+    expect_error(CONVOY_STATUS_INVALID_ARGUMENT, [&] { e.save_prefix_cache(dir + "/x.bin"); },
+                 "save_prefix_cache to x.bin");
+  }
+  {
+    convoy::EngineConfig config;
+    {
+      std::string path = file;  // gone before the engine is created: the config keeps a copy
+      config.prefix_cache_path(path);
+    }
+    convoy::Engine warm(model, config);
+    CHECK(warm.stats().prefix_cache_entries == entries);
+    convoy::Completion c = warm.submit_chat(chat(FRANCE), params).wait();
+    CHECK(c.text == "The capital of France is Paris." && c.stats.cached_tokens > 0);
+  }
+  expect_error(CONVOY_STATUS_INVALID_ARGUMENT,
+               [&] { convoy::Engine e(model, convoy::EngineConfig().prefix_cache_path(dir + "/x.bin")); },
+               "prefix_cache_path x.bin");
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -343,6 +387,7 @@ int main(int argc, char **argv) {
   timed("generate and stream", [&] { test_generate_and_stream(engine); });
   timed("cancel, abandon, errors", [&] { test_cancel_abandon_and_errors(engine); });
   timed("poll_any: 32 requests, log", [&] { test_poll_any(model); });
+  timed("prefix cache: save, reload", [&] { test_prefix_cache(model); });
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

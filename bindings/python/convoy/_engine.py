@@ -106,6 +106,17 @@ def _uint(value: Any, what: str, maximum: int = _U32_MAX) -> int:
     return value
 
 
+def _path_bytes(path: Any, what: str) -> bytes:
+    """The file system bytes of ``path`` (a str or os.PathLike) for a C string."""
+    try:
+        data = os.fsencode(os.fspath(path))
+    except TypeError:
+        raise _invalid(f"{what} must be a str or os.PathLike, not {type(path).__name__}") from None
+    if b"\0" in data:
+        raise _invalid(f"{what} contains a NUL character")
+    return data
+
+
 def _float(value: Any, what: str) -> float:
     try:
         return float(value)
@@ -734,6 +745,13 @@ class Engine:
       ``max_context`` (0 = the model's), ``prefill_chunk`` (256), ``max_kv_bytes`` (2 GiB)
     * ``mlx_cache_limit_bytes`` (256 MiB; CPU backend only): MLX's process-wide buffer-cache
       limit is raised to at least this while the engine exists (0 leaves it alone)
+    * ``prefix_cache_bytes`` (512 MiB; 0 turns the cache off): most bytes of KV the prefix
+      cache keeps for later requests that start with the same tokens (chat turns, shared
+      system prompts); least recently used entries are evicted
+    * ``prefix_cache_path``: a ``.safetensors`` file written by :meth:`save_prefix_cache`,
+      loaded while the engine is created (a missing file starts the cache empty; a file made
+      for another model, other weights or another format version raises
+      :class:`InvalidArgumentError`)
     * ``log_callback``: called with one log line (str) per finished request, on the engine's
       thread; it must return quickly and must not call this engine.
 
@@ -760,6 +778,8 @@ class Engine:
         prefill_chunk: Optional[int] = None,
         max_kv_bytes: Optional[int] = None,
         mlx_cache_limit_bytes: Optional[int] = None,
+        prefix_cache_bytes: Optional[int] = None,
+        prefix_cache_path: Union[None, str, "os.PathLike[str]"] = None,
         log_callback: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._core: Optional[_Core] = None
@@ -791,6 +811,12 @@ class Engine:
             cfg.mlx_cache_limit_bytes = _uint(
                 mlx_cache_limit_bytes, "mlx_cache_limit_bytes", _U64_MAX
             )
+        if prefix_cache_bytes is not None:
+            cfg.prefix_cache_bytes = _uint(prefix_cache_bytes, "prefix_cache_bytes", _U64_MAX)
+        cache_path = None  # the bytes cfg.prefix_cache_path points to: alive until create returns
+        if prefix_cache_path is not None:
+            cache_path = _path_bytes(prefix_cache_path, "prefix_cache_path")
+            cfg.prefix_cache_path = cache_path
         thunk = None
         if log_callback is not None:
             if not callable(log_callback):
@@ -803,6 +829,7 @@ class Engine:
             cfg.log_callback = thunk
         handle = c_void_p()
         lib.check(lib.engine_create(path_bytes, byref(cfg), byref(handle)))
+        del cache_path
         self._core = _Core(lib, handle.value, thunk)  # type: ignore[arg-type]
         self._model_info: Optional[ModelInfo] = None
         _live_engines.add(self)
@@ -1177,6 +1204,23 @@ class Engine:
         return EngineStats(
             **{name: (getattr(s, name) if has_field(s, name) else None) for name in EngineStats.__dataclass_fields__}
         )
+
+    def save_prefix_cache(self, path: Union[str, "os.PathLike[str]"]) -> int:
+        """Writes the prefix cache (every entry's tokens and KV) to ``path``, a file name
+        ending in ``.safetensors``, replacing the file atomically; a later
+        ``Engine(..., prefix_cache_path=path)`` starts with it. Returns the number of entries
+        written. Blocks about one engine step, plus the write. Raises
+        :class:`InvalidArgumentError` for another file name or a file that cannot be
+        written."""
+        core, lib = self._c()
+        data = _path_bytes(path, "path")
+        entries = c_uint64()
+        handle = core.enter()
+        try:
+            lib.check(lib.engine_save_prefix_cache(handle, data, byref(entries)))
+        finally:
+            core.leave()
+        return entries.value
 
     @property
     def context_length(self) -> int:

@@ -28,7 +28,7 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ._errors import LibraryError, Status, error_for
 
@@ -62,6 +62,8 @@ class EngineConfig(Structure):
         ("log_user_data", c_void_p),
         ("max_kv_bytes", c_uint64),
         ("mlx_cache_limit_bytes", c_uint64),
+        ("prefix_cache_bytes", c_uint64),
+        ("prefix_cache_path", c_char_p),
     ]
 
 
@@ -100,6 +102,7 @@ class RequestStatsStruct(Structure):
         ("prompt_tokens_per_second", c_double),
         ("generation_tokens_per_second", c_double),
         ("total_latency", c_double),
+        ("cached_tokens", c_uint32),
     ]
 
 
@@ -139,6 +142,11 @@ class EngineStatsStruct(Structure):
         ("active_memory_bytes", c_uint64),
         ("cache_memory_bytes", c_uint64),
         ("prefilling", c_uint32),
+        ("prefix_cache_hits", c_uint64),
+        ("prefix_cache_hit_tokens", c_uint64),
+        ("prefix_cache_bytes", c_uint64),
+        ("prefix_cache_entries", c_uint64),
+        ("prefix_cache_evictions", c_uint64),
     ]
 
 
@@ -247,6 +255,7 @@ _PROTOTYPES = {
     "convoy_engine_poll": (c_status, [c_void_p, c_uint64, c_uint32, POINTER(EventStruct)]),
     "convoy_engine_poll_any": (c_status, [c_void_p, c_uint32, POINTER(EventStruct)]),
     "convoy_engine_cancel": (c_status, [c_void_p, c_uint64]),
+    "convoy_engine_save_prefix_cache": (c_status, [c_void_p, c_char_p, POINTER(c_uint64)]),
     "convoy_engine_release": (c_status, [c_void_p, c_uint64]),
     "convoy_engine_get_stats": (c_status, [c_void_p, POINTER(EngineStatsStruct)]),
     "convoy_engine_model_info": (c_status, [c_void_p, POINTER(ModelInfoStruct)]),
@@ -272,6 +281,18 @@ _PROTOTYPES = {
     ),
     "convoy_engine_context_length": (c_uint32, [c_void_p]),
 }
+
+
+#: Functions added after ABI version 1.0: a library without them still loads (within one
+#: ABI version functions are only ever added), and calling one raises LibraryError.
+_ADDED = frozenset({"convoy_engine_save_prefix_cache"})
+
+
+def _missing(path: str, name: str) -> Callable[..., Any]:
+    def call(*_args: Any) -> Any:
+        raise LibraryError(f"{path} lacks {name}: it is older than these bindings; update libconvoy")
+
+    return call
 
 
 def _lib_names() -> Tuple[str, ...]:
@@ -330,6 +351,10 @@ class Library:
             try:
                 fn = getattr(cdll, name)
             except AttributeError:
+                if name in _ADDED:
+                    # A 1.x library older than the function: fail when it is used.
+                    setattr(self, name[len("convoy_") :], _missing(path, name))
+                    continue
                 raise LibraryError(
                     f"{path} lacks {name}: it is older than these bindings (ABI version "
                     f"{ABI_VERSION}.0) or not libconvoy"

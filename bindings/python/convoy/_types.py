@@ -60,8 +60,9 @@ class Token:
 
 @dataclass(frozen=True)
 class RequestStats:
-    """``convoy_request_stats`` of a finished request (times in seconds). A field is None
-    if the library did not provide it."""
+    """``convoy_request_stats`` of a finished request (times in seconds;
+    ``cached_tokens``: prompt tokens taken from the prefix cache instead of being computed).
+    A field is None if the library did not provide it."""
 
     prompt_tokens: Optional[int] = None
     generated_tokens: Optional[int] = None
@@ -70,6 +71,7 @@ class RequestStats:
     prompt_tokens_per_second: Optional[float] = None
     generation_tokens_per_second: Optional[float] = None
     total_latency: Optional[float] = None
+    cached_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,9 @@ class ModelInfo:
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's counters (``convoy_engine_stats``; seconds and bytes).
-    A field is None if the library did not provide it."""
+    ``prefix_cache_*``: requests that reused a cached prefix, the prompt tokens they did not
+    compute, bytes and entries held now (at most ``prefix_cache_bytes`` of the config), and
+    entries evicted to stay within it. A field is None if the library did not provide it."""
 
     running: Optional[int] = None
     waiting: Optional[int] = None
@@ -136,3 +140,8 @@ class EngineStats:
     active_memory_bytes: Optional[int] = None
     cache_memory_bytes: Optional[int] = None
     prefilling: Optional[int] = None
+    prefix_cache_hits: Optional[int] = None
+    prefix_cache_hit_tokens: Optional[int] = None
+    prefix_cache_bytes: Optional[int] = None
+    prefix_cache_entries: Optional[int] = None
+    prefix_cache_evictions: Optional[int] = None

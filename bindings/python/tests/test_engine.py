@@ -98,6 +98,38 @@ def test_generate_batch_equals_single_requests(engine):
     wait_idle(engine)
 
 
+def test_prefix_cache_reuse_save_and_load(model_path, tmp_path):
+    # An engine of its own: a small cache holding only this test's entries (a small file).
+    with convoy.Engine(model_path, prefix_cache_bytes=64 << 20) as cold:
+        first = cold.generate(messages=PARIS_CHAT, max_tokens=16)
+        assert first.tokens == PARIS_ANSWER and first.stats.cached_tokens == 0
+        again = cold.generate(messages=PARIS_CHAT, max_tokens=16)
+        assert again.tokens == first.tokens and again.text == PARIS_TEXT
+        assert 0 < again.stats.cached_tokens < again.stats.prompt_tokens
+        stats = cold.stats()
+        assert stats.prefix_cache_hits >= 1
+        assert stats.prefix_cache_hit_tokens >= again.stats.cached_tokens
+        assert stats.prefix_cache_entries > 0 and 0 < stats.prefix_cache_bytes <= 64 << 20
+        assert stats.prefix_cache_evictions == 0
+        path = tmp_path / "cache.safetensors"
+        entries = cold.save_prefix_cache(path)
+        assert entries > 0 and path.is_file()
+        assert cold.save_prefix_cache(str(path)) == entries  # replaced
+        with pytest.raises(convoy.InvalidArgumentError):
+            cold.save_prefix_cache(tmp_path / "x.bin")
+        with pytest.raises(convoy.InvalidArgumentError):
+            cold.save_prefix_cache("a\0b.safetensors")
+    # A new engine starts with the saved entries and reuses them at once.
+    with convoy.Engine(model_path, prefix_cache_path=path) as warm:
+        assert warm.stats().prefix_cache_entries == entries
+        warm_again = warm.generate(messages=PARIS_CHAT, max_tokens=16)
+        assert warm_again.tokens == PARIS_ANSWER and warm_again.stats.cached_tokens > 0
+    with pytest.raises(convoy.InvalidArgumentError):
+        convoy.Engine(model_path, prefix_cache_path=str(tmp_path / "x.bin"))
+    with pytest.raises(convoy.InvalidArgumentError):
+        convoy.Engine(model_path, prefix_cache_bytes=-1)
+
+
 def test_tokenize_detokenize_round_trip(engine):
     text = "Hello, world! Ünïcödé and 漢字 too."
     ids = engine.tokenize(text, add_special=False)
