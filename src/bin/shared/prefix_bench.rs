@@ -37,11 +37,11 @@ const QUESTIONS: [&str; 12] = [
 ];
 
 const FOLLOW_UPS: [&str; 5] = [
-    "Can you say that more briefly?",
-    "Now explain it to a child.",
-    "Give me one more example.",
-    "What is a common misconception about this?",
-    "Summarize our conversation in one sentence.",
+    "Can you explain that in more detail?",
+    "Now explain it to a child, with an example.",
+    "Give me three more examples, each with a short explanation.",
+    "What are common misconceptions about this? Explain each one.",
+    "Summarize our whole conversation in a short paragraph.",
 ];
 
 /// Sizes of the two workloads.
@@ -59,7 +59,7 @@ impl Sizes {
         Self {
             conversations: 8,
             turns: 6,
-            answer_tokens: 48,
+            answer_tokens: 160,
             burst: 8,
             system_repeats: 60,
         }
