@@ -917,8 +917,7 @@ impl Loop {
             }
             #[cfg(feature = "fault-injection")]
             Command::Fault(Fault::StepError) => {
-                use crate::scheduler::Runner;
-                self.runner.reset();
+                self.sched.reset_runner(&mut self.runner);
                 let mut events = Vec::new();
                 self.sched
                     .fail_active("MLX error: injected step failure", &mut events);

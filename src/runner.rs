@@ -75,8 +75,11 @@ struct Pending {
 
 struct PrefillGroup {
     cache: BatchKvCache,
-    /// Left-padded prompts (without their last token), one row per request.
+    /// Left-padded prompts, one row per request.
     tokens: PrefillTokens,
+    /// The hidden state of the last column prefilled (`[B, hidden]`): once the group is
+    /// done, each row's last prompt token, whose logits give its first generated token.
+    last_hidden: Option<Array>,
 }
 
 /// The MLX implementation of [`Runner`].
@@ -188,6 +191,38 @@ impl MlxRunner {
         &self.batch
     }
 
+    /// Each row's next token: its argmax (`greedy`), or for rows with sampling parameters a
+    /// draw from its sampler over its logits (only those rows' logits reach the host).
+    fn choose(
+        &mut self,
+        greedy: &Array,
+        logits: &Array,
+        samplers: &mut [&mut Sampler],
+    ) -> Result<Vec<u32>> {
+        let sampled_rows: Vec<usize> = (0..samplers.len())
+            .filter(|&r| !samplers[r].params().is_plain_greedy())
+            .collect();
+        let host_logits = if sampled_rows.is_empty() {
+            self.timed_eval(&[greedy])?;
+            None
+        } else {
+            let idx: Vec<i32> = sampled_rows.iter().map(|&r| r as i32).collect();
+            let rows = logits.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?;
+            self.timed_eval(&[greedy, &rows])?;
+            Some(rows)
+        };
+        let mut tokens: Vec<u32> = host_slice::<u32>(greedy)?.to_vec();
+        if let Some(rows) = host_logits {
+            let vocab = rows.shape()[1] as usize;
+            let flat = host_slice::<f32>(&rows)?;
+            for (k, &r) in sampled_rows.iter().enumerate() {
+                let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
+                tokens[r] = samplers[r].sample(&mut row);
+            }
+        }
+        Ok(tokens)
+    }
+
     fn timed_eval(&mut self, arrays: &[&Array]) -> Result<()> {
         let start = Instant::now();
         mlx_rs::transforms::eval(arrays.iter().copied())?;
@@ -263,7 +298,11 @@ impl Runner for MlxRunner {
             cache.advance(columns);
             tokens.advance(columns);
         }
-        self.group = Some(PrefillGroup { cache, tokens });
+        self.group = Some(PrefillGroup {
+            cache,
+            tokens,
+            last_hidden: None,
+        });
         Ok(())
     }
 
@@ -278,7 +317,10 @@ impl Runner for MlxRunner {
             let hidden = self.lm.model.forward_last(&input, &mut group.cache)?;
             group.tokens.advance(n);
             // The hidden state depends on every layer's cache write, so this evaluates them.
-            self.timed_eval(&[&hidden])?;
+            let start = Instant::now();
+            mlx_rs::transforms::eval([&hidden])?;
+            self.eval_time += start.elapsed();
+            group.last_hidden = Some(hidden);
         }
         Ok(self.group.as_ref().is_none_or(|g| g.tokens.is_done()))
     }
@@ -289,19 +331,30 @@ impl Runner for MlxRunner {
         };
         let trim = group.cache.filter(rows)?;
         group.tokens.retain(rows, trim);
+        group.last_hidden = None;
         if rows.is_empty() {
             self.group = None;
         }
         Ok(())
     }
 
-    fn join(&mut self) -> Result<()> {
-        if let Some(group) = self.group.take() {
-            // The joining rows have no queued step: drop it for everyone (one wasted step).
-            self.discard_pending();
-            self.batch.extend(group.cache)?;
+    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+        let Some(group) = self.group.take() else {
+            return Ok(Vec::new());
+        };
+        let hidden = group.last_hidden.ok_or_else(|| {
+            crate::Error::EngineFailed("a prefill group joined before its last column".into())
+        })?;
+        let logits = self.lm.model.logits(&hidden)?;
+        let greedy = argmax_axis(&logits, -1, None)?;
+        let tokens = self.choose(&greedy, &logits, samplers)?;
+        if self.keep_logits {
+            self.last_logits = Some(logits);
         }
-        Ok(())
+        // The joining rows have no queued step: drop it for everyone (one wasted step).
+        self.discard_pending();
+        self.batch.extend(group.cache)?;
+        Ok(tokens)
     }
 
     fn prefill_remaining(&self) -> usize {
@@ -324,27 +377,9 @@ impl Runner for MlxRunner {
                 self.decode_graph(&token_matrix(&column))?
             }
         };
-        let sampled_rows: Vec<usize> = (0..samplers.len())
-            .filter(|&r| !samplers[r].params().is_plain_greedy())
-            .collect();
-        let host_logits = if sampled_rows.is_empty() {
-            self.timed_eval(&[&greedy])?;
-            None
-        } else {
-            let idx: Vec<i32> = sampled_rows.iter().map(|&r| r as i32).collect();
-            let rows = logits.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?;
-            self.timed_eval(&[&greedy, &rows])?;
-            Some(rows)
-        };
-        let mut tokens: Vec<u32> = host_slice::<u32>(&greedy)?.to_vec();
-        if let Some(rows) = host_logits {
-            let vocab = rows.shape()[1] as usize;
-            let flat = host_slice::<f32>(&rows)?;
-            for (k, &r) in sampled_rows.iter().enumerate() {
-                let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
-                tokens[r] = samplers[r].sample(&mut row);
-            }
-        } else if self.pipeline && ahead {
+        let all_greedy = samplers.iter().all(|s| s.params().is_plain_greedy());
+        let tokens = self.choose(&greedy, &logits, samplers)?;
+        if all_greedy && self.pipeline && ahead {
             // Every row is greedy, so the next inputs are `greedy` itself: queue that step now.
             let next_input = greedy.reshape(&[tokens.len() as i32, 1])?;
             let (next_tokens, next_logits) = self.decode_graph(&next_input)?;

@@ -6,8 +6,10 @@
 //! 2. runs one decode step for every running row, streams tokens, and removes rows that
 //!    finished, so they leave at once;
 //! 3. advances the prefill of the admitted group by one chunk (admitting a new group when
-//!    none is prefilling). A prompt is prefilled up to its last token; when the group is
-//!    done it joins the running batch and its last prompt token is the first decode input.
+//!    none is prefilling). When the group's last chunk is done, the logits of each
+//!    prompt's last token give its first generated token (streamed at once) and the group
+//!    joins the running batch. A prefix of a prompt may come from the prefix cache instead
+//!    (`prefix_cache`): all but the last token at most.
 //!
 //! In [`BatchMode::Static`] a group is admitted only when nothing runs, and runs to completion.
 use std::collections::VecDeque;
@@ -23,7 +25,7 @@ use crate::tokenizer::{IncrementalDecoder, TextDecoder};
 /// What executes the scheduler's decisions. Row order is the scheduler's: rows appended by
 /// [`join`](Runner::join) come after existing rows.
 pub trait Runner {
-    /// Starts prefilling a group; `prompts` exclude each request's last token (may be empty).
+    /// Starts prefilling a group of whole prompts (each at least one token).
     /// `cached[r] = Some((entry, n))`: row r's first n tokens are not computed but copied
     /// from prefix-cache entry `entry` (saved by [`save_prefix`](Runner::save_prefix)). The
     /// prompts are left-padded to one width as usual; every cached part ends at the same
@@ -37,8 +39,9 @@ pub trait Runner {
     fn prefill_step(&mut self, max_columns: usize) -> Result<bool>;
     /// Keeps only these rows of the prefill group.
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()>;
-    /// Appends the prefilled group to the running batch.
-    fn join(&mut self) -> Result<()>;
+    /// Appends the prefilled group to the running batch; returns each joining row's first
+    /// generated token, chosen from the logits of its last prompt token with its sampler.
+    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>>;
     /// One decode step: `inputs[r]` is row r's next input token; returns each row's next token.
     /// `ahead`: the rows will all go on decoding unchanged after this step, so a runner may
     /// start the next step before returning (decode-ahead). False when a group joins or every
@@ -300,8 +303,8 @@ impl Runner for TimedRunner<'_> {
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
         self.time(|r| r.retain_prefill(rows))
     }
-    fn join(&mut self) -> Result<()> {
-        self.time(|r| r.join())
+    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+        self.time(|r| r.join(samplers))
     }
     fn decode(
         &mut self,
@@ -471,9 +474,7 @@ impl Scheduler {
             spent: Duration::ZERO,
         };
         if let Err(e) = self.try_step(&mut timed, text, events) {
-            timed.reset();
-            // The runner dropped the entries' KV with everything else.
-            self.prefix.clear();
+            self.reset_runner(&mut timed);
             self.fail_active(&e.to_string(), events);
         }
         let mlx = timed.spent;
@@ -500,8 +501,39 @@ impl Scheduler {
             self.admit(runner)?;
         }
         if !self.prefilling.is_empty() && runner.prefill_step(self.chunk(self.prefilling.len()))? {
-            runner.join()?;
-            self.running.append(&mut self.prefilling);
+            self.join(runner, text, events)?;
+        }
+        Ok(())
+    }
+
+    /// The prefill group joins the running batch with its first tokens (from the logits of
+    /// each prompt's last token); rows those end leave at once.
+    fn join(
+        &mut self,
+        runner: &mut dyn Runner,
+        text: &dyn TextDecoder,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let mut samplers: Vec<&mut Sampler> =
+            self.prefilling.iter_mut().map(|s| &mut s.sampler).collect();
+        let tokens = runner.join(&mut samplers)?;
+        if tokens.len() != self.prefilling.len() {
+            return Err(Error::EngineFailed(format!(
+                "runner returned {} first tokens for {} rows",
+                tokens.len(),
+                self.prefilling.len()
+            )));
+        }
+        let before = self.running.len();
+        self.running.append(&mut self.prefilling);
+        let now = Instant::now();
+        let mut done = vec![None; before];
+        for (seq, &token) in self.running[before..].iter_mut().zip(&tokens) {
+            done.push(accept_token(seq, token, text, now, events)?);
+        }
+        self.stats.tokens_generated += tokens.len() as u64;
+        if done.iter().any(Option::is_some) {
+            self.remove_rows(runner, done, events)?;
         }
         Ok(())
     }
@@ -601,10 +633,12 @@ impl Scheduler {
         let mut hits: Vec<Option<(EntryId, usize)>> = Vec::with_capacity(n);
         let (mut widest, mut useful) = (0, 0);
         for (k, seq) in self.waiting.iter().take(n).enumerate() {
+            // At most all but the last prompt token come from the cache: its logits give
+            // the first generated token.
             let body = &seq.prompt[..seq.prompt.len() - 1];
             let hit = self.prefix.longest(body);
             let cached = hit.map_or(0, |h| h.1);
-            let remainder = body.len() - cached;
+            let remainder = seq.prompt.len() - cached;
             if continuous && k > 0 {
                 if self.prefix.enabled() {
                     let shared = self
@@ -632,7 +666,7 @@ impl Scheduler {
             .iter()
             .zip(&hits)
             .map(|(seq, hit)| {
-                let reuse = (seq.prompt.len() - 1).saturating_sub(widest);
+                let reuse = seq.prompt.len().saturating_sub(widest);
                 hit.filter(|_| reuse > 0).map(|(id, _)| (id, reuse))
             })
             .collect();
@@ -697,11 +731,7 @@ impl Scheduler {
             }
             self.prefilling.push(seq);
         }
-        let prompts: Vec<&[u32]> = self
-            .prefilling
-            .iter()
-            .map(|s| &s.prompt[..s.prompt.len() - 1])
-            .collect();
+        let prompts: Vec<&[u32]> = self.prefilling.iter().map(|s| &s.prompt[..]).collect();
         runner.start_prefill(&prompts, &plan.cached[..plan.take])
     }
 
@@ -769,6 +799,14 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Resets the runner after a failure (dropping all its state, the prefix cache's KV
+    /// included) and forgets the prefix cache's entries with it. Follow with
+    /// [`fail_active`](Self::fail_active).
+    pub fn reset_runner(&mut self, runner: &mut dyn Runner) {
+        runner.reset();
+        self.prefix.clear();
     }
 
     /// Ends every request that is prefilling or running with an error.

@@ -396,10 +396,9 @@ fn batched_logits_match_single_sequence_logits() {
     // rows: (prompt index, step, next input)
     let mut rows: Vec<(usize, usize, u32)> = Vec::new();
     let mut max_diff = 0f32;
-    let mut decode = |runner: &mut MlxRunner, rows: &mut Vec<(usize, usize, u32)>| {
-        let inputs: Vec<u32> = rows.iter().map(|r| r.2).collect();
-        let mut s: Vec<&mut Sampler> = samplers.iter_mut().take(rows.len()).collect();
-        let toks = runner.decode(&inputs, &mut s, true).unwrap();
+    // Checks the last logits and tokens of `rows` (the whole batch after a decode step, the
+    // joining rows after a join) against each prompt's reference step, and advances them.
+    let mut check = |runner: &MlxRunner, rows: &mut [(usize, usize, u32)], toks: &[u32]| {
         let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
         let vocab = logits.len() / rows.len();
         for (r, row) in rows.iter_mut().enumerate() {
@@ -419,27 +418,38 @@ fn batched_logits_match_single_sequence_logits() {
             *row = (k, step + 1, toks[r]);
         }
     };
-    let tail = |p: &Vec<u32>| p[..p.len() - 1].to_vec();
-    runner
-        .start_prefill(&[&tail(&prompts[0])], &[None])
-        .unwrap();
+    let decode =
+        |runner: &mut MlxRunner, rows: &[(usize, usize, u32)], samplers: &mut [Sampler]| {
+            let inputs: Vec<u32> = rows.iter().map(|r| r.2).collect();
+            let mut s: Vec<&mut Sampler> = samplers.iter_mut().take(rows.len()).collect();
+            runner.decode(&inputs, &mut s, true).unwrap()
+        };
+    // The first prompt alone: its first token comes from the prefill's last position.
+    runner.start_prefill(&[&prompts[0]], &[None]).unwrap();
     assert!(runner.prefill_step(1 << 20).unwrap());
-    runner.join().unwrap();
-    rows.push((0, 0, *prompts[0].last().unwrap()));
-    decode(&mut runner, &mut rows);
+    let toks = runner.join(&mut [&mut samplers[0]]).unwrap();
+    rows.push((0, 0, 0));
+    check(&runner, &mut rows[..], &toks);
+    let toks = decode(&mut runner, &rows, &mut samplers);
+    check(&runner, &mut rows[..], &toks);
     // Two prompts of different lengths prefill as one left-padded group, in chunks, while row
     // 0 keeps decoding; then they join mid-decode.
     runner
-        .start_prefill(&[&tail(&prompts[1]), &tail(&prompts[2])], &[None, None])
+        .start_prefill(&[&prompts[1], &prompts[2]], &[None, None])
         .unwrap();
     while !runner.prefill_step(16).unwrap() {
-        decode(&mut runner, &mut rows);
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows[..], &toks);
     }
-    runner.join().unwrap();
-    rows.push((1, 0, *prompts[1].last().unwrap()));
-    rows.push((2, 0, *prompts[2].last().unwrap()));
+    let (_, joining) = samplers.split_at_mut(1);
+    let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
+    let toks = runner.join(&mut s).unwrap();
+    rows.push((1, 0, 0));
+    rows.push((2, 0, 0));
+    check(&runner, &mut rows[1..], &toks);
     while rows.iter().all(|r| r.1 < steps) {
-        decode(&mut runner, &mut rows);
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows[..], &toks);
     }
     eprintln!("max |logit difference| batched vs single: {max_diff:e} (tolerance {TOL:e})");
 }
@@ -450,12 +460,21 @@ fn batched_logits_match_single_sequence_logits() {
 fn failures_on_the_engine_thread_end_requests_and_never_hang() {
     use convoy::engine::Fault;
     let e = engine(BatchMode::Continuous, 4);
-    let a = e.submit(request(&reference()[0].0, 200)).unwrap();
-    let b = e.submit(request(&reference()[1].0, 200)).unwrap();
-    assert!(matches!(
-        e.poll(a, Duration::from_secs(60)).unwrap(),
-        Some(Event::Token { .. })
-    ));
+    // EOS ignored: both are still running when the fault arrives (a short answer could end
+    // first on a busy machine).
+    let long = |k: usize| {
+        let mut r = request(&reference()[k].0, 200);
+        r.stop.ignore_eos = true;
+        r
+    };
+    let a = e.submit(long(0)).unwrap();
+    let b = e.submit(long(1)).unwrap();
+    for id in [a, b] {
+        assert!(matches!(
+            e.poll(id, Duration::from_secs(60)).unwrap(),
+            Some(Event::Token { .. })
+        ));
+    }
     // An MLX error in a step: the running requests fail, the engine keeps serving.
     e.inject_fault(Fault::StepError).unwrap();
     assert_eq!(drain(&e, a).2, FinishReason::Error);

@@ -226,11 +226,15 @@ impl Runner for FakeRunner {
         }
         Ok(())
     }
-    fn join(&mut self) -> Result<()> {
+    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
         let Some((kv, tokens)) = self.group.take() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         assert!(tokens.is_done());
+        let rows = kv.geom.batch_size();
+        assert_eq!(samplers.len(), rows);
+        // The first tokens, from each row's whole prompt.
+        let first: Vec<u32> = (0..rows).map(|r| next_of(kv.history(r))).collect();
         if self.batch.geom.batch_size() > 0 {
             self.joins_while_running += 1;
         }
@@ -244,7 +248,7 @@ impl Runner for FakeRunner {
             "a running row with unwritten prompt"
         );
         self.note_bytes();
-        Ok(())
+        Ok(first)
     }
     fn prefill_remaining(&self) -> usize {
         self.group
@@ -608,9 +612,13 @@ fn cancel_long_prompt_mid_prefill_keeps_its_group_mate_correct() {
         h.submit(2, prompt(2, 20), limit(30)).unwrap();
         h.submit(3, prompt(3, 1000), limit(30)).unwrap();
         // Into the group's prefill, before the long prompt is done.
-        for _ in 0..3 {
+        for _ in 0..10 {
+            if h.sched.stats().prefilling == 2 {
+                break;
+            }
             h.step();
         }
+        h.step();
         assert_eq!(h.sched.stats().prefilling, 2, "chunk {chunk}");
         assert!(h.sched.cancel(3));
         let steps_before = h.sched.stats().steps;
@@ -991,15 +999,15 @@ fn prefix_cache_reuses_prompts_and_outputs() {
     assert_eq!(h.tokens[&2], alone(&turn, 10));
     // The KV of the prompt and of all but the last output token was saved.
     assert_eq!(h.sched.running.len() + h.sched.waiting.len(), 0);
-    assert_eq!(h.runner.prefill_columns - before, turn.len() - 1 - (40 + 9));
+    assert_eq!(h.runner.prefill_columns - before, turn.len() - (40 + 9));
     // A prefix of a cached sequence, and a sequence cached in full: nothing computed but
-    // the last prompt token (the first decode step's input).
+    // the last prompt token (whose logits give the first token).
     for (id, p) in [(3, turn[..30].to_vec()), (4, turn.clone())] {
         let before = h.runner.prefill_columns;
         h.submit(id, p.clone(), limit(5)).unwrap();
         h.run();
         assert_eq!(h.tokens[&id], alone(&p, 5));
-        assert_eq!(h.runner.prefill_columns, before, "request {id}");
+        assert_eq!(h.runner.prefill_columns, before + 1, "request {id}");
     }
     // A burst sharing a long system prompt: the first computes it, the rest reuse it.
     let system = prompt(9, 100);
@@ -1014,9 +1022,8 @@ fn prefix_cache_reuses_prompts_and_outputs() {
     for (i, p) in burst.iter().enumerate() {
         assert_eq!(h.tokens[&(10 + i as u64)], alone(p, 6));
     }
-    // 107 columns (all but the last prompt token) for the first, then the 7 after the
-    // system prompt for each of the others.
-    assert_eq!(h.runner.prefill_columns - before, 107 + 3 * 7);
+    // 108 columns for the first, then the 8 after the system prompt for each of the others.
+    assert_eq!(h.runner.prefill_columns - before, 108 + 3 * 8);
     let stats = h.sched.stats().prefix;
     assert!(stats.hits >= 6, "{stats:?}");
 }
