@@ -232,6 +232,9 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
+/// Which samples a table row summarizes.
+type Pick = Box<dyn Fn(&Sample) -> bool>;
+
 struct Summary {
     requests: usize,
     ttft_p50: f64,
@@ -286,7 +289,7 @@ pub fn run(model: &Path, out: &Path, sizes: &Sizes) -> String {
         a.sort();
         b.sort();
         assert_eq!(a, b, "{workload}: outputs differ with the cache on");
-        let groups: Vec<(&str, Box<dyn Fn(&Sample) -> bool>)> = if workload == "chat" {
+        let groups: Vec<(&str, Pick)> = if workload == "chat" {
             vec![
                 ("chat, turn 1", Box::new(|s: &Sample| s.turn == 0)),
                 ("chat, turns 2+", Box::new(|s: &Sample| s.turn > 0)),
