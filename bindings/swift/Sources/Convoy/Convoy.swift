@@ -102,15 +102,24 @@ public struct EngineConfig: Sendable {
     public var maxContext: UInt32?
     public var prefillChunk: UInt32?
     public var maxKVBytes: UInt64?
+    /// Bytes of KV the prefix cache keeps for reuse by later requests (default 512 MiB, 0 off).
+    public var prefixCacheBytes: UInt64?
+    /// A `.safetensors` file written by `Engine.savePrefixCache(to:)`, loaded when the engine
+    /// starts, so a relaunch starts warm (a missing file starts empty; one made for another
+    /// model is refused with INVALID_ARGUMENT).
+    public var prefixCachePath: String?
 
     public init(maxBatchSize: UInt32? = nil, maxWaiting: UInt32? = nil, maxRequests: UInt32? = nil,
-                maxContext: UInt32? = nil, prefillChunk: UInt32? = nil, maxKVBytes: UInt64? = nil) {
+                maxContext: UInt32? = nil, prefillChunk: UInt32? = nil, maxKVBytes: UInt64? = nil,
+                prefixCacheBytes: UInt64? = nil, prefixCachePath: String? = nil) {
         self.maxBatchSize = maxBatchSize
         self.maxWaiting = maxWaiting
         self.maxRequests = maxRequests
         self.maxContext = maxContext
         self.prefillChunk = prefillChunk
         self.maxKVBytes = maxKVBytes
+        self.prefixCacheBytes = prefixCacheBytes
+        self.prefixCachePath = prefixCachePath
     }
 
     func cConfig() throws -> convoy_engine_config {
@@ -123,6 +132,7 @@ public struct EngineConfig: Sendable {
         if let v = maxContext { c.max_context = v }
         if let v = prefillChunk { c.prefill_chunk = v }
         if let v = maxKVBytes { c.max_kv_bytes = v }
+        if let v = prefixCacheBytes { c.prefix_cache_bytes = v }
         return c
     }
 }
@@ -191,6 +201,9 @@ public struct EngineStats: Sendable {
     public let requestsHeld: UInt64
     public let requestsFinished: UInt64
     public let tokensGenerated: UInt64
+    /// Requests that reused a cached prefix, and the prompt tokens they did not compute.
+    public let prefixCacheHits: UInt64
+    public let prefixCacheHitTokens: UInt64
 }
 
 public final class Engine: @unchecked Sendable {
@@ -200,7 +213,15 @@ public final class Engine: @unchecked Sendable {
     public init(modelPath: String, config: EngineConfig = EngineConfig()) throws {
         var c = try config.cConfig()
         var handle: OpaquePointer?
-        try check(convoy_engine_create(modelPath, &c, &handle))
+        if let path = config.prefixCachePath {
+            // The path is read during convoy_engine_create only.
+            try path.withCString { p in
+                c.prefix_cache_path = p
+                try check(convoy_engine_create(modelPath, &c, &handle))
+            }
+        } else {
+            try check(convoy_engine_create(modelPath, &c, &handle))
+        }
         dispatcher = Dispatcher(handle!)
         let thread = Thread { [dispatcher] in dispatcher.run() }
         thread.name = "convoy-dispatcher"
@@ -250,6 +271,12 @@ public final class Engine: @unchecked Sendable {
 
     public func stats() throws -> EngineStats {
         try dispatcher.stats()
+    }
+
+    /// Writes the prefix cache to `path` (a `.safetensors` file, replaced atomically); returns
+    /// how many entries it holds. Blocks until the engine has written it between two steps.
+    public func savePrefixCache(to path: String) throws -> UInt64 {
+        try dispatcher.savePrefixCache(path)
     }
 }
 
@@ -310,7 +337,15 @@ private final class Dispatcher: @unchecked Sendable {
         try check(convoy_engine_stats_init(&s, MemoryLayout<convoy_engine_stats>.stride))
         try check(convoy_engine_get_stats(handle, &s))
         return EngineStats(running: s.running, waiting: s.waiting, requestsHeld: s.requests_held,
-                           requestsFinished: s.requests_finished, tokensGenerated: s.tokens_generated)
+                           requestsFinished: s.requests_finished, tokensGenerated: s.tokens_generated,
+                           prefixCacheHits: s.prefix_cache_hits,
+                           prefixCacheHitTokens: s.prefix_cache_hit_tokens)
+    }
+
+    func savePrefixCache(_ path: String) throws -> UInt64 {
+        var entries: UInt64 = 0
+        try check(convoy_engine_save_prefix_cache(handle, path, &entries))
+        return entries
     }
 
     /// The dispatcher thread: polls every request's events and routes them.

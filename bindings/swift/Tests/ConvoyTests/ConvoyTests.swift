@@ -35,6 +35,26 @@ final class ConvoyTests: XCTestCase {
         XCTAssertEqual(try engine.stats().requestsHeld, 0)
     }
 
+    /// A repeated prompt reuses the prefix cache; a saved cache warms a new engine.
+    func testPrefixCacheSaveAndReload() async throws {
+        let path = FileManager.default.temporaryDirectory
+            .appendingPathComponent("convoy-\(UUID().uuidString).safetensors").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let params = RequestParams(maxTokens: 8)
+        let first: String
+        do {
+            let engine = try Engine(modelPath: try modelPath())
+            first = try await engine.complete("The capital of France is", params: params)
+            let again = try await engine.complete("The capital of France is", params: params)
+            XCTAssertEqual(again, first)
+            XCTAssertGreaterThan(try engine.stats().prefixCacheHits, 0)
+            XCTAssertGreaterThan(try engine.savePrefixCache(to: path), 0)
+        }
+        let warm = try Engine(modelPath: try modelPath(), config: EngineConfig(prefixCachePath: path))
+        XCTAssertEqual(try await warm.complete("The capital of France is", params: params), first)
+        XCTAssertGreaterThan(try warm.stats().prefixCacheHitTokens, 0)
+    }
+
     /// Concurrent streams (one dispatcher thread) give the same greedy text as one at a time.
     func testConcurrentStreamsMatchSequential() async throws {
         let engine = try Engine(modelPath: try modelPath(), config: EngineConfig(maxBatchSize: 8))
