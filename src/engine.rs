@@ -663,6 +663,18 @@ impl Engine {
     /// Errors: `InvalidArgument` (bad name, cannot write), `EngineFailed`, `ShutDown`.
     pub fn save_prefix_cache(&self, path: impl Into<PathBuf>) -> Result<usize> {
         self.check_alive()?;
+        let engine_thread = *self
+            ._exit_gate
+            .done
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if engine_thread == Some(std::thread::current().id()) {
+            // From the log callback: the engine thread would wait for itself.
+            return Err(Error::InvalidArgument(
+                "save_prefix_cache cannot be called from the engine's log callback".into(),
+            ));
+        }
         let (tx, rx) = channel::bounded(1);
         if self
             .commands
@@ -806,22 +818,41 @@ impl Loop {
 
     /// Loads a prefix-cache file into the (empty) cache; returns the entries adopted.
     fn load_prefix_cache(&mut self, path: &std::path::Path) -> Result<usize> {
-        if !self.sched.prefix_index().enabled() || !path.exists() {
+        if !self.sched.prefix_index().enabled() {
             return Ok(0);
+        }
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "prefix cache file {}: {e}",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
         }
         let model = &self.runner.model().model;
         let (layout, vocab) = (kv_layout(model), model.config.vocab_size);
         let probe = self.probe()?.to_vec();
         let entries = crate::prefix_file::load(path, layout, &probe, vocab)?;
-        let mut adopted = 0;
-        // Oldest first, as saved: the most recently used end up newest here too.
-        for e in entries {
+        // Oldest first, as saved: the most recently used end up newest here too. The index
+        // decides first which entries stay (and how much of each) within this engine's
+        // budget; only those are read from the file (MLX loads lazily).
+        let mut kept: Vec<(crate::prefix_cache::EntryId, usize, usize)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
             if let Some((id, len)) = self.sched.adopt_prefix(&mut self.runner, &e.tokens) {
-                self.runner.put_prefix(id, e.kv, len)?;
-                adopted += 1;
+                kept.push((id, i, len));
             }
         }
-        Ok(adopted)
+        let index = self.sched.prefix_index();
+        kept.retain(|&(id, _, _)| index.tokens(id).is_some());
+        let mut entries: Vec<Option<crate::prefix_file::SavedEntry>> =
+            entries.into_iter().map(Some).collect();
+        for &(id, i, len) in &kept {
+            let e = entries[i].take().expect("each entry is adopted once");
+            self.runner.put_prefix(id, e.kv, len)?;
+        }
+        Ok(kept.len())
     }
 
     fn save_prefix_cache(&mut self, path: &std::path::Path) -> Result<usize> {

@@ -469,8 +469,9 @@ impl BatchKvCache {
     }
 
     /// Copies of row `row`'s keys and values for its first `len` tokens, per layer
-    /// (`[1, kv_heads, len, head_dim]` each), evaluated into arrays of their own: they share
-    /// no buffer with the cache, so later in-place writes to it are never turned into copies.
+    /// (`[1, kv_heads, len, head_dim]` each), into arrays of their own (gathers, queued for
+    /// evaluation at once): they share no buffer with the cache, so later in-place writes
+    /// to it are never turned into copies.
     pub fn row_prefix(&self, row: usize, len: usize) -> Result<Vec<(Array, Array)>> {
         if row >= self.batch_size() || len > self.row_len(row) {
             return Err(crate::Error::EngineFailed(format!(
@@ -493,8 +494,10 @@ impl BatchKvCache {
             };
             out.push((copy(k)?, copy(v)?));
         }
+        // Queued, not waited for: the copies run on the stream before anything that writes
+        // the cache next (and then let go of its buffers), while the host goes on.
         let arrays: Vec<&Array> = out.iter().flat_map(|(k, v)| [k, v]).collect();
-        mlx_rs::transforms::eval(arrays)?;
+        mlx_rs::transforms::async_eval(arrays)?;
         Ok(out)
     }
 

@@ -101,11 +101,22 @@ pub fn save(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf =
-        path.with_file_name(format!(".{name}.{}.tmp.safetensors", std::process::id()));
+    // Unique per process and save, so two engines saving to one path never share it.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = path.with_file_name(format!(
+        ".{name}.{}-{n}.tmp.safetensors",
+        std::process::id()
+    ));
     let written = Array::save_safetensors(arrays, &metadata, &tmp)
         .map_err(|e| refuse(path, format!("writing it failed: {e}")));
-    let renamed = written.and_then(|()| {
+    // On disk before it replaces the old file (a power loss leaves one or the other).
+    let synced = written.and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| refuse(path, format!("writing it failed: {e}")))
+    });
+    let renamed = synced.and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|e| refuse(path, format!("writing it failed: {e}")))
     });
     if renamed.is_err() {
@@ -156,7 +167,10 @@ pub fn load(
     }
     let saved: Vec<f32> = serde_json::from_str(field("probe")?)
         .map_err(|e| refuse(path, format!("bad probe: {e}")))?;
-    let scale = probe.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    // Relative to the state's RMS, not its largest element: hidden states have a few outlier
+    // dimensions that would hide changes in all the others.
+    let rms = (probe.iter().map(|x| x * x).sum::<f32>() / probe.len().max(1) as f32).sqrt();
+    let scale = rms.max(1e-6);
     let diff = if saved.len() == probe.len() {
         saved
             .iter()

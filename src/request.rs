@@ -101,7 +101,8 @@ pub struct RequestStats {
     pub time_to_first_token: f64,
     /// Seconds spent waiting before admission into a batch.
     pub queue_time: f64,
-    /// Prompt tokens per second of prefill (admission to first token).
+    /// Prompt tokens computed per second of prefill (admission to first token); tokens taken
+    /// from the prefix cache are not counted.
     pub prompt_tps: f64,
     /// Generated tokens per second after the first one.
     pub generation_tps: f64,

@@ -494,6 +494,12 @@ impl Scheduler {
         events: &mut Vec<Event>,
     ) -> Result<()> {
         self.reap_cancelled(runner, events)?;
+        if self.prefilling.is_empty() {
+            // Before the decode step, so its decode-ahead prediction (`join_expected`) plans
+            // with the prefixes a group admitted in this step will reuse.
+            let n = self.waiting.len().min(self.cfg.max_prefill_group);
+            self.snapshot_running_prefixes(runner, n)?;
+        }
         if !self.running.is_empty() {
             self.decode(runner, text, events)?;
         }
@@ -678,7 +684,9 @@ impl Scheduler {
     }
 
     /// Copies into the prefix cache the prefixes of running rows that waiting requests (the
-    /// first `n`) share beyond what the cache holds, so they can be reused like any entry.
+    /// first `n`) share beyond what the cache holds (by [`DEFER_FOR_SHARED`] tokens or more:
+    /// a copy for a few tokens costs more than it saves), so they can be reused like any
+    /// entry.
     fn snapshot_running_prefixes(&mut self, runner: &mut dyn Runner, n: usize) -> Result<()> {
         if !self.prefix.enabled() || self.running.is_empty() {
             return Ok(());
@@ -692,7 +700,8 @@ impl Scheduler {
                 .enumerate()
                 .map(|(r, seq)| (seq.shared_with(body), r))
                 .max();
-            let Some((shared, row)) = best.filter(|&(shared, _)| shared > cached) else {
+            let gain = |&(shared, _): &(usize, usize)| shared >= cached + DEFER_FOR_SHARED;
+            let Some((shared, row)) = best.filter(gain) else {
                 continue;
             };
             let tokens = self.running[row].history(shared);
@@ -719,7 +728,6 @@ impl Scheduler {
         if n == 0 {
             return Ok(());
         }
-        self.snapshot_running_prefixes(runner, n)?;
         let plan = self.plan_group(n);
         let now = Instant::now();
         for cached in plan.cached.iter().take(plan.take) {
@@ -861,8 +869,9 @@ impl Scheduler {
         if let (Some(first), Some(admitted)) = (seq.first_token, seq.admitted) {
             stats.time_to_first_token = secs(seq.submitted, first);
             let prefill = secs(admitted, first);
+            // Tokens computed (the cached ones cost nothing) per second of prefill.
             stats.prompt_tps = if prefill > 0.0 {
-                seq.prompt.len() as f64 / prefill
+                (seq.prompt.len() - seq.cached) as f64 / prefill
             } else {
                 0.0
             };

@@ -1044,3 +1044,52 @@ fn prefix_cache_off_stores_nothing() {
     assert!(h.runner.prefixes.is_empty());
     assert_eq!(h.sched.stats().prefix, PrefixStats::default());
 }
+
+/// A request sharing a long prefix with a running one: the prefix is copied before the
+/// decode step, so the step's decode-ahead prediction already knows the group will join, and
+/// no queued step is thrown away. A gain of a few tokens over the cache copies nothing.
+#[test]
+fn running_prefixes_are_copied_before_the_decode_step() {
+    let mut h = Harness::new(SchedulerConfig {
+        prefill_chunk: 64,
+        ..Default::default()
+    });
+    let system = prompt(9, 200);
+    let a: Vec<u32> = system.iter().chain(&prompt(1, 5)).copied().collect();
+    h.submit(1, a.clone(), limit(40)).unwrap();
+    for _ in 0..8 {
+        h.step();
+    }
+    let b: Vec<u32> = system.iter().chain(&prompt(2, 5)).copied().collect();
+    h.submit(2, b.clone(), limit(5)).unwrap();
+    h.run();
+    assert_eq!(h.tokens[&1], alone(&a, 40));
+    assert_eq!(h.tokens[&2], alone(&b, 5));
+    assert_eq!(h.runner.wasted_aheads, 0);
+    assert!(h.tokens[&2].len() == 5 && h.runner.reused_columns >= 200);
+
+    // The system prompt is cached now; a request sharing one more token with a running one
+    // reuses the cache without copying the running row.
+    let c: Vec<u32> = system.iter().chain(&[7, 7]).copied().collect();
+    let d: Vec<u32> = system.iter().chain(&[7, 8]).copied().collect();
+    h.submit(3, c.clone(), limit(30)).unwrap();
+    for _ in 0..4 {
+        h.step();
+    }
+    let held = h.sched.prefix_index().entries().len();
+    let bytes = h.sched.prefix_index().bytes();
+    h.submit(4, d.clone(), limit(3)).unwrap();
+    h.step();
+    assert_eq!(
+        h.sched.prefix_index().entries().len(),
+        held,
+        "no copy for one token"
+    );
+    assert_eq!(
+        h.sched.prefix_index().bytes(),
+        bytes,
+        "no copy for one token"
+    );
+    h.run();
+    assert_eq!(h.tokens[&4], alone(&d, 3));
+}
