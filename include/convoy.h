@@ -447,6 +447,10 @@ typedef struct {
    * Seconds waiting before admission.
    */
   double queue_time;
+  /**
+   * Prompt tokens computed per second of prefill (admission to first token); tokens taken
+   * from the prefix cache (`cached_tokens`) are not counted.
+   */
   double prompt_tokens_per_second;
   double generation_tokens_per_second;
   /**

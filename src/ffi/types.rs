@@ -197,6 +197,8 @@ pub struct convoy_request_stats {
     pub time_to_first_token: f64,
     /// Seconds waiting before admission.
     pub queue_time: f64,
+    /// Prompt tokens computed per second of prefill (admission to first token); tokens taken
+    /// from the prefix cache (`cached_tokens`) are not counted.
     pub prompt_tokens_per_second: f64,
     pub generation_tokens_per_second: f64,
     /// Seconds from submit to the end.
