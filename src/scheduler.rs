@@ -532,9 +532,28 @@ impl Scheduler {
         }
         let before = self.running.len();
         self.running.append(&mut self.prefilling);
+        self.accept_tokens(runner, before, &tokens, text, events)
+    }
+
+    /// Streams `tokens` to the running rows from `first` on (one each); rows that end leave.
+    fn accept_tokens(
+        &mut self,
+        runner: &mut dyn Runner,
+        first: usize,
+        tokens: &[u32],
+        text: &dyn TextDecoder,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        if tokens.len() != self.running.len() - first {
+            return Err(Error::EngineFailed(format!(
+                "runner returned {} tokens for {} rows",
+                tokens.len(),
+                self.running.len() - first
+            )));
+        }
         let now = Instant::now();
-        let mut done = vec![None; before];
-        for (seq, &token) in self.running[before..].iter_mut().zip(&tokens) {
+        let mut done = vec![None; first];
+        for (seq, &token) in self.running[first..].iter_mut().zip(tokens) {
             done.push(accept_token(seq, token, text, now, events)?);
         }
         self.stats.tokens_generated += tokens.len() as u64;
@@ -761,23 +780,7 @@ impl Scheduler {
         let mut samplers: Vec<&mut Sampler> =
             self.running.iter_mut().map(|s| &mut s.sampler).collect();
         let tokens = runner.decode(&inputs, &mut samplers, ahead)?;
-        if tokens.len() != self.running.len() {
-            return Err(Error::EngineFailed(format!(
-                "runner returned {} tokens for {} rows",
-                tokens.len(),
-                self.running.len()
-            )));
-        }
-        let now = Instant::now();
-        let mut done = Vec::with_capacity(tokens.len());
-        for (seq, &token) in self.running.iter_mut().zip(&tokens) {
-            done.push(accept_token(seq, token, text, now, events)?);
-        }
-        self.stats.tokens_generated += tokens.len() as u64;
-        if done.iter().any(Option::is_some) {
-            self.remove_rows(runner, done, events)?;
-        }
-        Ok(())
+        self.accept_tokens(runner, 0, &tokens, text, events)
     }
 
     /// Removes rows whose entry is `Some(reason)` and ends those requests.
