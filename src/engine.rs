@@ -512,6 +512,12 @@ impl Engine {
             .apply_chat_template(messages, add_generation_prompt)
     }
 
+    /// `Ok` while the engine serves requests; `EngineFailed` (saying why) once its thread
+    /// has failed. For health checks: a failed engine must be recreated.
+    pub fn health(&self) -> Result<()> {
+        self.check_alive()
+    }
+
     fn check_alive(&self) -> Result<()> {
         match &*self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(msg) => Err(Error::EngineFailed(msg.clone())),
