@@ -107,6 +107,17 @@ fn invalid(message: impl Into<String>, param: &str) -> Invalid {
 
 /// Parses a request body.
 pub fn parse(bytes: &[u8]) -> Result<Body, Invalid> {
+    // serde would also fill a struct from a JSON array, field by field.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        let message = match serde_json::from_slice::<Value>(bytes) {
+            Ok(_) => "the body must be a JSON object".to_owned(),
+            Err(e) => format!("the body is not valid JSON: {e}"),
+        };
+        return Err(Invalid {
+            message,
+            param: None,
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let body: Body = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
