@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
+.PHONY: setup demo test serve bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,11 @@ demo: setup
 	cc -std=c11 -O2 -Wall -Wextra -Werror examples/demo.c -Iinclude -L$(RELEASE) -lconvoy -lpthread \
 	   -Wl,-rpath,$(CURDIR)/$(RELEASE) -o $(RELEASE)/convoy-demo
 	$(RELEASE)/convoy-demo $(MODEL)
+
+# The OpenAI-compatible HTTP server (server/) on the bundled model: http://127.0.0.1:8080.
+SERVE_ARGS ?=
+serve: setup
+	$(CARGO) run --release -p convoy-server -- --model $(MODEL) $(SERVE_ARGS)
 
 # Unit tests, integration tests on the real model, C API tests, and a tiny benchmark run.
 # fault-injection: test hooks that fail the engine thread on purpose (never in shipped builds).
