@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test serve bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
+.PHONY: setup demo test serve bench-http bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,7 @@ test: setup
 	target/debug/convoy-bench $(SMOKE_ARGS)
 	scripts/bench-compare.sh --smoke --only convoy --bench target/debug/convoy-bench --out target/bench-compare-smoke-convoy
 	target/debug/convoy-bench --model $(MODEL) --prefix-cache --smoke --out target/bench-prefix-smoke
+	scripts/bench-http.sh --smoke --bin-dir target/debug --out target/bench-http-smoke
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
 # with prompts up to 2,000 tokens, the C API tests under ASan + UBSan, every fuzz input replayed
@@ -77,6 +78,11 @@ bench-compare: setup
 # 6 minutes on 2 cores.
 bench-prefix: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --prefix-cache --out bench-results
+
+# convoy in-process and through convoy-server (the openai client, 64 streams in flight) on
+# one workload, alternating, twice each: bench-results/http/report.md. About 10 minutes.
+bench-http: setup
+	scripts/bench-http.sh
 
 # The same pipeline at a tiny size: both engines run every workload and the report is built.
 bench-compare-smoke: setup

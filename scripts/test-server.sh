@@ -2,6 +2,7 @@
 # Runs the official `openai` Python client's tests (server/tests/test_openai_client.py,
 # pytest) against a running convoy-server:
 #   scripts/test-server.sh URL [PYTEST ARGS...]
+#   scripts/test-server.sh --venv-only    (only create the virtual environment)
 # URL is the server's base, e.g. http://127.0.0.1:8080 (server/tests/http.rs starts one on
 # the bundled model and calls this). The first run creates a virtual environment with
 # pinned openai and pytest from PyPI in $CONVOY_CACHE_DIR/venv-openai.
@@ -18,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 die() { echo "test-server: error: $*" >&2; exit 1; }
 say() { echo "test-server: $*"; }
 
-[[ $# -ge 1 ]] || die "usage: scripts/test-server.sh URL [PYTEST ARGS...]"
+[[ $# -ge 1 ]] || die "usage: scripts/test-server.sh URL [PYTEST ARGS...] | --venv-only"
 URL="$1"
 shift
 
@@ -43,6 +44,8 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "
   "$VENV/bin/python" -m pip install --quiet "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION"
   echo "$STAMP" >"$VENV/.convoy-stamp"
 fi
+
+[[ "$URL" == --venv-only ]] && exit 0
 
 say "running the openai client's tests against $URL"
 cd "$ROOT/server/tests"
