@@ -584,3 +584,183 @@ fn the_openai_python_client_works_against_it() {
     );
     eprintln!("{output}");
 }
+
+/// A small xorshift generator: the test's random choices, reproducible from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What a random client does.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    /// Reads the whole answer.
+    Complete,
+    /// Streams, and goes away after this many data lines.
+    LeaveAfterLines(usize),
+    /// Goes away after this many milliseconds, wherever its request is.
+    LeaveAfterMs(u64),
+}
+
+#[test]
+fn random_clients_leaving_at_any_moment_lose_and_leak_nothing() {
+    let seed = std::env::var("CONVOY_SERVER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("seed {seed} (rerun with CONVOY_SERVER_SEED={seed})");
+    const MAX: usize = 24;
+    let singles: Vec<String> = {
+        let engine = Engine::new(common::model_path(), EngineConfig::default()).unwrap();
+        common::QUESTIONS
+            .iter()
+            .map(|q| {
+                engine
+                    .generate(Request::new(Prompt::Chat(common::chat(q))).max_tokens(MAX))
+                    .unwrap()
+                    .text
+            })
+            .collect()
+    };
+    let server = Arc::new(Server::start(&[
+        "--max-batch-size",
+        "6",
+        "--prefill-chunk",
+        "64",
+    ]));
+    let mut rng = Rng(seed);
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let q = rng.below(common::QUESTIONS.len() as u64) as usize;
+            let max_tokens = 1 + rng.below(MAX as u64) as usize;
+            let stream = rng.below(3) > 0;
+            let fate = match rng.below(3) {
+                0 => Fate::Complete,
+                1 if stream => Fate::LeaveAfterLines(rng.below(6) as usize),
+                _ => Fate::LeaveAfterMs(rng.below(2500)),
+            };
+            let delay = Duration::from_millis(rng.below(4000));
+            let server = server.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let body = chat_body(common::QUESTIONS[q], max_tokens, stream);
+                let mut child = server.stream("/v1/chat/completions", &body);
+                let mut head = String::new();
+                match fate {
+                    Fate::Complete => {}
+                    Fate::LeaveAfterLines(n) => {
+                        let mut out = child.stdout.take().unwrap();
+                        let mut buf = [0u8; 4096];
+                        while head.matches("data: ").count() < n {
+                            match out.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(k) => head.push_str(&String::from_utf8_lossy(&buf[..k])),
+                            }
+                        }
+                        let _ = child.kill();
+                    }
+                    Fate::LeaveAfterMs(ms) => {
+                        std::thread::sleep(Duration::from_millis(ms));
+                        let _ = child.kill();
+                    }
+                }
+                let out = child.wait_with_output().unwrap();
+                let text = head + &String::from_utf8_lossy(&out.stdout);
+                (i, q, max_tokens, stream, fate, out.status.success(), text)
+            })
+        })
+        .collect();
+    let mut left = 0;
+    for c in clients {
+        let (i, q, max_tokens, stream, fate, success, text) = c.join().unwrap();
+        let what = format!(
+            "client {i} ({fate:?}, stream {stream}, max_tokens {max_tokens}, question {q})"
+        );
+        if !matches!(fate, Fate::Complete) {
+            left += 1;
+        }
+        if !success {
+            assert!(
+                !matches!(fate, Fate::Complete),
+                "{what}: curl failed: {text}"
+            );
+            continue;
+        }
+        // An answer read to its end (killed clients that had already finished included).
+        let answer = if stream {
+            let sse = parse_sse(&text);
+            assert_eq!((sse.done, sse.done_last), (1, true), "{what}: {text}");
+            let (answer, reasons) = stream_text(&sse);
+            assert_eq!(reasons.len(), 1, "{what}");
+            answer
+        } else {
+            let v: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: {e}: {text}"));
+            let usage = &v["usage"]["completion_tokens"];
+            assert!(
+                usage.as_u64().unwrap() as usize <= max_tokens,
+                "{what}: {v}"
+            );
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            singles[q].starts_with(&answer),
+            "{what}: {answer:?} is not how the answer alone begins: {:?}",
+            singles[q]
+        );
+    }
+    // Every request the server took ends, exactly once, and none stays held.
+    server.wait_metrics("every request to end", |m| {
+        m.get("convoy_requests_running") == Some(&0.0)
+            && m.get("convoy_requests_waiting") == Some(&0.0)
+            && m.get("convoy_requests_held") == Some(&0.0)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let m = server.metrics();
+    let reason = |r: &str| {
+        m.get(&format!(
+            "convoy_http_requests_finished_total{{reason=\"{r}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    let finished = reason("stop") + reason("length") + reason("cancelled") + reason("error");
+    assert_eq!(reason("error"), 0.0, "{m:?}");
+    assert_eq!(
+        m["convoy_engine_requests_finished_total"], finished,
+        "{m:?}"
+    );
+    assert_eq!(
+        server.log_lines().len() as f64,
+        finished,
+        "one log line per request"
+    );
+    let disconnects = m["convoy_http_client_disconnects_total"];
+    assert!(reason("cancelled") <= disconnects, "{m:?}");
+    assert!(
+        disconnects <= left as f64,
+        "{disconnects} disconnects from {left} clients leaving"
+    );
+    eprintln!(
+        "{finished} requests ended: {} cancelled after {disconnects} disconnects ({left} clients left)",
+        reason("cancelled")
+    );
+}
