@@ -154,8 +154,10 @@ impl EngineConfig {
         if s.max_waiting == 0 {
             return bad("max_waiting must be at least 1");
         }
-        if s.prefill_chunk == 0 || s.max_prefill_group == 0 {
-            return bad("prefill_chunk and max_prefill_group must be at least 1");
+        if s.prefill_chunk == 0 || s.prefill_chunk_decoding == 0 || s.max_prefill_group == 0 {
+            return bad(
+                "prefill_chunk, prefill_chunk_decoding and max_prefill_group must be at least 1",
+            );
         }
         if s.max_kv_bytes == 0 {
             return bad("max_kv_bytes must be above 0");

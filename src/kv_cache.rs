@@ -502,7 +502,9 @@ impl BatchKvCache {
     }
 
     /// Appends the rows of `other` after this cache's rows, right-aligning both so every row's
-    /// history ends at the shared write index.
+    /// history ends at the shared write index. The merged arrays get the room the next
+    /// column needs (what [`update`](Self::update) would otherwise grow to at once, with a
+    /// second copy of every row).
     pub fn extend(&mut self, other: BatchKvCache) -> Result<()> {
         if other.batch_size() == 0 {
             return Ok(());
@@ -512,37 +514,43 @@ impl BatchKvCache {
             return Ok(());
         }
         let width = self.width().max(other.width());
+        let capacity = (width + 1).div_ceil(STEP) * STEP;
+        let (na, nb) = (self.batch_size(), other.batch_size());
+        let (shift_a, shift_b) = (width - self.width(), width - other.width());
         let mut data = Vec::with_capacity(self.data.len());
         for layer in 0..self.data.len() {
-            let a = self.aligned(layer, width)?;
-            let b = other.aligned(layer, width)?;
-            data.push(Some((
-                concatenate(&[a.0, b.0], 0)?,
-                concatenate(&[a.1, b.1], 0)?,
-            )));
+            // One zeroed buffer, each side's written columns copied into place: a single
+            // copy of every row, padding and spare columns included.
+            let mut k = self.zeros(na + nb, capacity)?;
+            let mut v = self.zeros(na + nb, capacity)?;
+            for (cache, rows, shift) in [(&*self, 0..na, shift_a), (&other, na..na + nb, shift_b)] {
+                if let Some((ck, cv)) = cache.written(layer)? {
+                    let (r, c) = (
+                        rows.start as i32..rows.end as i32,
+                        shift as i32..width as i32,
+                    );
+                    k.try_index_mut((r.clone(), .., c.clone()), &ck)?;
+                    v.try_index_mut((r, .., c), &cv)?;
+                }
+            }
+            data.push(Some((k, v)));
         }
         self.geom.extend(&other.geom);
+        self.geom.set_capacity(capacity);
         self.data = data;
         Ok(())
     }
 
-    /// This cache's written columns for `layer`, left-padded with zeros to `width`.
-    fn aligned(&self, layer: usize, width: usize) -> Result<(Array, Array)> {
-        let b = self.batch_size();
-        let idx = self.width();
-        let pad = width - idx;
-        let (k, v) = match &self.data[layer] {
-            Some((k, v)) if idx > 0 => {
-                let upto = ..idx as i32;
-                (k.try_index((.., .., upto))?, v.try_index((.., .., upto))?)
-            }
-            _ => return Ok((self.zeros(b, width)?, self.zeros(b, width)?)),
-        };
-        if pad == 0 {
-            return Ok((k, v));
+    /// This cache's written columns for `layer` (`None` if none are).
+    fn written(&self, layer: usize) -> Result<Option<(Array, Array)>> {
+        let idx = self.width() as i32;
+        match &self.data[layer] {
+            Some((k, v)) if idx > 0 => Ok(Some((
+                k.try_index((.., .., ..idx))?,
+                v.try_index((.., .., ..idx))?,
+            ))),
+            _ => Ok(None),
         }
-        let z = self.zeros(b, pad)?;
-        Ok((concatenate(&[z.clone(), k], 2)?, concatenate(&[z, v], 2)?))
     }
 
     /// The written keys of `layer` (`[B, kv_heads, width, head_dim]`), for tests and checks.

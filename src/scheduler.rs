@@ -106,6 +106,12 @@ pub struct SchedulerConfig {
     /// fits this budget (at least one request), so the first requests of a burst start
     /// streaming before the whole burst is prefilled.
     pub prefill_chunk: usize,
+    /// The prefill token budget of a step while other rows are decoding (at most
+    /// `prefill_chunk`): every such step makes each decoding row wait for the chunk, so a
+    /// smaller chunk there shortens the longest gaps between a stream's tokens, at the cost
+    /// of more steps to a prompt's first token. With no row decoding, `prefill_chunk`
+    /// applies.
+    pub prefill_chunk_decoding: usize,
     /// Most requests prefilled together in one group.
     pub max_prefill_group: usize,
     /// Do not let the runner queue a decode step ahead when it would be thrown away (a
@@ -159,6 +165,9 @@ impl SchedulerConfig {
     }
 }
 
+/// The default of [`SchedulerConfig::prefill_chunk_decoding`] (see docs/benchmarks.md).
+pub const DEFAULT_PREFILL_CHUNK_DECODING: usize = 128;
+
 /// The default KV budget: 2 GiB.
 pub const DEFAULT_MAX_KV_BYTES: usize = 2 << 30;
 
@@ -178,6 +187,7 @@ impl Default for SchedulerConfig {
             max_kv_bytes: DEFAULT_MAX_KV_BYTES,
             max_context: 8192,
             prefill_chunk: 256,
+            prefill_chunk_decoding: DEFAULT_PREFILL_CHUNK_DECODING,
             max_prefill_group: 8,
             skip_wasted_ahead: true,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
@@ -506,7 +516,9 @@ impl Scheduler {
         if self.prefilling.is_empty() {
             self.admit(runner)?;
         }
-        if !self.prefilling.is_empty() && runner.prefill_step(self.chunk(self.prefilling.len()))? {
+        if !self.prefilling.is_empty()
+            && runner.prefill_step(self.chunk(self.prefilling.len(), !self.running.is_empty()))?
+        {
             self.join(runner, text, events)?;
         }
         Ok(())
@@ -592,10 +604,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Prompt columns prefilled per step for a group of `rows`.
-    fn chunk(&self, rows: usize) -> usize {
+    /// Prompt columns prefilled per step for a group of `rows`, with or without rows
+    /// `decoding` in the same step.
+    fn chunk(&self, rows: usize, decoding: bool) -> usize {
+        let budget = if decoding {
+            self.cfg.prefill_chunk_decoding.min(self.cfg.prefill_chunk)
+        } else {
+            self.cfg.prefill_chunk
+        };
         match self.cfg.mode {
-            BatchMode::Continuous => (self.cfg.prefill_chunk / rows.max(1)).max(1),
+            BatchMode::Continuous => (budget / rows.max(1)).max(1),
             BatchMode::Static => usize::MAX,
         }
     }
@@ -638,11 +656,14 @@ impl Scheduler {
     /// `leaving` rows ending in its decode (the group now prefilling finishes with this
     /// step's chunk, or a group admitted this step fits in one chunk).
     fn join_expected(&self, runner: &dyn Runner, leaving: usize) -> bool {
+        // Rows still decoding after this step's decode (ends other than by length are not
+        // foreseen: then the prediction is only less exact, never wrong in effect).
+        let decoding = self.running.len() > leaving;
         if !self.prefilling.is_empty() {
-            return runner.prefill_remaining() <= self.chunk(self.prefilling.len());
+            return runner.prefill_remaining() <= self.chunk(self.prefilling.len(), decoding);
         }
         let plan = self.plan_group(self.admissible(leaving));
-        plan.take > 0 && plan.computed <= self.chunk(plan.take)
+        plan.take > 0 && plan.computed <= self.chunk(plan.take, decoding)
     }
 
     /// Chooses the group to admit from the first `n` waiting requests (see [`GroupPlan`]).

@@ -139,6 +139,10 @@ struct Args {
     /// library's).
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// With --run-workload: the prefill token budget of steps that also decode (default: the
+    /// library's).
+    #[arg(long)]
+    prefill_chunk_decoding: Option<usize>,
     /// Run the prefix-cache benchmark instead (multi-turn chats and a burst sharing a system
     /// prompt, cache off and on; tiny sizes with --smoke): writes prefix-cache.{md,jsonl}
     /// into --out.
@@ -892,6 +896,7 @@ fn main() {
             &result,
             &args.ablate,
             args.prefill_chunk,
+            args.prefill_chunk_decoding,
         );
         return;
     }

@@ -669,6 +669,7 @@ fn randomized_operation_sequences() {
             max_waiting: 64,
             max_context: 512,
             prefill_chunk: 1 + rng.below(96),
+            prefill_chunk_decoding: 1 + rng.below(96),
             max_prefill_group: 1 + rng.below(6),
             // Between one and several long rows' worth.
             max_kv_bytes: footprint_bytes(&LAYOUT, 1 + rng.below(rows + 2), max_len),

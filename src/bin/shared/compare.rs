@@ -242,6 +242,7 @@ pub fn run_convoy(
     result: &Path,
     ablate: &[String],
     prefill_chunk: Option<usize>,
+    prefill_chunk_decoding: Option<usize>,
 ) {
     let w: Workload = serde_json::from_slice(&std::fs::read(workload).expect("read workload"))
         .expect("parse workload");
@@ -255,6 +256,9 @@ pub fn run_convoy(
         .max_batch_size(w.batch);
     if let Some(chunk) = prefill_chunk {
         cfg.scheduler.prefill_chunk = chunk;
+    }
+    if let Some(chunk) = prefill_chunk_decoding {
+        cfg.scheduler.prefill_chunk_decoding = chunk;
     }
     for a in ablate {
         assert!(
@@ -277,6 +281,7 @@ pub fn run_convoy(
         cfg.scheduler.prefix_cache_bytes = 0;
     }
     let cfg_chunk = cfg.scheduler.prefill_chunk;
+    let cfg_chunk_decoding = cfg.scheduler.prefill_chunk_decoding;
     let engine = Engine::new(model, cfg).expect("create the engine");
     // Warm-up (first allocations, BLAS threads), as the mlx-lm driver does.
     let warm = Item {
@@ -299,6 +304,7 @@ pub fn run_convoy(
         "workload": w.name, "kind": w.kind, "mode": mode,
         "concurrency": w.concurrency, "batch": w.batch,
         "prefill_chunk": cfg_chunk,
+        "prefill_chunk_decoding": cfg_chunk_decoding,
         "peak_mlx_memory_bytes": stats.peak_memory_bytes,
         "peak_rss_bytes": max_rss_bytes(),
         "peak_kv_bytes": stats.peak_kv_bytes,
