@@ -45,27 +45,33 @@ fi
 "$BENCH" --model "$MODEL" --write-workloads "$OUT/workloads" "${WL_ARGS[@]}" --mixed-requests 0
 WL="$OUT/workloads/closed-c$C.json"
 
-"$SERVER" --model "$MODEL" --port 0 --max-batch-size "$C" --quiet >"$OUT/server.out" 2>"$OUT/server.err" &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  grep -q "listening on" "$OUT/server.out" 2>/dev/null && break
-  kill -0 $PID 2>/dev/null || { cat "$OUT/server.err" >&2; exit 1; }
-  sleep 0.2
-done
-URL="$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$OUT/server.out")"
-[[ -n "$URL" ]] || { echo "bench-http: the server did not start" >&2; exit 1; }
+# Each run in a fresh process on both sides, so neither finds the last run's prompts in its
+# prefix cache. The server starts before its run and sits idle while the in-process one runs.
+start_server() {
+  "$SERVER" --model "$MODEL" --port 0 --max-batch-size "$C" --quiet >"$OUT/server.out" 2>"$OUT/server.err" &
+  PID=$!
+  trap 'kill $PID 2>/dev/null || true' EXIT
+  for _ in $(seq 600); do
+    grep -q "listening on" "$OUT/server.out" 2>/dev/null && break
+    kill -0 $PID 2>/dev/null || { cat "$OUT/server.err" >&2; exit 1; }
+    sleep 0.2
+  done
+  URL="$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$OUT/server.out")"
+  [[ -n "$URL" ]] || { echo "bench-http: the server did not start" >&2; exit 1; }
+}
+stop_server() {
+  kill -TERM $PID; wait $PID || true
+  trap - EXIT
+}
 
-# The server sits idle (its engine empties MLX's buffer cache when idle) while the
-# in-process engine runs: the two never run at once.
 for run in $(seq "$RUNS"); do
   say "$(date +%H:%M:%S) in-process, run $run"
   "$BENCH" --model "$MODEL" --run-workload "$WL" --mode continuous --result "$OUT/results.jsonl"
+  start_server
   say "$(date +%H:%M:%S) HTTP, run $run"
   "$VPY" "$ROOT/scripts/bench_http.py" --url "$URL" --workload "$WL" --result "$OUT/results.jsonl"
+  stop_server
 done
-kill -TERM $PID; wait $PID || true
-trap - EXIT
 
 {
   echo "# convoy in-process and through convoy-server ($(date -u +%Y-%m-%dT%H:%MZ))"

@@ -59,8 +59,10 @@ pub struct Trim {
 /// rules.
 ///
 /// Invariants: `idx <= capacity`; `capacity <= idx + STEP - 1` unless the cache is empty (a
-/// [`rollback`](Self::rollback) of the decode-ahead column can briefly make it `idx + STEP`;
-/// the footprint bound, in terms of each row's final length, still holds);
+/// [`rollback`](Self::rollback) of the decode-ahead column, or an [`extend`](Self::extend)
+/// that leaves room for the next column, can briefly make it `idx + STEP`; the footprint
+/// bound, in terms of each row's final length, still holds: every row's next column is
+/// within its final length);
 /// in a running batch `left_pad[r] <= idx` and some row has no padding, so `idx` is the
 /// longest row. Only a group still being prefilled has `left_pad[r] > idx` (rows whose
 /// prompt has not started yet).
@@ -186,7 +188,8 @@ impl KvGeometry {
         self.left_pad
             .extend(other.left_pad.iter().map(|p| p + shift_b));
         self.idx = width;
-        self.capacity = width;
+        // Room for the next column at once (a second copy of every row otherwise).
+        self.capacity = (width + 1).div_ceil(STEP) * STEP;
         (shift_a, shift_b)
     }
 }
@@ -513,44 +516,37 @@ impl BatchKvCache {
             *self = other;
             return Ok(());
         }
-        let width = self.width().max(other.width());
-        let capacity = (width + 1).div_ceil(STEP) * STEP;
         let (na, nb) = (self.batch_size(), other.batch_size());
-        let (shift_a, shift_b) = (width - self.width(), width - other.width());
-        let mut data = Vec::with_capacity(self.data.len());
-        for layer in 0..self.data.len() {
+        let (width_a, width_b) = (self.width(), other.width());
+        let old = std::mem::take(&mut self.data);
+        let (shift_a, shift_b) = self.geom.extend(&other.geom);
+        let (width, capacity) = (self.geom.idx, self.geom.capacity);
+        let mut data = Vec::with_capacity(old.len());
+        for (layer, mine) in old.iter().enumerate() {
             // One zeroed buffer, each side's written columns copied into place: a single
             // copy of every row, padding and spare columns included.
             let mut k = self.zeros(na + nb, capacity)?;
             let mut v = self.zeros(na + nb, capacity)?;
-            for (cache, rows, shift) in [(&*self, 0..na, shift_a), (&other, na..na + nb, shift_b)] {
-                if let Some((ck, cv)) = cache.written(layer)? {
-                    let (r, c) = (
-                        rows.start as i32..rows.end as i32,
-                        shift as i32..width as i32,
-                    );
-                    k.try_index_mut((r.clone(), .., c.clone()), &ck)?;
-                    v.try_index_mut((r, .., c), &cv)?;
-                }
+            let sides = [
+                (mine, width_a, 0..na, shift_a),
+                (&other.data[layer], width_b, na..na + nb, shift_b),
+            ];
+            for (slot, written, rows, shift) in sides {
+                let Some((ck, cv)) = slot.as_ref().filter(|_| written > 0) else {
+                    continue;
+                };
+                let (r, c) = (
+                    rows.start as i32..rows.end as i32,
+                    shift as i32..width as i32,
+                );
+                let upto = ..written as i32;
+                k.try_index_mut((r.clone(), .., c.clone()), &ck.try_index((.., .., upto))?)?;
+                v.try_index_mut((r, .., c), &cv.try_index((.., .., upto))?)?;
             }
             data.push(Some((k, v)));
         }
-        self.geom.extend(&other.geom);
-        self.geom.set_capacity(capacity);
         self.data = data;
         Ok(())
-    }
-
-    /// This cache's written columns for `layer` (`None` if none are).
-    fn written(&self, layer: usize) -> Result<Option<(Array, Array)>> {
-        let idx = self.width() as i32;
-        match &self.data[layer] {
-            Some((k, v)) if idx > 0 => Ok(Some((
-                k.try_index((.., .., ..idx))?,
-                v.try_index((.., .., ..idx))?,
-            ))),
-            _ => Ok(None),
-        }
     }
 
     /// The written keys of `layer` (`[B, kv_heads, width, head_dim]`), for tests and checks.
@@ -685,6 +681,30 @@ mod tests {
         write(&mut c, &[1, 2, 4], 1);
         check(&c, &[1, 2, 4]);
         assert_eq!(c.tokens(), 7 + 9 + 3);
+    }
+
+    #[test]
+    fn a_join_leaves_room_for_the_next_column_at_step_boundaries() {
+        for width in [STEP - 1, STEP, STEP + 1] {
+            let mut c = BatchKvCache::new(LAYOUT);
+            c.extend(group(&[1], &[3])).unwrap();
+            c.extend(group(&[2, 3], &[width, 5])).unwrap();
+            check(&c, &[1, 2, 3]);
+            let capacity = (width + 1).div_ceil(STEP) * STEP;
+            assert_eq!(
+                c.allocated_bytes(),
+                3 * capacity * LAYOUT.column_bytes(),
+                "width {width}"
+            );
+            // The next column is written in place (no growth), and everything still lines up.
+            write(&mut c, &[1, 2, 3], 1);
+            check(&c, &[1, 2, 3]);
+            assert_eq!(
+                c.allocated_bytes(),
+                3 * capacity * LAYOUT.column_bytes(),
+                "width {width}"
+            );
+        }
     }
 
     #[test]

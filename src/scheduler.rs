@@ -166,7 +166,7 @@ impl SchedulerConfig {
 }
 
 /// The default of [`SchedulerConfig::prefill_chunk_decoding`] (see docs/benchmarks.md).
-pub const DEFAULT_PREFILL_CHUNK_DECODING: usize = 128;
+pub const DEFAULT_PREFILL_CHUNK_DECODING: usize = 256;
 
 /// The default KV budget: 2 GiB.
 pub const DEFAULT_MAX_KV_BYTES: usize = 2 << 30;

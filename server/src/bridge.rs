@@ -2,7 +2,7 @@
 //! event with [`Engine::poll_any`] and routes it to the handler of its request through a
 //! channel. Handlers never block a runtime thread on the engine.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +18,8 @@ struct Routes {
     open: HashMap<RequestId, UnboundedSender<Event>>,
     /// Events that arrived between `submit` returning an id and the handler registering it.
     early: HashMap<RequestId, Vec<Event>>,
+    /// The dispatcher has stopped: nothing registered now would ever get an event.
+    closed: bool,
 }
 
 pub struct Bridge {
@@ -25,6 +27,9 @@ pub struct Bridge {
     metrics: Arc<Metrics>,
     routes: Mutex<Routes>,
     stopping: AtomicBool,
+    /// Submits between their `stopping` check and their registration: the dispatcher does
+    /// not stop while any is.
+    submitting: AtomicUsize,
 }
 
 /// A submitted request: its events, and a guard that cancels it if the handler goes away
@@ -67,6 +72,7 @@ impl Bridge {
             metrics,
             routes: Mutex::new(Routes::default()),
             stopping: AtomicBool::new(false),
+            submitting: AtomicUsize::new(0),
         });
         let b = bridge.clone();
         let thread = std::thread::Builder::new()
@@ -87,19 +93,43 @@ impl Bridge {
     /// Submits a request; its events come through the returned receiver, ending with exactly
     /// one `Finished` (or the channel closes if the engine stops without one).
     pub fn submit(self: &Arc<Self>, request: Request) -> Result<Submitted, Error> {
-        if self.stopping.load(Ordering::SeqCst) {
-            return Err(Error::ShutDown);
-        }
+        // Counted before the check, so a dispatcher that saw none in progress after
+        // `stopping` was set can stop: every later submit sees `stopping`.
+        self.submitting.fetch_add(1, Ordering::SeqCst);
+        let result = if self.stopping.load(Ordering::SeqCst) {
+            Err(Error::ShutDown)
+        } else {
+            self.register(request)
+        };
+        self.submitting.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn register(self: &Arc<Self>, request: Request) -> Result<Submitted, Error> {
         let id = self.engine.submit(request)?;
         let (tx, rx) = unbounded_channel();
         let mut routes = self.routes();
+        if routes.closed {
+            // The engine failed under us (its events for this id were dropped with the rest).
+            drop(routes);
+            let _ = self.engine.cancel(id);
+            self.engine.health()?;
+            return Err(Error::ShutDown);
+        }
+        let mut ended = false;
         for event in routes.early.remove(&id).unwrap_or_default() {
+            ended |= matches!(event, Event::Finished { .. });
             let _ = tx.send(event);
         }
-        routes.open.insert(id, tx);
+        if !ended {
+            // (Ended already: the receiver holds every event, and the sender is dropped.)
+            routes.open.insert(id, tx);
+        }
+        self.metrics
+            .set_in_flight(routes.open.len() + routes.early.len());
         drop(routes);
-        if self.stopping.load(Ordering::SeqCst) {
-            // `stop` ran between the check above and the insert: it did not see this id.
+        if !ended && self.stopping.load(Ordering::SeqCst) {
+            // `stop` ran between the check in `submit` and the insert: it did not see this id.
             let _ = self.engine.cancel(id);
         }
         Ok(Submitted {
@@ -111,6 +141,11 @@ impl Bridge {
                 armed: true,
             },
         })
+    }
+
+    /// Whether `stop` was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Refuses new requests and cancels every request in flight (each ends at the engine's
@@ -128,7 +163,10 @@ impl Bridge {
             match self.engine.poll_any(Duration::from_millis(100)) {
                 Ok(Some(event)) => self.route(event),
                 Ok(None) => {
-                    if self.stopping.load(Ordering::SeqCst) && self.routes().open.is_empty() {
+                    if self.stopping.load(Ordering::SeqCst)
+                        && self.submitting.load(Ordering::SeqCst) == 0
+                        && self.routes().open.is_empty()
+                    {
                         break;
                     }
                 }
@@ -136,10 +174,13 @@ impl Bridge {
                 Err(e) => eprintln!("convoy-server: polling the engine failed: {e}"),
             }
         }
-        // The engine stopped: handlers still waiting see their channel close.
+        // The engine stopped (or the server did): handlers still waiting see their channel
+        // close, and registering now fails.
         let mut routes = self.routes();
+        routes.closed = true;
         routes.open.clear();
         routes.early.clear();
+        self.metrics.set_in_flight(0);
     }
 
     fn route(&self, event: Event) {
@@ -159,5 +200,7 @@ impl Bridge {
             }
             None => routes.early.entry(id).or_default().push(event),
         }
+        self.metrics
+            .set_in_flight(routes.open.len() + routes.early.len());
     }
 }

@@ -119,7 +119,10 @@ fn run(args: Args) -> Result<(), String> {
         s.prefix_cache_bytes = v;
     }
     // Every event is taken by the server as it comes, so held requests are those in flight.
-    config.max_requests = (args.max_waiting + args.max_batch_size).max(1024);
+    config.max_requests = args
+        .max_waiting
+        .saturating_add(args.max_batch_size)
+        .max(1024);
     config.prefix_cache_file = args.prefix_cache_file.clone();
     if !args.quiet {
         // The request log, one line per request (request id, prompt and generation tokens/s,
@@ -204,15 +207,33 @@ async fn serve(args: &Args, app: Arc<App>) -> Result<(), String> {
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .with_state(app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            eprintln!("convoy-server: shutting down: cancelling requests in flight");
-            bridge.stop();
-        })
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    let (stopped_tx, mut stopped_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        eprintln!("convoy-server: shutting down: cancelling requests in flight");
+        bridge.stop();
+        let _ = stopped_tx.send(true);
+    });
+    // Cancelled streams end within a step, but a client that stops reading can hold its
+    // connection open: after SHUTDOWN_GRACE, or at a second signal, stop waiting for it.
+    let deadline = async move {
+        let _ = stopped_rx.wait_for(|stopped| *stopped).await;
+        tokio::select! {
+            _ = tokio::time::sleep(SHUTDOWN_GRACE) => {},
+            _ = shutdown_signal() => {},
+        }
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| format!("server error: {e}")),
+        _ = deadline => {
+            eprintln!("convoy-server: closing the connections still open");
+            Ok(())
+        }
+    }
 }
+
+/// How long a shutdown waits for connections to close after cancelling their requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -309,7 +330,8 @@ async fn generate(app: Arc<App>, kind: Kind, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return app.invalid(e),
     };
-    let submitted = match app.bridge.submit(parsed.request) {
+    // Tokenizing and rendering the chat template are CPU work: off the async workers' hands.
+    let submitted = match tokio::task::block_in_place(|| app.bridge.submit(parsed.request)) {
         Ok(s) => s,
         Err(e) => return app.engine_error(e),
     };
@@ -588,6 +610,15 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
+    if app.bridge.stopping() {
+        return error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the server is shutting down",
+            None,
+            Some("shutting_down"),
+        );
+    }
     match app.bridge.engine().health() {
         Ok(()) => Json(json!({"status": "ok"})).into_response(),
         Err(e) => error_body(

@@ -9,7 +9,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -19,6 +19,7 @@ pub struct Metrics {
     finished: Family<Vec<(String, String)>, Counter>,
     http_errors: Family<Vec<(String, String)>, Counter>,
     disconnects: Counter,
+    in_flight: Gauge,
     prompt_tokens: Counter,
     cached_tokens: Counter,
     completion_tokens: Counter,
@@ -190,6 +191,7 @@ impl Metrics {
         let finished = Family::<Vec<(String, String)>, Counter>::default();
         let http_errors = Family::<Vec<(String, String)>, Counter>::default();
         let disconnects = Counter::default();
+        let in_flight = Gauge::default();
         let (prompt_tokens, cached_tokens, completion_tokens) =
             (Counter::default(), Counter::default(), Counter::default());
         let (ttft, queue, latency, itl) = (seconds(), seconds(), seconds(), seconds());
@@ -243,12 +245,18 @@ impl Metrics {
             "Mean time between generated tokens, per request.",
             itl.clone(),
         );
+        registry.register(
+            "convoy_http_requests_in_flight",
+            "Requests the server routes events to (submitted, not yet ended).",
+            in_flight.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector(engine)));
         Self {
             registry,
             finished,
             http_errors,
             disconnects,
+            in_flight,
             prompt_tokens,
             cached_tokens,
             completion_tokens,
@@ -267,6 +275,10 @@ impl Metrics {
         self.prompt_tokens.inc_by(s.prompt_tokens as u64);
         self.cached_tokens.inc_by(s.cached_tokens as u64);
         self.completion_tokens.inc_by(s.generated_tokens as u64);
+        if reason == FinishReason::Error {
+            // Failed requests' timings are not the engine's serving times.
+            return;
+        }
         if s.generated_tokens > 0 {
             self.ttft.observe(s.time_to_first_token);
         }
@@ -282,6 +294,10 @@ impl Metrics {
         self.http_errors
             .get_or_create(&vec![("status".into(), status.to_string())])
             .inc();
+    }
+
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(n as i64);
     }
 
     pub fn disconnect(&self) {

@@ -143,6 +143,19 @@ impl Server {
         }
     }
 
+    /// Waits (up to 30 s) until `n` request log lines have been read from stderr: the engine
+    /// writes a request's line just after its last event, and a reader thread collects them.
+    fn wait_log_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = self.log_lines();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn log_lines(&self) -> Vec<String> {
         self.stderr
             .lock()
@@ -364,7 +377,7 @@ fn endpoints_answers_and_errors_through_curl() {
     assert!(server.metric("convoy_http_errors_total{status=\"400\"}") >= 9.0);
 
     // One log line per request, in the engine's format.
-    let lines = server.log_lines();
+    let lines = server.wait_log_lines(5);
     assert_eq!(lines.len(), 5, "{lines:?}");
     for l in &lines {
         for field in [
@@ -452,7 +465,7 @@ fn sixty_four_streams_at_once_each_end_once_with_single_request_output() {
         })
         .sum();
     assert_eq!(finished, CLIENTS as f64, "{m:?}");
-    assert_eq!(server.log_lines().len(), CLIENTS);
+    assert_eq!(server.wait_log_lines(CLIENTS).len(), CLIENTS);
 }
 
 /// Reads a streaming curl's stdout until `n` data lines have arrived.
@@ -551,7 +564,7 @@ fn disconnect_cancels_full_queue_answers_503_and_sigterm_ends_streams() {
         "shutdown took {:?}",
         at.elapsed()
     );
-    let lines = server.log_lines();
+    let lines = server.wait_log_lines(3);
     assert_eq!(
         lines
             .iter()
@@ -749,9 +762,13 @@ fn random_clients_leaving_at_any_moment_lose_and_leak_nothing() {
         "{m:?}"
     );
     assert_eq!(
-        server.log_lines().len() as f64,
+        server.wait_log_lines(finished as usize).len() as f64,
         finished,
         "one log line per request"
+    );
+    assert_eq!(
+        m["convoy_http_requests_in_flight"], 0.0,
+        "the server still routes requests"
     );
     let disconnects = m["convoy_http_client_disconnects_total"];
     assert!(reason("cancelled") <= disconnects, "{m:?}");
