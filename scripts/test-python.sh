@@ -15,8 +15,8 @@ SETUPTOOLS_VERSION=75.8.0
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${CONVOY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/convoy}"
 VENV="$CACHE/venv-python-tests"
-PY="${CONVOY_PYTHON:-python3}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+# shellcheck source=scripts/venv.sh
+source "$ROOT/scripts/venv.sh"
 
 die() { echo "test-python: error: $*" >&2; exit 1; }
 say() { echo "test-python: $*"; }
@@ -26,28 +26,7 @@ if [[ $# -gt 0 ]]; then shift; fi
 [[ -f "$LIB" ]] || die "$LIB is missing: build it with \`cargo build --lib\` (make test does)"
 LIB="$(cd "$(dirname "$LIB")" && pwd)/$(basename "$LIB")"
 
-command -v "$PY" >/dev/null || die "$PY not found: install Python >= 3.9 (scripts/setup.sh does)"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
-  die "$("$PY" --version 2>&1) is too old: the bindings need Python >= 3.9 (set CONVOY_PYTHON)"
-# Debian/Ubuntu ship venv's pip bootstrap (ensurepip) separately, in python3-venv.
-"$PY" -c 'import ensurepip, venv' 2>/dev/null ||
-  die "$PY cannot create virtual environments: install python3-venv (sudo apt-get install -y python3-venv)"
-
-mkdir -p "$CACHE"
-# One run at a time per cache: runs share the virtual environment they install into.
-if command -v flock >/dev/null; then
-  exec 9>"$CACHE/venv-python-tests.lock"
-  flock 9
-fi
-
-STAMP="pytest==$PYTEST_VERSION setuptools==$SETUPTOOLS_VERSION $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
-if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "$STAMP" ]]; then
-  say "creating $VENV (pytest==$PYTEST_VERSION from PyPI)"
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet "pytest==$PYTEST_VERSION" "setuptools==$SETUPTOOLS_VERSION"
-  echo "$STAMP" >"$VENV/.convoy-stamp"
-fi
+ensure_venv "$VENV" "the bindings need" "pytest==$PYTEST_VERSION" "setuptools==$SETUPTOOLS_VERSION"
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT

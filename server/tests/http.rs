@@ -219,6 +219,21 @@ fn stream_text(sse: &Sse) -> (String, Vec<String>) {
     (text, reasons)
 }
 
+/// What each of `common::QUESTIONS` gives alone (greedy, `max_tokens`), from the library in
+/// this process.
+fn answers_alone(max_tokens: usize) -> Vec<String> {
+    let engine = Engine::new(common::model_path(), EngineConfig::default()).unwrap();
+    common::QUESTIONS
+        .iter()
+        .map(|q| {
+            engine
+                .generate(Request::new(Prompt::Chat(common::chat(q))).max_tokens(max_tokens))
+                .unwrap()
+                .text
+        })
+        .collect()
+}
+
 fn chat_body(question: &str, max_tokens: usize, stream: bool) -> Value {
     json!({
         "model": "whatever",
@@ -396,19 +411,7 @@ fn endpoints_answers_and_errors_through_curl() {
 fn sixty_four_streams_at_once_each_end_once_with_single_request_output() {
     const CLIENTS: usize = 64;
     const MAX_TOKENS: usize = 20;
-    // What each question gives alone (greedy), from the library in this process.
-    let singles: Vec<String> = {
-        let engine = Engine::new(common::model_path(), EngineConfig::default()).unwrap();
-        common::QUESTIONS
-            .iter()
-            .map(|q| {
-                engine
-                    .generate(Request::new(Prompt::Chat(common::chat(q))).max_tokens(MAX_TOKENS))
-                    .unwrap()
-                    .text
-            })
-            .collect()
-    };
+    let singles = answers_alone(MAX_TOKENS);
     let server = Server::start(&["--max-batch-size", "16"]);
     let children: Vec<(usize, Child)> = (0..CLIENTS)
         .map(|i| {
@@ -638,18 +641,7 @@ fn random_clients_leaving_at_any_moment_lose_and_leak_nothing() {
         });
     eprintln!("seed {seed} (rerun with CONVOY_SERVER_SEED={seed})");
     const MAX: usize = 24;
-    let singles: Vec<String> = {
-        let engine = Engine::new(common::model_path(), EngineConfig::default()).unwrap();
-        common::QUESTIONS
-            .iter()
-            .map(|q| {
-                engine
-                    .generate(Request::new(Prompt::Chat(common::chat(q))).max_tokens(MAX))
-                    .unwrap()
-                    .text
-            })
-            .collect()
-    };
+    let singles = answers_alone(MAX);
     let server = Arc::new(Server::start(&[
         "--max-batch-size",
         "6",
