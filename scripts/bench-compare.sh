@@ -70,21 +70,9 @@ if [[ "$ONLY" == convoy ]]; then
   VPY="$PY"   # no baseline: no virtual environment needed
 else
 VPY="$VENV/bin/python"
-if command -v flock >/dev/null; then
-  exec 9>"$CACHE/venv-mlx-lm.lock"
-  flock 9
-fi
-REQ="$ROOT/scripts/bench-compare-requirements.txt"
-STAMP="$(sha256sum "$REQ" | cut -c1-16) $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
-if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.convoy-stamp" 2>/dev/null)" != "$STAMP" ]]; then
-  "$PY" -c 'import ensurepip, venv' 2>/dev/null ||
-    die "$PY cannot create virtual environments: install python3-venv"
-  say "creating $VENV (mlx-lm 0.32.2, pinned: $REQ)"
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet -r "$REQ"
-  echo "$STAMP" >"$VENV/.convoy-stamp"
-fi
+# shellcheck source=scripts/venv.sh
+source "$ROOT/scripts/venv.sh"
+ensure_venv "$VENV" "mlx-lm needs" -r "$ROOT/scripts/bench-compare-requirements.txt"
 fi
 
 if [[ "$ONLY" != convoy ]]; then

@@ -1,6 +1,8 @@
-# Sourced by the test scripts that need a pinned Python environment from PyPI
-# (scripts/test-python.sh, scripts/test-server.sh). Defines:
+# Sourced by the scripts that need a pinned Python environment from PyPI
+# (scripts/test-python.sh, scripts/test-server.sh, scripts/family-fixtures.sh,
+# scripts/bench-compare.sh). Defines:
 #   ensure_venv VENV WHY PACKAGE==VERSION...
+#   ensure_venv VENV WHY -r REQUIREMENTS_FILE
 # which checks that $PY (python3, or $CONVOY_PYTHON) is >= 3.9 and can create virtual
 # environments, takes a lock on VENV for the rest of the calling script (runs sharing one
 # environment go one at a time), and (re)creates VENV with exactly these packages when it is
@@ -23,10 +25,12 @@ ensure_venv() {
     exec 9>"$venv.lock"
     flock 9
   fi
-  local stamp
-  stamp="$* $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+  local stamp pins="$*"
+  # A requirements file is known by its contents, not its path.
+  [[ "$1" == -r ]] && pins="$(sha256sum "$2" | cut -c1-16)"
+  stamp="$pins $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.convoy-stamp" 2>/dev/null)" != "$stamp" ]]; then
-    say "creating $venv ($* from PyPI)"
+    say "creating $venv (${*/#-r/pinned in} from PyPI)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet "$@"

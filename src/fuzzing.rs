@@ -200,7 +200,25 @@ fn check_config_invariants(c: &ModelConfig) {
     assert!(c.num_heads.is_multiple_of(c.num_kv_heads), "heads: {c:?}");
     assert!(c.max_position_embeddings > 0, "context: {c:?}");
     assert!(c.rms_norm_eps.is_finite() && c.rope_theta.is_finite() && c.rope_theta > 0.0);
-    let periods = model::llama3_periods(c.rope_scaling.as_ref(), c.rope_theta, c.head_dim);
+    assert!(
+        c.rope_dims >= 2 && c.rope_dims.is_multiple_of(2) && c.rope_dims <= c.head_dim,
+        "rope dims: {c:?}"
+    );
+    assert!(
+        c.layer_windows.is_empty() || c.layer_windows.len() == c.num_layers,
+        "layer windows: {c:?}"
+    );
+    assert!(!c.layer_windows.contains(&Some(0)), "windows: {c:?}");
+    let mut periods = model::llama3_periods(c.rope_scaling.as_ref(), c.rope_theta, c.rope_dims);
+    if let Some(model::RopeScaling::LongRope {
+        long_factor,
+        mscale,
+    }) = &c.rope_scaling
+    {
+        assert!(mscale.is_finite() && *mscale > 0.0, "mscale: {c:?}");
+        assert_eq!(long_factor.len(), c.rope_dims / 2, "long factors: {c:?}");
+        periods = model::longrope_periods(long_factor, c.rope_theta, c.rope_dims);
+    }
     assert!(
         periods.iter().all(|f| f.is_finite() && *f > 0.0),
         "rope periods {periods:?} from {c:?}"

@@ -61,6 +61,11 @@ pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
         .string("general.architecture")?
         .ok_or_else(|| corrupt(path, "no general.architecture".into()))?;
     let architecture = Architecture::parse(&arch_name)?;
+    if !matches!(architecture, Architecture::Llama | Architecture::Qwen2) {
+        return Err(Error::UnsupportedArchitecture(format!(
+            "{arch_name} in a GGUF file (convoy loads it from an MLX or Hugging Face folder)"
+        )));
+    }
     let num = |key: &str| meta.number(&format!("{arch_name}.{key}"));
     let need = |key: &str| -> Result<f64> {
         num(key)?.ok_or_else(|| corrupt(path, format!("missing {arch_name}.{key}")))
@@ -71,13 +76,16 @@ pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
         Some(f) if f > 1.0 => Some(RopeScaling::Linear { factor: f as f32 }),
         _ => None,
     };
+    let head_dim = num("attention.key_length")?.map_or(hidden / heads.max(1), |v| v as usize);
     Ok(ModelConfig {
         architecture,
         hidden_size: hidden,
         num_layers: need("block_count")? as usize,
         num_heads: heads,
         num_kv_heads: num("attention.head_count_kv")?.map_or(heads, |v| v as usize),
-        head_dim: num("attention.key_length")?.map_or(hidden / heads.max(1), |v| v as usize),
+        head_dim,
+        rope_dims: num("rope.dimension_count")?.map_or(head_dim, |v| v as usize),
+        layer_windows: Vec::new(),
         intermediate_size: need("feed_forward_length")? as usize,
         vocab_size: 0,
         rms_norm_eps: num("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,

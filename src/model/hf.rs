@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 use serde_json::Value;
 
@@ -39,6 +40,7 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     if config.tie_word_embeddings {
         tensors.remove("lm_head.weight");
     }
+    split_fused(&mut tensors, &config)?;
     let model = Model::from_tensors(config, tensors, group_size, options)?;
     Ok(LoadedModel {
         model,
@@ -165,6 +167,34 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
                 Some("linear") => Some(RopeScaling::Linear {
                     factor: f("factor", 1.0),
                 }),
+                // Phi-3 (mlx-lm's SuScaledRoPE): the long factors at every length, the input
+                // scaled by sqrt(1 + ln(max / original) / ln(original)) when extended.
+                Some("longrope" | "su") if architecture == Architecture::Phi3 => {
+                    let long_factor = s
+                        .get("long_factor")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| bad("longrope rope_scaling without long_factor".into()))?
+                        .iter()
+                        .map(|v| v.as_f64().map(|f| f as f32))
+                        .collect::<Option<Vec<f32>>>()
+                        .ok_or_else(|| {
+                            bad("longrope long_factor is not a list of numbers".into())
+                        })?;
+                    let original = cfg["original_max_position_embeddings"]
+                        .as_f64()
+                        .unwrap_or(4096.0);
+                    let max = cfg["max_position_embeddings"].as_f64().unwrap_or(131072.0);
+                    let factor = max / original;
+                    let mscale = match s.get("long_mscale").and_then(Value::as_f64) {
+                        Some(m) => m as f32,
+                        None if factor <= 1.0 => 1.0,
+                        None => (1.0 + factor.ln() / original.ln()).sqrt() as f32,
+                    };
+                    Some(RopeScaling::LongRope {
+                        long_factor,
+                        mscale,
+                    })
+                }
                 Some("default") | None => None,
                 Some(other) => {
                     return Err(Error::UnsupportedArchitecture(format!(
@@ -195,23 +225,137 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
         }
         _ => 64,
     };
+    let num_layers = need("num_hidden_layers")?;
+    // Phi-3 derives the head size from the width (mlx-lm ignores a `head_dim` key there).
+    let head_dim = match architecture {
+        Architecture::Phi3 => hidden / heads.max(1),
+        _ => int("head_dim").unwrap_or(hidden / heads.max(1)),
+    };
+    let rope_dims = match cfg["partial_rotary_factor"].as_f64() {
+        Some(f) if f > 0.0 && f <= 1.0 => (head_dim as f64 * f) as usize,
+        Some(f) => return Err(bad(format!("partial_rotary_factor {f} is not in (0, 1]"))),
+        None => head_dim,
+    };
+    let layer_windows = layer_windows(cfg, architecture, num_layers, arch_name, path)?;
     let config = ModelConfig {
         architecture,
         hidden_size: hidden,
-        num_layers: need("num_hidden_layers")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: int("num_key_value_heads").unwrap_or(heads),
-        head_dim: int("head_dim").unwrap_or(hidden / heads.max(1)),
+        head_dim,
         intermediate_size: need("intermediate_size")?,
         vocab_size: need("vocab_size")?,
         rms_norm_eps: cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
         rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
         rope_traditional: cfg["rope_traditional"].as_bool().unwrap_or(false),
         rope_scaling,
+        rope_dims,
         max_position_embeddings: int("max_position_embeddings").unwrap_or(4096),
         tie_word_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(false),
+        layer_windows,
     };
     Ok((config, group_size))
+}
+
+/// Each layer's sliding attention window, from `config.json`, as Hugging Face Transformers
+/// applies it:
+/// - `layer_types` (`"sliding_attention"` / `"full_attention"` per layer) with
+///   `sliding_window`: the listed layers slide;
+/// - otherwise Mistral and Phi-3 apply a set `sliding_window` to every layer;
+/// - Qwen2/Qwen3 slide only with `use_sliding_window`, which convoy does not support (an
+///   error, not a silent full attention); their `sliding_window` alone means nothing.
+///
+/// mlx-lm differs for Mistral and Phi-3: it ignores their `sliding_window`. The two agree up
+/// to that many tokens.
+fn layer_windows(
+    cfg: &Value,
+    architecture: Architecture,
+    num_layers: usize,
+    arch_name: &str,
+    path: &Path,
+) -> Result<Vec<Option<usize>>> {
+    let bad = |reason: String| Error::CorruptModel {
+        path: path.to_owned(),
+        reason,
+    };
+    let window = match &cfg["sliding_window"] {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .filter(|&w| w > 0)
+                .ok_or_else(|| bad(format!("sliding_window {v} is not a positive integer")))?
+                as usize,
+        ),
+    };
+    if cfg["use_sliding_window"].as_bool() == Some(true) {
+        return Err(Error::UnsupportedArchitecture(format!(
+            "{arch_name} with use_sliding_window"
+        )));
+    }
+    if let Some(types) = cfg["layer_types"].as_array() {
+        if types.len() != num_layers {
+            return Err(bad(format!(
+                "layer_types lists {} layers, the model has {num_layers}",
+                types.len()
+            )));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => window
+                    .map(Some)
+                    .ok_or_else(|| bad("sliding_attention layers without sliding_window".into())),
+                _ => Err(Error::UnsupportedArchitecture(format!(
+                    "{arch_name} with layer type {t}"
+                ))),
+            })
+            .collect();
+    }
+    let slides =
+        matches!(architecture, Architecture::Phi3) || cfg["model_type"].as_str() == Some("mistral");
+    Ok(match window {
+        Some(w) if slides => vec![Some(w); num_layers],
+        _ => Vec::new(),
+    })
+}
+
+/// Phi-3 stores q/k/v as one `qkv` matrix and gate/up as one `gate_up` matrix: split them
+/// (by output rows, which also splits quantized weights' scales and biases) into the
+/// canonical parts. The model fuses them again when it runs fused.
+fn split_fused(tensors: &mut HashMap<String, Array>, config: &ModelConfig) -> Result<()> {
+    let (q, kv) = (
+        (config.num_heads * config.head_dim) as i32,
+        (config.num_kv_heads * config.head_dim) as i32,
+    );
+    let ff = config.intermediate_size as i32;
+    for i in 0..config.num_layers {
+        for (fused, parts) in [
+            ("qkv", vec![("q", q), ("k", kv), ("v", kv)]),
+            ("gate_up", vec![("gate", ff), ("up", ff)]),
+        ] {
+            for suffix in ["weight", "scales", "biases", "bias"] {
+                let Some(a) = tensors.remove(&format!("l{i}.{fused}.{suffix}")) else {
+                    continue;
+                };
+                let rows: i32 = parts.iter().map(|p| p.1).sum();
+                if a.shape().first() != Some(&rows) {
+                    return Err(Error::BadWeights(format!(
+                        "layer {i} {fused}_proj.{suffix} has shape {:?}, expected {rows} rows",
+                        a.shape()
+                    )));
+                }
+                let mut start = 0;
+                for (part, n) in &parts {
+                    let piece = a.try_index(start..start + n)?;
+                    tensors.insert(format!("l{i}.{part}.{suffix}"), piece);
+                    start += n;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hugging Face tensor names -> canonical names (see the module docs of `model`).
@@ -225,6 +369,10 @@ fn canonical(name: &str) -> String {
             "self_attn.k_proj" => "k",
             "self_attn.v_proj" => "v",
             "self_attn.o_proj" => "o",
+            "self_attn.qkv_proj" => "qkv",
+            "self_attn.q_norm" => "q_norm",
+            "self_attn.k_norm" => "k_norm",
+            "mlp.gate_up_proj" => "gate_up",
             "mlp.gate_proj" => "gate",
             "mlp.up_proj" => "up",
             "mlp.down_proj" => "down",
@@ -238,4 +386,108 @@ fn canonical(name: &str) -> String {
         return format!("embed.{s}");
     }
     name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(extra: Value) -> Result<ModelConfig> {
+        let mut cfg = json!({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100});
+        cfg.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (config, _) = parse_config(&cfg, Path::new("config.json"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn sliding_windows_as_transformers_applies_them() {
+        let windows = |extra| parse(extra).unwrap().layer_windows;
+        // Mistral and Phi-3: every layer; Llama and Qwen2 ignore a bare sliding_window.
+        let mistral = json!({"model_type": "mistral", "sliding_window": 4096});
+        assert_eq!(windows(mistral), vec![Some(4096); 2]);
+        let phi3 = json!({"model_type": "phi3", "sliding_window": 2047});
+        assert_eq!(windows(phi3), vec![Some(2047); 2]);
+        assert!(windows(json!({"sliding_window": 8})).is_empty());
+        let qwen = json!({"model_type": "qwen2", "sliding_window": 32768,
+            "use_sliding_window": false});
+        assert!(windows(qwen).is_empty());
+        assert!(windows(json!({"model_type": "mistral", "sliding_window": null})).is_empty());
+        let types = json!({"sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"]});
+        assert_eq!(windows(types), vec![Some(8), None]);
+        // Refused, never run with full attention instead.
+        let e = parse(json!({"model_type": "qwen2", "use_sliding_window": true})).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedArchitecture(_)), "{e}");
+        for bad in [
+            json!({"layer_types": ["full_attention"]}),
+            json!({"layer_types": ["sliding_attention", "full_attention"]}),
+            json!({"sliding_window": 0, "model_type": "mistral"}),
+            json!({"sliding_window": "8", "model_type": "mistral"}),
+        ] {
+            let e = parse(bad.clone()).unwrap_err();
+            assert!(matches!(e, Error::CorruptModel { .. }), "{bad}: {e}");
+        }
+        let e = parse(
+            json!({"sliding_window": 8, "layer_types": ["chunked_attention",
+            "full_attention"]}),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::UnsupportedArchitecture(_)), "{e}");
+    }
+
+    #[test]
+    fn phi3_partial_rotary_and_longrope() {
+        let c = parse(json!({"model_type": "phi3", "partial_rotary_factor": 0.75,
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "longrope", "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                             "short_factor": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}}))
+        .unwrap();
+        assert_eq!((c.head_dim, c.rope_dims), (16, 12));
+        let Some(RopeScaling::LongRope {
+            long_factor,
+            mscale,
+        }) = c.rope_scaling
+        else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!(long_factor, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let expected = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt() as f32;
+        assert!((mscale - expected).abs() < 1e-6, "{mscale} vs {expected}");
+        // Not extended: no scale.
+        let c = parse(
+            json!({"model_type": "phi3", "max_position_embeddings": 4096,
+            "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "su", "long_factor": vec![1.0; 8]}}),
+        )
+        .unwrap();
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::LongRope { mscale, .. }) if mscale == 1.0)
+        );
+        for bad in [
+            json!({"model_type": "phi3", "rope_scaling": {"type": "longrope",
+                "long_factor": [1.0, 2.0]}}),
+            json!({"model_type": "phi3", "rope_scaling": {"type": "longrope",
+                "long_factor": vec![-1.0; 8]}}),
+            json!({"model_type": "phi3", "partial_rotary_factor": 0.1}),
+        ] {
+            let e = parse(bad.clone()).unwrap_err();
+            assert!(matches!(e, Error::BadWeights(_)), "{bad}: {e}");
+        }
+        for bad in [
+            json!({"model_type": "phi3", "partial_rotary_factor": 1.5}),
+            json!({"model_type": "phi3", "rope_scaling": {"type": "longrope"}}),
+        ] {
+            let e = parse(bad.clone()).unwrap_err();
+            assert!(matches!(e, Error::CorruptModel { .. }), "{bad}: {e}");
+        }
+        // Longrope is Phi-3's; elsewhere it is refused by name.
+        let e =
+            parse(json!({"rope_scaling": {"type": "longrope", "long_factor": [1.0]}})).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedArchitecture(_)), "{e}");
+    }
 }

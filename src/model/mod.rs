@@ -1,7 +1,9 @@
 //! Model architectures and weight loading.
 //!
 //! One decoder implementation covers the Llama family (Llama 2/3.x with rope scaling, SmolLM2,
-//! Mistral-style) and Qwen2 (q/k/v biases). Weights come from a GGUF file ([`gguf`]) or an
+//! Mistral with its sliding window, layers of mixed sliding and full attention), Qwen2 (q/k/v
+//! biases), Qwen3 (per-head q/k norms) and Phi-3/Phi-4 (fused q/k/v and gate/up in the file,
+//! partial rotary embeddings, "longrope" scaling). Weights come from a GGUF file ([`gguf`]) or an
 //! MLX/Hugging Face folder ([`hf`]); both loaders translate tensor names to one canonical
 //! scheme (`embed`, `norm`, `lm_head`, `l{i}.{q,k,v,o,gate,up,down,attn_norm,ffn_norm}`).
 //!
@@ -46,6 +48,10 @@ pub enum Architecture {
     Llama,
     /// Qwen2: Llama layout with biases on the q/k/v projections.
     Qwen2,
+    /// Qwen3: Llama layout with an RMS norm over each head of the queries and keys.
+    Qwen3,
+    /// Phi-3 and Phi-4: Llama layout with q/k/v and gate/up stored fused.
+    Phi3,
 }
 
 impl Architecture {
@@ -54,6 +60,8 @@ impl Architecture {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -61,6 +69,8 @@ impl Architecture {
         match name {
             "llama" | "mistral" | "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Self::Llama),
             "qwen2" | "Qwen2ForCausalLM" => Ok(Self::Qwen2),
+            "qwen3" | "Qwen3ForCausalLM" => Ok(Self::Qwen3),
+            "phi3" | "Phi3ForCausalLM" => Ok(Self::Phi3),
             other => Err(Error::UnsupportedArchitecture(other.to_owned())),
         }
     }
@@ -78,6 +88,11 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: f32,
     },
+    /// Phi-3's `"longrope"` (or `"su"`) scaling as mlx-lm applies it: every rotated
+    /// dimension's period multiplied by its `long_factor`, and the rotated part of queries and
+    /// keys multiplied by `mscale` (sqrt(1 + ln(max / original) / ln(original)) when the
+    /// context was extended, else 1).
+    LongRope { long_factor: Vec<f32>, mscale: f32 },
 }
 
 /// Hyper-parameters of a decoder-only transformer.
@@ -96,8 +111,15 @@ pub struct ModelConfig {
     /// GGUF stores Q/K permuted for the interleaved ("traditional") rotary layout.
     pub rope_traditional: bool,
     pub rope_scaling: Option<RopeScaling>,
+    /// Dimensions of each head that rotary embeddings rotate (the first ones; Phi's
+    /// `partial_rotary_factor`). Equal to `head_dim` for most models.
+    pub rope_dims: usize,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// Per layer, the sliding window of its attention (a query sees the keys of at most this
+    /// many positions, its own included), or `None` for full attention. Empty: every layer
+    /// attends fully.
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 /// Largest values [`ModelConfig::validate`] accepts: far above any real model, low enough that
@@ -162,22 +184,62 @@ impl ModelConfig {
                 self.rope_theta
             ));
         }
+        if self.rope_dims < 2 || !self.rope_dims.is_multiple_of(2) || self.rope_dims > self.head_dim
+        {
+            return bad(format!(
+                "{} rotary dimensions for a head dimension of {} (a positive even number, at \
+                 most the head dimension)",
+                self.rope_dims, self.head_dim
+            ));
+        }
+        if !self.layer_windows.is_empty() && self.layer_windows.len() != self.num_layers {
+            return bad(format!(
+                "{} layer attention types for {} layers",
+                self.layer_windows.len(),
+                self.num_layers
+            ));
+        }
+        if self.layer_windows.contains(&Some(0)) {
+            return bad("a sliding window of 0 tokens".into());
+        }
         let positive = |x: f32| x.is_finite() && x > 0.0;
-        match self.rope_scaling {
-            Some(RopeScaling::Linear { factor }) if !positive(factor) => {
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !positive(*factor) => {
                 return bad(format!("linear rope scaling factor {factor}"));
             }
             None | Some(RopeScaling::Linear { .. }) => {}
+            Some(RopeScaling::LongRope {
+                long_factor,
+                mscale,
+            }) => {
+                if long_factor.len() != self.rope_dims / 2
+                    || !long_factor.iter().all(|&f| positive(f))
+                    || !positive(*mscale)
+                {
+                    return bad(format!(
+                        "longrope scaling needs {} positive factors (one per rotated pair) and \
+                         a positive scale: {} factors, scale {mscale}",
+                        self.rope_dims / 2,
+                        long_factor.len()
+                    ));
+                }
+                if let Some(f) = longrope_periods(long_factor, self.rope_theta, self.rope_dims)
+                    .into_iter()
+                    .find(|f| !positive(*f))
+                {
+                    return bad(format!("longrope scaling gives a period of {f}"));
+                }
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                let ok = positive(factor)
-                    && positive(low_freq_factor)
-                    && positive(high_freq_factor)
-                    && positive(original_max_position_embeddings)
+                let ok = positive(*factor)
+                    && positive(*low_freq_factor)
+                    && positive(*high_freq_factor)
+                    && positive(*original_max_position_embeddings)
                     && high_freq_factor > low_freq_factor;
                 if !ok {
                     return bad(format!(
@@ -187,7 +249,7 @@ impl ModelConfig {
                     ));
                 }
                 if let Some(f) =
-                    llama3_periods(self.rope_scaling.as_ref(), self.rope_theta, self.head_dim)
+                    llama3_periods(self.rope_scaling.as_ref(), self.rope_theta, self.rope_dims)
                         .into_iter()
                         .find(|f| !positive(*f))
                 {
@@ -208,6 +270,11 @@ struct Layer {
     /// gate, up (one matrix when fused).
     gate_up: Projections,
     down: Linear,
+    /// Qwen3's RMS norms over each query and key head (`[head_dim]`), before rotary embeddings.
+    q_norm: Option<Array>,
+    k_norm: Option<Array>,
+    /// The layer's sliding attention window, if any.
+    window: Option<usize>,
 }
 
 /// A loaded model: weights on the MLX device plus its tokenizer and chat template.
@@ -219,6 +286,9 @@ pub struct Model {
     layers: Vec<Layer>,
     rope_freqs: Option<Array>,
     rope_scale: f32,
+    /// Multiplies queries and keys before rotary embeddings (longrope's `mscale`, on the
+    /// rotated dimensions only): a scalar, or `[head_dim]` with partial rotary embeddings.
+    rope_input_scale: Option<Array>,
     copy_free_decode_attention: bool,
     pad_matmul_rows: bool,
     fast_exp: bool,
@@ -305,13 +375,22 @@ impl Model {
                     Ok(Projections::Separate(parts))
                 }
             };
+            let (qkv, o) = (group(vec![lin("q")?, lin("k")?, lin("v")?])?, lin("o")?);
+            let (gate_up, down) = (group(vec![lin("gate")?, lin("up")?])?, lin("down")?);
+            let qk_norms = config.architecture == Architecture::Qwen3;
+            let norm = |t: &mut HashMap<String, Array>, part: &str| {
+                take_tensor(t, &format!("l{i}.{part}.weight"))
+            };
             layers.push(Layer {
-                qkv: group(vec![lin("q")?, lin("k")?, lin("v")?])?,
-                o: lin("o")?,
-                gate_up: group(vec![lin("gate")?, lin("up")?])?,
-                down: lin("down")?,
-                attn_norm: take_tensor(t, &format!("l{i}.attn_norm.weight"))?,
-                ffn_norm: take_tensor(t, &format!("l{i}.ffn_norm.weight"))?,
+                qkv,
+                o,
+                gate_up,
+                down,
+                attn_norm: norm(t, "attn_norm")?,
+                ffn_norm: norm(t, "ffn_norm")?,
+                q_norm: qk_norms.then(|| norm(t, "q_norm")).transpose()?,
+                k_norm: qk_norms.then(|| norm(t, "k_norm")).transpose()?,
+                window: config.layer_windows.get(i).copied().flatten(),
             });
         }
         let lm_head = if t.contains_key("lm_head.weight") && !config.tie_word_embeddings {
@@ -322,13 +401,30 @@ impl Model {
         let embed = Embedding::take(t, "embed", group_size, dequantize)?;
         let norm = take_tensor(t, "norm.weight")?;
 
-        let head_dim = config.head_dim as i32;
+        let rope_dims = config.rope_dims as i32;
         let (rope_freqs, rope_scale) = match &config.rope_scaling {
             None => (None, 1.0),
             Some(RopeScaling::Linear { factor }) => (None, 1.0 / factor),
             Some(s @ RopeScaling::Llama3 { .. }) => {
-                (Some(llama3_freqs(s, config.rope_theta, head_dim)), 1.0)
+                (Some(llama3_freqs(s, config.rope_theta, rope_dims)), 1.0)
             }
+            Some(RopeScaling::LongRope { long_factor, .. }) => {
+                let periods = longrope_periods(long_factor, config.rope_theta, config.rope_dims);
+                (Some(Array::from_slice(&periods, &[rope_dims / 2])), 1.0)
+            }
+        };
+        let rope_input_scale = match &config.rope_scaling {
+            Some(RopeScaling::LongRope { mscale, .. }) if *mscale != 1.0 => {
+                Some(if config.rope_dims == config.head_dim {
+                    Array::from_f32(*mscale)
+                } else {
+                    let v: Vec<f32> = (0..config.head_dim)
+                        .map(|d| if d < config.rope_dims { *mscale } else { 1.0 })
+                        .collect();
+                    Array::from_slice(&v, &[config.head_dim as i32])
+                })
+            }
+            _ => None,
         };
         let quantized = layers.iter().any(|l| l.qkv.is_quantized());
         let model = Self {
@@ -339,6 +435,7 @@ impl Model {
             layers,
             rope_freqs,
             rope_scale,
+            rope_input_scale,
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
             // Checked once per process: a missing or broken run-time compiler costs speed.
@@ -423,6 +520,15 @@ impl Model {
                     l.ffn_norm.shape()
                 )));
             }
+            for (part, n) in [("q", &l.q_norm), ("k", &l.k_norm)] {
+                if let Some(n) = n.as_ref().filter(|n| n.shape() != [c.head_dim as i32]) {
+                    return Err(Error::BadWeights(format!(
+                        "layer {i} {part} norm has shape {:?}, expected [{}]",
+                        n.shape(),
+                        c.head_dim
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -435,6 +541,7 @@ impl Model {
         }
         for l in &self.layers {
             all.extend([&l.attn_norm, &l.ffn_norm]);
+            all.extend(l.q_norm.iter().chain(&l.k_norm));
             l.qkv.collect(&mut all);
             l.gate_up.collect(&mut all);
             for lin in [&l.o, &l.down] {
@@ -502,7 +609,10 @@ impl Model {
         let c = &self.config;
         let (h, kvh, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let offsets = Array::from_slice(&cache.offsets(), &[b]);
-        let mut mask = cache.mask(l as usize);
+        let full_mask = cache.mask(l as usize);
+        // Sliding-window layers: one mask per distinct window, built on first use.
+        let mut window_masks: Vec<(usize, AttentionMask)> = Vec::new();
+        let mut causal: Option<AttentionMask> = None;
         let scale = 1.0 / (hd as f32).sqrt();
         let pad = self.matmul_pad(b * l);
 
@@ -514,12 +624,33 @@ impl Model {
                 .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("q/k/v split".into()))?;
-            let q = q.reshape(&[b, l, h, hd])?.transpose_axes(&[0, 2, 1, 3])?;
-            let k = k.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
+            let (q, k) = (q.reshape(&[b, l, h, hd])?, k.reshape(&[b, l, kvh, hd])?);
+            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+                (Some(qn), Some(kn)) => (
+                    fast::rms_norm(&q, Some(qn), c.rms_norm_eps)?,
+                    fast::rms_norm(&k, Some(kn), c.rms_norm_eps)?,
+                ),
+                _ => (q, k),
+            };
+            let q = q.transpose_axes(&[0, 2, 1, 3])?;
+            let k = k.transpose_axes(&[0, 2, 1, 3])?;
             let v = v.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
             let q = self.rope(&q, &offsets)?;
             let k = self.rope(&k, &offsets)?;
             let (keys, values) = cache.update(i, &k, &v)?;
+            let mask = match layer.window {
+                None => &full_mask,
+                Some(w) => {
+                    let at = match window_masks.iter().position(|(x, _)| *x == w) {
+                        Some(at) => at,
+                        None => {
+                            window_masks.push((w, cache.window_mask(l as usize, w)));
+                            window_masks.len() - 1
+                        }
+                    };
+                    &window_masks[at].1
+                }
+            };
             // Decode steps: the copy-free matmul form. Prefill chunks: MLX's fused op, except
             // where convoy's own `exp` applies (CPU, float32), which only the matmul form can
             // use (the fused op's softmax is MLX's).
@@ -530,11 +661,17 @@ impl Model {
             let attn = if own {
                 if l > 1 && matches!(mask, AttentionMask::Causal) {
                     // Built once per forward pass, on first use.
-                    mask = AttentionMask::Array(causal_mask(l, keys.shape()[2]));
+                    causal.get_or_insert_with(|| {
+                        AttentionMask::Array(causal_mask(l, keys.shape()[2]))
+                    });
                 }
-                attention(&q, &keys, &values, scale, &mask, kvh, fast_exp)?
+                let mask = match (mask, &causal) {
+                    (AttentionMask::Causal, Some(m)) if l > 1 => m,
+                    _ => mask,
+                };
+                attention(&q, &keys, &values, scale, mask, kvh, fast_exp)?
             } else {
-                let attn = match &mask {
+                let attn = match mask {
                     AttentionMask::None => {
                         fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)?
                     }
@@ -605,9 +742,17 @@ impl Model {
         } else {
             Some(c.rope_theta)
         };
+        let scaled;
+        let x = match &self.rope_input_scale {
+            Some(s) => {
+                scaled = x.multiply(s)?;
+                &scaled
+            }
+            None => x,
+        };
         Ok(fast::rope_dynamic(
             x,
-            c.head_dim as i32,
+            c.rope_dims as i32,
             c.rope_traditional,
             base,
             self.rope_scale,
@@ -759,6 +904,15 @@ pub(crate) enum AttentionMask {
 fn llama3_freqs(s: &RopeScaling, theta: f32, dims: i32) -> Array {
     let freqs = llama3_periods(Some(s), theta, dims as usize);
     Array::from_slice(&freqs, &[dims / 2])
+}
+
+/// The `dims / 2` periods of longrope scaling: `long_factor[i] * theta^(2i / dims)`.
+pub(crate) fn longrope_periods(long_factor: &[f32], theta: f32, dims: usize) -> Vec<f32> {
+    long_factor
+        .iter()
+        .enumerate()
+        .map(|(i, f)| f * theta.powf((2 * i) as f32 / dims as f32))
+        .collect()
 }
 
 /// The `dims / 2` periods of Llama 3 rope scaling (empty for other scalings).

@@ -1,0 +1,300 @@
+//! Every model family against an independent implementation (issue 12): small random-weight
+//! models made by mlx-lm's own model classes (scripts/family-fixtures.sh, run here; float32
+//! and 4-bit), and mlx-lm's logits at every step of a greedy run of three prompts. convoy
+//! loads the same folders and must give the same logits (within [`TOL`]) and exactly the same
+//! tokens:
+//! - single sequence ([`generate_greedy_with_logits`]);
+//! - batched on the engine's runner: one row alone, two more prefilled as one left-padded
+//!   group in small chunks while it decodes and joining mid-decode, the first leaving when its
+//!   run ends, and its prompt joining again at another width.
+//!
+//! The sliding-window fixtures (mistral: every layer; llama-swa: sliding and full layers
+//! interleaved) use a window of 8 tokens, so prompts, chunks and generations all cross it.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::model_path;
+use convoy::mlx_rs::Array;
+use convoy::model::{self, LoadOptions, LoadedModel, WeightsPolicy};
+use convoy::runner::{generate_greedy_with_logits, MlxRunner};
+use convoy::sampling::Sampler;
+use convoy::scheduler::Runner;
+
+/// Largest |logit difference| allowed. The fixtures' logits have a standard deviation of about
+/// 8 (see scripts/family_oracle.py); float32 sums in another order differ by ~1e-5 of that.
+const TOL: f32 = 2e-3;
+
+/// Makes (once; cached) the fixtures and returns their folder and names.
+fn fixtures() -> (PathBuf, Vec<String>) {
+    let lm = model::load(model_path(), LoadOptions::default()).unwrap();
+    let tok_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("families-tokenizer");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    std::fs::write(
+        tok_dir.join("tokenizer.json"),
+        lm.tokenizer.to_json().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        tok_dir.join("tokenizer_config.json"),
+        r#"{"add_bos_token": false}"#,
+    )
+    .unwrap();
+    let eos: Vec<String> = lm.tokenizer.eos_ids().iter().map(u32::to_string).collect();
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/family-fixtures.sh"
+    ))
+    .arg("--tokenizer")
+    .arg(&tok_dir)
+    .args(["--eos", &eos.join(",")])
+    .args(["--vocab", &lm.tokenizer.vocab_size().to_string()])
+    .output()
+    .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "scripts/family-fixtures.sh failed");
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("families.json")).unwrap()).unwrap();
+    let names = index["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    (dir, names)
+}
+
+/// mlx-lm's run of one prompt: the prompt, the greedy tokens, each step's logits.
+struct Reference {
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn references(dir: &Path) -> Vec<Reference> {
+    let arrays: HashMap<String, Array> =
+        Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let ints = |name: &str| -> Vec<u32> {
+        arrays[name]
+            .as_slice::<i32>()
+            .iter()
+            .map(|&t| t as u32)
+            .collect()
+    };
+    (0..)
+        .take_while(|k| arrays.contains_key(&format!("prompt_{k}")))
+        .map(|k| {
+            let logits = &arrays[&format!("logits_{k}")];
+            let vocab = logits.shape()[1] as usize;
+            Reference {
+                prompt: ints(&format!("prompt_{k}")),
+                tokens: ints(&format!("tokens_{k}")),
+                logits: logits
+                    .as_slice::<f32>()
+                    .chunks(vocab)
+                    .map(<[f32]>::to_vec)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vocabulary sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// One prompt at a time, as mlx-lm ran them.
+fn check_single(name: &str, lm: &LoadedModel, refs: &[Reference]) -> f32 {
+    let mut worst = 0f32;
+    for (k, r) in refs.iter().enumerate() {
+        let (tokens, logits) =
+            generate_greedy_with_logits(lm, &r.prompt, r.tokens.len(), true).unwrap();
+        for (step, (ours, theirs)) in logits.iter().zip(&r.logits).enumerate() {
+            let d = max_diff(ours, theirs);
+            worst = worst.max(d);
+            assert!(d < TOL, "{name} prompt {k} step {step}: |logit diff| {d}");
+        }
+        assert_eq!(tokens, r.tokens, "{name} prompt {k}: greedy tokens");
+    }
+    worst
+}
+
+/// A running row: which reference, how many of its steps are checked, its next input.
+#[derive(Clone, Copy)]
+struct Row {
+    k: usize,
+    step: usize,
+    next: u32,
+}
+
+/// The batched schedule of the module docs on the engine's runner.
+fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
+    assert!(refs.len() >= 3);
+    let mut runner = MlxRunner::new(lm);
+    runner.keep_logits(true);
+    let mut worst = 0f32;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut samplers: Vec<Sampler> = Vec::new();
+    // Checks the last logits of `rows` (all rows after a decode step, the joining rows after a
+    // join) against their references, and advances them.
+    let mut check = |runner: &MlxRunner, rows: &mut [Row], toks: &[u32]| {
+        let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
+        let vocab = logits.len() / rows.len();
+        for (r, row) in rows.iter_mut().enumerate() {
+            let reference = &refs[row.k];
+            if row.step < reference.tokens.len() {
+                let d = max_diff(
+                    &logits[r * vocab..(r + 1) * vocab],
+                    &reference.logits[row.step],
+                );
+                worst = worst.max(d);
+                assert!(
+                    d < TOL,
+                    "{name} batched: prompt {} step {}: |logit diff| {d}",
+                    row.k,
+                    row.step
+                );
+                assert_eq!(
+                    toks[r], reference.tokens[row.step],
+                    "{name} batched: prompt {} step {}",
+                    row.k, row.step
+                );
+            }
+            *row = Row {
+                step: row.step + 1,
+                next: toks[r],
+                ..*row
+            };
+        }
+    };
+    let decode = |runner: &mut MlxRunner, rows: &[Row], samplers: &mut [Sampler]| {
+        let inputs: Vec<u32> = rows.iter().map(|r| r.next).collect();
+        let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
+        runner.decode(&inputs, &mut s, true).unwrap()
+    };
+    let new_sampler = |k: usize| Sampler::new(Default::default(), &refs[k].prompt);
+    let done = |rows: &[Row], k: usize| {
+        rows.iter()
+            .any(|r| r.k == k && r.step >= refs[k].tokens.len())
+    };
+
+    // Prompt 0 alone, two decode steps.
+    runner.start_prefill(&[&refs[0].prompt], &[None]).unwrap();
+    assert!(runner.prefill_step(1 << 20).unwrap());
+    samplers.push(new_sampler(0));
+    let toks = runner.join(&mut [&mut samplers[0]]).unwrap();
+    rows.push(Row {
+        k: 0,
+        step: 0,
+        next: 0,
+    });
+    check(&runner, &mut rows, &toks);
+    for _ in 0..2 {
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows, &toks);
+    }
+    // Prompts 1 and 2 (different lengths) prefill as one left-padded group, 5 columns at a
+    // time, while row 0 decodes; then they join.
+    runner
+        .start_prefill(&[&refs[1].prompt, &refs[2].prompt], &[None, None])
+        .unwrap();
+    while !runner.prefill_step(5).unwrap() {
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows, &toks);
+    }
+    let mut joining = vec![new_sampler(1), new_sampler(2)];
+    let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
+    let toks = runner.join(&mut s).unwrap();
+    samplers.append(&mut joining);
+    let at = rows.len();
+    rows.extend([1, 2].map(|k| Row {
+        k,
+        step: 0,
+        next: 0,
+    }));
+    check(&runner, &mut rows[at..], &toks);
+    // Decode until row 0's reference ends, then it leaves.
+    while !done(&rows, 0) {
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows, &toks);
+    }
+    runner.retain(&[1, 2]).unwrap();
+    rows.remove(0);
+    samplers.remove(0);
+    // Prompt 0 again, joining the two running rows at another width.
+    runner.start_prefill(&[&refs[0].prompt], &[None]).unwrap();
+    while !runner.prefill_step(3).unwrap() {
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows, &toks);
+    }
+    let mut joining = vec![new_sampler(0)];
+    let toks = runner.join(&mut [&mut joining[0]]).unwrap();
+    samplers.append(&mut joining);
+    rows.push(Row {
+        k: 0,
+        step: 0,
+        next: 0,
+    });
+    let at = rows.len() - 1;
+    check(&runner, &mut rows[at..], &toks);
+    while !(0..refs.len()).all(|k| done(&rows, k)) {
+        let toks = decode(&mut runner, &rows, &mut samplers);
+        check(&runner, &mut rows, &toks);
+    }
+    worst
+}
+
+#[test]
+fn every_family_matches_mlx_lm_step_by_step() {
+    let (dir, names) = fixtures();
+    for family in ["llama3", "qwen2", "qwen3", "mistral", "llama-swa", "phi3"] {
+        for variant in ["", "-q4"] {
+            let name = format!("{family}{variant}");
+            assert!(names.contains(&name), "fixture {name} missing");
+        }
+    }
+    for name in &names {
+        let folder = dir.join(name);
+        let refs = references(&folder);
+        // Quantized folders: dequantized at load (the CPU default) and kept quantized (what
+        // Metal and CUDA run).
+        let policies: &[WeightsPolicy] = if name.ends_with("-q4") {
+            &[WeightsPolicy::Auto, WeightsPolicy::KeepQuantized]
+        } else {
+            &[WeightsPolicy::Auto]
+        };
+        for &weights in policies {
+            let load = || {
+                model::load(
+                    &folder,
+                    LoadOptions {
+                        weights,
+                        ..Default::default()
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+            };
+            let lm = load();
+            let label = format!("{name} ({})", lm.model.weight_dtype());
+            assert_eq!(
+                lm.model.is_quantized(),
+                weights == WeightsPolicy::KeepQuantized,
+                "{label}"
+            );
+            let single = check_single(&label, &lm, &refs);
+            let batched = check_batched(&label, load(), &refs);
+            eprintln!(
+                "{label}: {}, max |logit diff| single {single:.1e}, batched {batched:.1e} \
+                 (tolerance {TOL:e})",
+                lm.model.config.architecture.as_str(),
+            );
+        }
+    }
+}
