@@ -142,6 +142,7 @@ def tiny_gguf(template, quantized=True, version=3, extra_kv=(), align=32, small_
         kv("llama.rope.freq_base", 6, 10000.0),
         kv("llama.attention.layer_norm_rms_epsilon", 6, 1e-5),
         kv("tokenizer.ggml.model", 8, "gpt2"),
+        kv("tokenizer.ggml.pre", 8, "smollm"),
         kv("tokenizer.ggml.tokens", 9, (8, tokens)),
         kv("tokenizer.ggml.token_type", 9, (5, types)),
         kv("tokenizer.ggml.merges", 9, (8, merges)),

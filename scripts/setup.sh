@@ -114,6 +114,8 @@ install_system_packages() {
   # tests/swift_module.rs checks the Swift package's module map with clang -fmodules;
   # tests/cpp_wrapper.rs also compiles the C++ wrapper with clang++.
   command -v clang >/dev/null && command -v clang++ >/dev/null || missing+=(clang)
+  # The HTTP server's tests drive it with curl; scripts/tokenizer-fixtures.sh downloads with it.
+  command -v curl >/dev/null || missing+=(curl)
   command -v "$PY" >/dev/null || missing+=(python3)
   "$PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   # scripts/test-python.sh makes a venv for the Python bindings' tests.

@@ -15,8 +15,12 @@ pub enum Error {
     #[error("model file {path} is corrupt or truncated: {reason}. Re-download it.")]
     CorruptModel { path: PathBuf, reason: String },
     /// The model uses an architecture convoy does not implement.
-    #[error("unsupported architecture {0:?}: convoy supports llama (Llama 2/3.x, SmolLM, Mistral-style) and qwen2")]
+    #[error("unsupported architecture {0:?}: convoy supports llama (Llama 2/3.x, SmolLM2), mistral, qwen2, qwen3 and phi3 (Phi-3, Phi-4)")]
     UnsupportedArchitecture(String),
+    /// The model's tokenizer is of a kind convoy cannot reproduce faithfully (e.g. a GGUF
+    /// pre-tokenizer it does not know).
+    #[error("unsupported tokenizer: {0}")]
+    UnsupportedTokenizer(String),
     /// The weights use a quantization convoy cannot run.
     #[error("unsupported quantization: {0}")]
     UnsupportedQuantization(String),

@@ -1,9 +1,10 @@
 //! Tokenizing (HF `tokenizers`), chat templates (`minijinja`), and incremental detokenizing.
 //!
 //! A tokenizer comes from `tokenizer.json` (+ `tokenizer_config.json`) in a model folder, or is
-//! built from GGUF metadata: a byte-level BPE over `tokenizer.ggml.tokens`/`merges` with the
-//! digit-splitting pre-tokenizer SmolLM/Llama-3 style models use, special tokens from the
-//! token types. Rendering a chat uses the model's own Jinja template.
+//! rebuilt from GGUF metadata as the `tokenizer.json` the model's Hugging Face tokenizer has:
+//! a byte-level BPE over `tokenizer.ggml.tokens`/`merges` with the pre-tokenizer that
+//! `tokenizer.ggml.pre` names, or a SentencePiece BPE from the tokens' scores; special tokens
+//! from the token types. Rendering a chat uses the model's own Jinja template.
 use std::path::Path;
 
 use minijinja::{context, Environment, Value as JinjaValue};
@@ -236,63 +237,213 @@ fn tokenizer_from_json(json: &[u8]) -> Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_bytes(json).map_err(tok_err)
 }
 
+/// The Llama 3 pre-tokenizer's split (also Qwen2's with `\p{N}` in place of `\p{N}{1,3}`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The normalizer, pre-tokenizer and BPE `ignore_merges` of the Hugging Face `tokenizer.json`
+/// of the models whose GGUF `tokenizer.ggml.pre` (llama.cpp's name) is `pre`. `None`: a name
+/// convoy does not know, which must not fall back to some other model's rules (the text
+/// would tokenize differently from how the model was trained, without any error).
+fn byte_level_pre(pre: &str) -> Option<(Value, Value, bool)> {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+               "use_regex": use_regex})
+    };
+    let split = |regex: &str| {
+        json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
+               "invert": false})
+    };
+    let sequence = |parts: Vec<Value>| json!({"type": "Sequence", "pretokenizers": parts});
+    Some(match pre {
+        // SmolLM/SmolLM2: single digits, then GPT-2's split.
+        "smollm" => (
+            Value::Null,
+            sequence(vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ]),
+            false,
+        ),
+        // GPT-2's split inside the byte-level step.
+        "gpt2" | "gpt-2" => (Value::Null, byte_level(true), false),
+        // Llama 3.x: numbers in groups of up to 3; a word in the vocabulary is one token
+        // whatever the merges say.
+        "llama-bpe" | "llama3" | "llama-v3" => (
+            Value::Null,
+            sequence(vec![split(LLAMA3_SPLIT), byte_level(false)]),
+            true,
+        ),
+        // Qwen2, Qwen2.5, Qwen3: NFC first, single digits.
+        "qwen2" => (
+            json!({"type": "NFC"}),
+            sequence(vec![split(QWEN2_SPLIT), byte_level(false)]),
+            false,
+        ),
+        _ => return None,
+    })
+}
+
+/// The `tokenizer.json` of a byte-level BPE GGUF vocabulary (`tokenizer.ggml.model = gpt2`).
+/// Control (3) and user-defined (4) tokens become added tokens, matched whole in the text.
+fn byte_level_spec(
+    pre: Option<&str>,
+    tokens: &[String],
+    types: &[i64],
+    merges: Vec<String>,
+) -> Result<Value> {
+    let (normalizer, pre_tokenizer, ignore_merges) =
+        byte_level_pre(pre.unwrap_or("")).ok_or_else(|| {
+            Error::UnsupportedTokenizer(match pre {
+                Some(p) => format!(
+                    "GGUF pre-tokenizer tokenizer.ggml.pre = {p:?} (convoy knows smollm, gpt2, \
+                     llama-bpe and qwen2; use the model's folder with tokenizer.json instead)"
+                ),
+                None => "a byte-level BPE GGUF without tokenizer.ggml.pre (convert the model \
+                         again with a recent llama.cpp, or use its folder with tokenizer.json)"
+                    .into(),
+            })
+        })?;
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": added_tokens(tokens, types, &[3, 4]),
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// The added tokens of a GGUF vocabulary: the tokens whose type is in `kinds` (2 unknown,
+/// 3 control, 4 user-defined), special unless user-defined. A type list longer than the
+/// token list describes no tokens beyond it.
+fn added_tokens(tokens: &[String], types: &[i64], kinds: &[i64]) -> Vec<Value> {
+    types
+        .iter()
+        .zip(tokens)
+        .enumerate()
+        .filter(|(_, (t, _))| kinds.contains(t))
+        .map(|(i, (&t, content))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": t != 4})
+        })
+        .collect()
+}
+
+/// The `tokenizer.json` of a SentencePiece BPE GGUF vocabulary (`tokenizer.ggml.model =
+/// llama`: Llama 2, Mistral v0.1-v0.3, ...), as Hugging Face's converter writes it: spaces as
+/// `▁` (and one in front, with `add_space_prefix`), unknown bytes as `<0xNN>` tokens, and BPE
+/// merges derived from the pieces' scores ([`sentencepiece_merges`]).
+fn sentencepiece_spec(
+    tokens: &[String],
+    scores: &[f64],
+    types: &[i64],
+    unk: Option<String>,
+    add_space_prefix: bool,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let (normalizer, strip) = if add_space_prefix {
+        (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, replace]}),
+            vec![json!({"type": "Strip", "content": " ", "start": 1, "stop": 0})],
+        )
+    } else {
+        (replace, vec![])
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    decoders.extend(strip);
+    let merges: Vec<String> = sentencepiece_merges(tokens, scores)
+        .into_iter()
+        .map(|(l, r)| format!("{l} {r}"))
+        .collect();
+    json!({
+        "version": "1.0",
+        "added_tokens": added_tokens(tokens, types, &[2, 3, 4]),
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}
+
+/// BPE merges equivalent to a SentencePiece BPE model, as Hugging Face's
+/// `SentencePieceExtractor` derives them: every split of every piece into two pieces of the
+/// vocabulary, ranked by the merged piece's score (highest first; ties keep vocabulary
+/// order), the splits of one piece by their parts' ids.
+fn sentencepiece_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(&str, &str)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (ids[l], ids[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (l, r, score)));
+    }
+    // Stable: equal scores keep their order.
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_owned(), r.to_owned()))
+        .collect()
+}
+
 impl Tokenizer {
-    /// Builds the tokenizer described by a GGUF file's metadata.
+    /// The tokenizer a GGUF file describes, read without MLX and without the weights (a
+    /// llama.cpp vocab-only file is enough). The file's structure is checked first.
+    pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_gguf(&crate::model::gguf::read_metadata(path.as_ref())?)
+    }
+
+    /// Builds the tokenizer described by a GGUF file's metadata: the `tokenizer.json` the
+    /// model's own Hugging Face tokenizer has, rebuilt from the vocabulary, merges (or
+    /// SentencePiece scores) and token types, with the pre-tokenizer that
+    /// `tokenizer.ggml.pre` names (see [`byte_level_pre`]).
     pub(crate) fn from_gguf(meta: &impl Metadata) -> Result<Self> {
         let corrupt = |reason: String| Error::CorruptModel {
             path: meta.path().to_owned(),
             reason,
         };
         let model = meta.string("tokenizer.ggml.model")?;
-        if model.as_deref() != Some("gpt2") {
-            return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model {model:?} is not supported (convoy builds byte-level BPE \
-                 'gpt2' tokenizers from GGUF; use the model's folder with tokenizer.json instead)"
-            )));
-        }
         let tokens = meta
             .strings("tokenizer.ggml.tokens")?
             .ok_or_else(|| corrupt("no tokenizer.ggml.tokens".into()))?;
-        let merges = meta.strings("tokenizer.ggml.merges")?.unwrap_or_default();
         // A missing or unreadable type list means every token is a normal one.
         let types = meta
             .integers("tokenizer.ggml.token_type")
             .ok()
             .flatten()
             .unwrap_or_default();
-        let vocab: serde_json::Map<String, Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
-        // Control (3) and user-defined (4) tokens are matched whole in the input text. A type
-        // list longer than the token list describes no tokens beyond it.
-        let added: Vec<Value> = types
-            .iter()
-            .zip(&tokens)
-            .enumerate()
-            .filter(|(_, (&t, _))| t == 3 || t == 4)
-            .map(|(i, (&t, content))| {
-                json!({"id": i, "content": content, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": t == 3})
-            })
-            .collect();
-        let spec = json!({
-            "version": "1.0",
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
-            ]},
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges}
-        });
-        let inner = tokenizer_from_json(spec.to_string().as_bytes())?;
         let id = |key: &str| -> Result<Option<u32>> {
             match meta.number(key)? {
                 // -1 or other non-ids mean "none".
@@ -302,6 +453,41 @@ impl Tokenizer {
                 _ => Ok(None),
             }
         };
+        let spec = match model.as_deref() {
+            Some("gpt2") => {
+                let pre = meta.string("tokenizer.ggml.pre")?;
+                let merges = meta.strings("tokenizer.ggml.merges")?.unwrap_or_default();
+                byte_level_spec(pre.as_deref(), &tokens, &types, merges)?
+            }
+            Some("llama") => {
+                let scores = meta
+                    .floats("tokenizer.ggml.scores")?
+                    .ok_or_else(|| corrupt("a SentencePiece vocabulary without scores".into()))?;
+                if scores.len() != tokens.len() {
+                    return Err(corrupt(format!(
+                        "{} scores for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    )));
+                }
+                let add_space_prefix = meta
+                    .number("tokenizer.ggml.add_space_prefix")
+                    .ok()
+                    .flatten()
+                    .is_none_or(|v| v != 0.0);
+                let unk = id("tokenizer.ggml.unknown_token_id")?
+                    .and_then(|i| tokens.get(i as usize).cloned());
+                sentencepiece_spec(&tokens, &scores, &types, unk, add_space_prefix)
+            }
+            other => {
+                return Err(Error::UnsupportedTokenizer(format!(
+                    "GGUF tokenizer model {other:?} (convoy builds byte-level BPE \"gpt2\" and \
+                     SentencePiece \"llama\" tokenizers from GGUF; use the model's folder with \
+                     tokenizer.json instead)"
+                )))
+            }
+        };
+        let inner = tokenizer_from_json(spec.to_string().as_bytes())?;
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
         let add_bos = meta

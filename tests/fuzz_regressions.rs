@@ -8,6 +8,10 @@ use convoy::fuzzing;
 use convoy::model::{self, LoadOptions};
 use convoy::Error;
 
+#[path = "common/gguf.rs"]
+mod gguf;
+use gguf::Gguf;
+
 type Entry = fn(&[u8]) -> convoy::Result<()>;
 
 /// Every committed fuzzer finding under tests/data/fuzz/<target>/ must now run clean: no
@@ -33,80 +37,6 @@ fn all_committed_findings_run_clean() {
             let path = f.unwrap().path();
             let _ = entry(&std::fs::read(&path).unwrap());
         }
-    }
-}
-
-/// A minimal GGUF writer for hand-made inputs.
-#[derive(Default)]
-struct Gguf {
-    kvs: Vec<u8>,
-    n_kv: u64,
-}
-
-impl Gguf {
-    fn key(&mut self, key: &str, ty: u32) -> &mut Vec<u8> {
-        self.n_kv += 1;
-        self.kvs.extend((key.len() as u64).to_le_bytes());
-        self.kvs.extend(key.as_bytes());
-        self.kvs.extend(ty.to_le_bytes());
-        &mut self.kvs
-    }
-    fn u32(&mut self, key: &str, v: u32) -> &mut Self {
-        self.key(key, 4).extend(v.to_le_bytes());
-        self
-    }
-    fn string(&mut self, key: &str, v: &str) -> &mut Self {
-        let out = self.key(key, 8);
-        out.extend((v.len() as u64).to_le_bytes());
-        out.extend(v.as_bytes());
-        self
-    }
-    fn strings(&mut self, key: &str, v: &[&str]) -> &mut Self {
-        let out = self.key(key, 9);
-        out.extend(8u32.to_le_bytes());
-        out.extend((v.len() as u64).to_le_bytes());
-        for s in v {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
-        }
-        self
-    }
-    fn i32s(&mut self, key: &str, v: &[i32]) -> &mut Self {
-        let out = self.key(key, 9);
-        out.extend(5u32.to_le_bytes());
-        out.extend((v.len() as u64).to_le_bytes());
-        for x in v {
-            out.extend(x.to_le_bytes());
-        }
-        self
-    }
-    /// The file, with no tensors.
-    fn bytes(&self) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(0u64.to_le_bytes());
-        b.extend(self.n_kv.to_le_bytes());
-        b.extend(&self.kvs);
-        b
-    }
-    /// The file with one F32 tensor `t` holding `values`, its data aligned to `align`.
-    fn with_tensor(&self, values: &[f32], align: usize) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(1u64.to_le_bytes());
-        b.extend(self.n_kv.to_le_bytes());
-        b.extend(&self.kvs);
-        b.extend(1u64.to_le_bytes());
-        b.push(b't');
-        b.extend(1u32.to_le_bytes());
-        b.extend((values.len() as u64).to_le_bytes());
-        b.extend(0u32.to_le_bytes()); // F32
-        b.extend(0u64.to_le_bytes()); // offset
-        b.resize(b.len().div_ceil(align) * align, 0);
-        for v in values {
-            b.extend(v.to_le_bytes());
-        }
-        b
     }
 }
 
@@ -147,6 +77,7 @@ fn gguf_token_types_longer_than_tokens() {
         .u32("llama.block_count", 1)
         .u32("llama.feed_forward_length", 16)
         .string("tokenizer.ggml.model", "gpt2")
+        .string("tokenizer.ggml.pre", "gpt2")
         .strings("tokenizer.ggml.tokens", &["a", "b"])
         .i32s("tokenizer.ggml.token_type", &[1, 1, 3, 3])
         .bytes();

@@ -80,9 +80,9 @@ impl From<&Error> for convoy_status {
         match e {
             Error::ModelNotFound { .. } => Self::ModelNotFound,
             Error::CorruptModel { .. } | Error::BadWeights(_) => Self::CorruptModel,
-            Error::UnsupportedArchitecture(_) | Error::UnsupportedQuantization(_) => {
-                Self::UnsupportedModel
-            }
+            Error::UnsupportedArchitecture(_)
+            | Error::UnsupportedQuantization(_)
+            | Error::UnsupportedTokenizer(_) => Self::UnsupportedModel,
             Error::TokenizerMismatch(_) | Error::Tokenizer(_) => Self::TokenizerError,
             Error::Template(_) => Self::TemplateError,
             Error::Mlx(_) => Self::MlxError,

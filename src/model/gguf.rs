@@ -117,6 +117,8 @@ pub(crate) trait Metadata {
     fn number(&self, key: &str) -> Result<Option<f64>>;
     /// An array of integers; `None` when absent.
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>>;
+    /// An array of numbers; `None` when absent.
+    fn floats(&self, key: &str) -> Result<Option<Vec<f64>>>;
 }
 
 /// The metadata of a file MLX loaded.
@@ -154,6 +156,16 @@ impl Metadata for MlxMetadata<'_> {
         match self.file.get_metadata_array(key) {
             Ok(Some(a)) => Ok(Some(
                 a.to_vec_cast::<i64>().map_err(|e| bad(e.to_string()))?,
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(bad(e.to_string())),
+        }
+    }
+    fn floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
+        match self.file.get_metadata_array(key) {
+            Ok(Some(a)) => Ok(Some(
+                a.to_vec_cast::<f64>().map_err(|e| bad(e.to_string()))?,
             )),
             Ok(None) => Ok(None),
             Err(e) => Err(bad(e.to_string())),
@@ -221,6 +233,30 @@ impl Metadata for CollectedMetadata {
             Some(_) => Err(self.wrong(key, "an array of integers")),
         }
     }
+    fn floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Number(n)) => Ok(Some(vec![*n])),
+            Some(MetaValue::Numbers(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(self.wrong(key, "an array of numbers")),
+        }
+    }
+}
+
+/// The metadata of a GGUF file, walked from disk without MLX and without reading the tensors
+/// (the structural check of [`validate`] runs on the way).
+pub(crate) fn read_metadata(path: &Path) -> Result<CollectedMetadata> {
+    let f = File::open(path).map_err(|e| Error::ModelNotFound {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut meta = CollectedMetadata {
+        path: path.to_owned(),
+        ..Default::default()
+    };
+    validate_reader(BufReader::new(f), size, path, Some(&mut meta))?;
+    Ok(meta)
 }
 
 /// GGUF tensor names -> the canonical names `Model::from_tensors` expects.
