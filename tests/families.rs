@@ -8,9 +8,15 @@
 //!   group in small chunks while it decodes and joining mid-decode, the first leaving when its
 //!   run ends, and its prompt joining again at another width.
 //!
+//! The llama3 and qwen2 fixtures are also written as GGUF files the way llama.cpp's converter
+//! writes them (Llama's q/k rows permuted for the interleaved rotary layout, Llama 3's rope
+//! scaling as `rope_freqs.weight`, the tokenizer as GGUF metadata) and must give the same.
+//!
 //! The sliding-window fixtures (mistral: every layer; llama-swa: sliding and full layers
 //! interleaved) use a window of 8 tokens, so prompts, chunks and generations all cross it.
 mod common;
+#[path = "common/gguf.rs"]
+mod gguf;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -296,5 +302,157 @@ fn every_family_matches_mlx_lm_step_by_step() {
                 lm.model.config.architecture.as_str(),
             );
         }
+    }
+}
+
+/// llama.cpp's `LlamaModel.permute`: q/k rows reordered so that the interleaved rotary layout
+/// of GGUF's "normal" rope computes what the Hugging Face (halves) layout does.
+fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let half = rows / heads / 2;
+    let mut out = vec![0f32; w.len()];
+    // [heads, 2, half, cols] -> [heads, half, 2, cols]
+    for h in 0..heads {
+        for two in 0..2 {
+            for i in 0..half {
+                let src = ((h * 2 + two) * half + i) * cols;
+                let dst = ((h * half + i) * 2 + two) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The float32 fixture `name` as llama.cpp's converter would write it to GGUF.
+fn write_gguf(folder: &Path, path: &Path) {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("config.json")).unwrap()).unwrap();
+    let arch = config["model_type"].as_str().unwrap();
+    let int = |k: &str| config[k].as_u64().unwrap() as usize;
+    let (hidden, heads, kv_heads) = (
+        int("hidden_size"),
+        int("num_attention_heads"),
+        int("num_key_value_heads"),
+    );
+    let head_dim = config["head_dim"]
+        .as_u64()
+        .map_or(hidden / heads, |v| v as usize);
+    let theta = config["rope_theta"].as_f64().unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("tokenizer.json")).unwrap()).unwrap();
+    let mut g = gguf::gguf_from_tokenizer_json(&tok, &gguf::Kind::ByteLevel(Some("smollm")));
+    g.string("general.architecture", arch)
+        .u32(
+            &format!("{arch}.context_length"),
+            int("max_position_embeddings") as u32,
+        )
+        .u32(&format!("{arch}.embedding_length"), hidden as u32)
+        .u32(
+            &format!("{arch}.block_count"),
+            int("num_hidden_layers") as u32,
+        )
+        .u32(
+            &format!("{arch}.feed_forward_length"),
+            int("intermediate_size") as u32,
+        )
+        .u32(&format!("{arch}.attention.head_count"), heads as u32)
+        .u32(&format!("{arch}.attention.head_count_kv"), kv_heads as u32)
+        .u32(&format!("{arch}.rope.dimension_count"), head_dim as u32)
+        .f32(&format!("{arch}.rope.freq_base"), theta as f32)
+        .f32(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            config["rms_norm_eps"].as_f64().unwrap() as f32,
+        )
+        .u32(
+            "tokenizer.ggml.eos_token_id",
+            config["eos_token_id"][0].as_u64().unwrap() as u32,
+        );
+    let arrays: HashMap<String, Array> =
+        Array::load_safetensors(folder.join("model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for (name, a) in &arrays {
+        let shape: Vec<usize> = a.shape().iter().map(|&d| d as usize).collect();
+        let mut values = a.as_slice::<f32>().to_vec();
+        let gguf_name = if let Some(rest) = name.strip_prefix("model.layers.") {
+            let (layer, part) = rest.split_once('.').unwrap();
+            let (part, suffix) = part.rsplit_once('.').unwrap();
+            let llama = arch == "llama";
+            let part = match part {
+                "self_attn.q_proj" if llama => {
+                    values = permute_rows(&values, shape[0], shape[1], heads);
+                    "attn_q"
+                }
+                "self_attn.k_proj" if llama => {
+                    values = permute_rows(&values, shape[0], shape[1], kv_heads);
+                    "attn_k"
+                }
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                other => panic!("{other}"),
+            };
+            format!("blk.{layer}.{part}.{suffix}")
+        } else {
+            match name.as_str() {
+                "model.embed_tokens.weight" => "token_embd.weight".into(),
+                "model.norm.weight" => "output_norm.weight".into(),
+                "lm_head.weight" => "output.weight".into(),
+                other => panic!("{other}"),
+            }
+        };
+        tensors.push((gguf_name, shape, values));
+    }
+    // Llama 3 rope scaling: llama.cpp's per-dimension factors.
+    if let Some(s) = config["rope_scaling"].as_object() {
+        let f = |k: &str| s[k].as_f64().unwrap();
+        let (factor, low, high, old) = (
+            f("factor"),
+            f("low_freq_factor"),
+            f("high_freq_factor"),
+            f("original_max_position_embeddings"),
+        );
+        let factors: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                (if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }) as f32
+            })
+            .collect();
+        tensors.push(("rope_freqs.weight".into(), vec![factors.len()], factors));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    std::fs::write(path, g.with_tensors(&tensors, 32)).unwrap();
+}
+
+#[test]
+fn gguf_files_match_mlx_lm_step_by_step() {
+    let (dir, _) = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama3", "qwen2"] {
+        let folder = dir.join(name);
+        let path = tmp.path().join(format!("{name}.gguf"));
+        write_gguf(&folder, &path);
+        let refs = references(&folder);
+        let load =
+            || model::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let label = format!("{name} (GGUF)");
+        let lm = load();
+        assert_eq!(lm.model.config.rope_traditional, name == "llama3");
+        let single = check_single(&label, &lm, &refs);
+        let batched = check_batched(&label, load(), &refs);
+        eprintln!("{label}: max |logit diff| single {single:.1e}, batched {batched:.1e}");
     }
 }

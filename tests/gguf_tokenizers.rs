@@ -19,7 +19,7 @@ use std::process::Command;
 
 use convoy::tokenizer::Tokenizer;
 use convoy::Error;
-use gguf::Gguf;
+use gguf::{gguf_from_tokenizer_json, Gguf, Kind};
 use serde_json::Value;
 
 const TEXTS: &[&str] = &[
@@ -101,114 +101,6 @@ fn reference(tokenizer_json: &Path, dir: &Path) -> (Vec<Vec<u32>>, Vec<String>) 
         .map(|s| s.as_str().unwrap().to_owned())
         .collect();
     (ids, decoded)
-}
-
-/// How llama.cpp's converter (convert_hf_to_gguf.py) stores the vocabulary.
-enum Kind {
-    /// Byte-level BPE with this `tokenizer.ggml.pre` (None: left out).
-    ByteLevel(Option<&'static str>),
-    /// SentencePiece BPE (Llama 2).
-    SentencePiece,
-}
-
-/// The GGUF tokenizer metadata of a `tokenizer.json`, as llama.cpp writes it: every id's
-/// token (`[PADn]` for unused ids), types (1 normal, 2 unknown, 3 control = special added
-/// token, 4 user-defined = other added token, 5 unused, 6 byte), merges as "a b", and for
-/// SentencePiece scores. The Hugging Face file has no scores (llama.cpp reads them from
-/// `tokenizer.model`), but its merges were derived from them, ranked by the merged piece's
-/// score: so a piece's score here is minus the rank of the first merge that makes it (pieces
-/// no merge makes come last), which orders the pieces as the real scores do.
-fn gguf_from_tokenizer_json(json: &Value, kind: &Kind) -> Gguf {
-    let model = &json["model"];
-    let mut tokens: Vec<Option<String>> = Vec::new();
-    let mut types: Vec<i32> = Vec::new();
-    let mut put = |id: usize, piece: &str, ty: i32| {
-        if tokens.len() <= id {
-            tokens.resize(id + 1, None);
-            types.resize(id + 1, 5);
-        }
-        tokens[id] = Some(piece.to_owned());
-        types[id] = ty;
-    };
-    for (piece, id) in model["vocab"].as_object().unwrap() {
-        let id = id.as_u64().unwrap() as usize;
-        let byte = piece.len() == 6 && piece.starts_with("<0x") && piece.ends_with('>');
-        let ty = if matches!(kind, Kind::SentencePiece) && byte {
-            6
-        } else {
-            1
-        };
-        put(id, piece, ty);
-    }
-    let unk = model["unk_token"].as_str();
-    for added in json["added_tokens"].as_array().unwrap() {
-        let content = added["content"].as_str().unwrap();
-        let ty = if Some(content) == unk {
-            2
-        } else if added["special"].as_bool().unwrap() {
-            3
-        } else {
-            4
-        };
-        put(added["id"].as_u64().unwrap() as usize, content, ty);
-    }
-    let tokens: Vec<String> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
-        .collect();
-    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    let mut g = Gguf::default();
-    g.string("general.architecture", "llama")
-        .strings("tokenizer.ggml.tokens", &token_refs)
-        .i32s("tokenizer.ggml.token_type", &types);
-    match kind {
-        Kind::ByteLevel(pre) => {
-            let merges: Vec<String> = model["merges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| match m {
-                    Value::String(s) => s.clone(),
-                    Value::Array(p) => {
-                        format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap())
-                    }
-                    other => panic!("merge {other}"),
-                })
-                .collect();
-            let merge_refs: Vec<&str> = merges.iter().map(String::as_str).collect();
-            g.string("tokenizer.ggml.model", "gpt2")
-                .strings("tokenizer.ggml.merges", &merge_refs);
-            if let Some(pre) = pre {
-                g.string("tokenizer.ggml.pre", pre);
-            }
-        }
-        Kind::SentencePiece => {
-            let mut rank: std::collections::HashMap<String, usize> = Default::default();
-            let merges = model["merges"].as_array().unwrap();
-            for (r, m) in merges.iter().enumerate() {
-                let (l, rt) = match m {
-                    Value::String(s) => s.split_once(' ').unwrap(),
-                    Value::Array(p) => (p[0].as_str().unwrap(), p[1].as_str().unwrap()),
-                    other => panic!("merge {other}"),
-                };
-                rank.entry(format!("{l}{rt}")).or_insert(r);
-            }
-            let scores: Vec<f32> = tokens
-                .iter()
-                .enumerate()
-                .map(|(i, t)| -(rank.get(t).copied().unwrap_or(merges.len() + i) as f32))
-                .collect();
-            g.string("tokenizer.ggml.model", "llama")
-                .f32s("tokenizer.ggml.scores", &scores)
-                .bool("tokenizer.ggml.add_space_prefix", true);
-            if let Some(unk) = unk {
-                let id = tokens.iter().position(|t| t == unk).unwrap();
-                g.u32("tokenizer.ggml.unknown_token_id", id as u32);
-            }
-        }
-    }
-    g
 }
 
 fn load(dir: &Path, name: &str, g: &Gguf) -> convoy::Result<Tokenizer> {

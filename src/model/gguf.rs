@@ -38,6 +38,26 @@ pub(crate) fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
         .filter(|n| !n.trim().is_empty())
         .unwrap_or_else(|| super::file_name(path));
     let mut tensors = canonical_names(file.arrays().map_err(|e| corrupt(path, e.to_string()))?);
+    // Llama 3.1+ rope scaling travels as per-dimension factors (`rope_freqs.weight`), each
+    // dividing its frequency: the same as multiplying its period, as longrope does.
+    if let Some(f) = tensors.remove("rope_freqs.weight") {
+        let f = f.as_type::<f32>()?;
+        f.eval()?;
+        if config.rope_scaling.is_some() || f.ndim() != 1 {
+            return Err(corrupt(
+                path,
+                format!(
+                    "rope_freqs.weight of shape {:?} with {:?}",
+                    f.shape(),
+                    config.rope_scaling
+                ),
+            ));
+        }
+        config.rope_scaling = Some(RopeScaling::LongRope {
+            long_factor: f.as_slice::<f32>().to_vec(),
+            mscale: 1.0,
+        });
+    }
     let tie = !tensors.contains_key("lm_head.weight");
     config.vocab_size = tokenizer.vocab_size();
     config.tie_word_embeddings = tie;
@@ -90,7 +110,9 @@ pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
         vocab_size: 0,
         rms_norm_eps: num("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,
         rope_theta: num("rope.freq_base")?.unwrap_or(10000.0) as f32,
-        rope_traditional: true,
+        // llama.cpp's converter permutes Llama's q/k rows for the interleaved ("normal")
+        // rotary layout; Qwen2's stay as they are, rotated in halves ("neox").
+        rope_traditional: architecture == Architecture::Llama,
         rope_scaling,
         max_position_embeddings: num("context_length")?.unwrap_or(4096.0) as usize,
         tie_word_embeddings: false,

@@ -91,7 +91,8 @@ pub enum RopeScaling {
     /// Phi-3's `"longrope"` (or `"su"`) scaling as mlx-lm applies it: every rotated
     /// dimension's period multiplied by its `long_factor`, and the rotated part of queries and
     /// keys multiplied by `mscale` (sqrt(1 + ln(max / original) / ln(original)) when the
-    /// context was extended, else 1).
+    /// context was extended, else 1). Also a GGUF's `rope_freqs.weight` (llama.cpp's Llama 3
+    /// scaling), with `mscale` 1.
     LongRope { long_factor: Vec<f32>, mscale: f32 },
 }
 
