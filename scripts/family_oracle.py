@@ -115,10 +115,31 @@ FAMILIES = {
         ),
         {},
     ),
+    # Gemma 3: layers 0 and 2 slide (own rope base, no scaling), layer 1 is global (linear
+    # scaling); hidden 128, whose sqrt rounds differently in bfloat16; tied embeddings.
+    "gemma3": (
+        dict(
+            model_type="gemma3_text",
+            architectures=["Gemma3ForCausalLM"],
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            rope_scaling=dict(rope_type="linear", factor=8.0),
+            sliding_window=WINDOW,
+            sliding_window_pattern=2,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+        {},
+    ),
 }
 
 
-def random_weights(model, seed):
+def random_weights(model, seed, norm_base=1.0, embed_std=1.0):
     """Seeded weights with well separated logits: embeddings and lm_head N(0, 1) (logits of
     standard deviation ~sqrt(hidden)), other matrices N(0, 1/fan_in), norms 1 + N(0, 0.1^2),
     biases N(0, 0.1^2)."""
@@ -126,10 +147,12 @@ def random_weights(model, seed):
     for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
         z = mx.random.normal(p.shape, key=mx.random.key(seed * 1000 + i))
         if "norm" in name:
-            v = 1.0 + 0.1 * z
+            v = norm_base + 0.1 * z
         elif name.endswith("bias"):
             v = 0.1 * z
-        elif "embed_tokens" in name or "lm_head" in name:
+        elif "embed_tokens" in name:
+            v = embed_std * z
+        elif "lm_head" in name:
             v = z
         elif "o_proj" in name or "down_proj" in name:
             # Layers that write to the residual stream strongly enough that a tied
@@ -185,7 +208,14 @@ def main():
         config = dict(BASE, vocab_size=vocab, eos_token_id=args.eos, **cfg)
         model_cls, args_cls = _get_classes(config)
         model = model_cls(args_cls.from_dict(dict(config, **mlx_override)))
-        random_weights(model, 100 + seed)
+        if name == "gemma3":
+            model.sanitize({})  # no lm_head: tied, as Gemma 3 checkpoints are
+        if name == "gemma3":
+            # Norms scale by 1 + weight. The embeddings are scaled up by sqrt(hidden) and tied:
+            # small enough that the layers' (normed) outputs move the residual stream.
+            random_weights(model, 100 + seed, 0.0, 0.5 / config["hidden_size"] ** 0.5)
+        else:
+            random_weights(model, 100 + seed)
         for variant in ("", "-q4"):
             folder = args.out / f"{name}{variant}"
             conf = dict(config)

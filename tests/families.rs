@@ -260,7 +260,15 @@ fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
 #[test]
 fn every_family_matches_mlx_lm_step_by_step() {
     let (dir, names) = fixtures();
-    for family in ["llama3", "qwen2", "qwen3", "mistral", "llama-swa", "phi3"] {
+    for family in [
+        "llama3",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "llama-swa",
+        "phi3",
+        "gemma3",
+    ] {
         for variant in ["", "-q4"] {
             let name = format!("{family}{variant}");
             assert!(names.contains(&name), "fixture {name} missing");

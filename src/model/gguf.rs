@@ -106,6 +106,8 @@ pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
         head_dim,
         rope_dims: num("rope.dimension_count")?.map_or(head_dim, |v| v as usize),
         layer_windows: Vec::new(),
+        query_pre_attn_scalar: None,
+        rope_local_theta: None,
         intermediate_size: need("feed_forward_length")? as usize,
         vocab_size: 0,
         rms_norm_eps: num("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32,

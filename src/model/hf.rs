@@ -41,6 +41,9 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
         tensors.remove("lm_head.weight");
     }
     split_fused(&mut tensors, &config)?;
+    if config.architecture == Architecture::Gemma3 {
+        gemma_norms(&mut tensors, config.num_layers);
+    }
     let model = Model::from_tensors(config, tensors, group_size, options)?;
     Ok(LoadedModel {
         model,
@@ -226,11 +229,14 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
         _ => 64,
     };
     let num_layers = need("num_hidden_layers")?;
+    let gemma = architecture == Architecture::Gemma3;
     // Phi-3 derives the head size from the width (mlx-lm ignores a `head_dim` key there).
     let head_dim = match architecture {
         Architecture::Phi3 => hidden / heads.max(1),
+        Architecture::Gemma3 => int("head_dim").unwrap_or(256),
         _ => int("head_dim").unwrap_or(hidden / heads.max(1)),
     };
+    let float = |key: &str| cfg[key].as_f64().map(|v| v as f32);
     let rope_dims = match cfg["partial_rotary_factor"].as_f64() {
         Some(f) if f > 0.0 && f <= 1.0 => (head_dim as f64 * f) as usize,
         Some(f) => return Err(bad(format!("partial_rotary_factor {f} is not in (0, 1]"))),
@@ -246,14 +252,25 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
         head_dim,
         intermediate_size: need("intermediate_size")?,
         vocab_size: need("vocab_size")?,
-        rms_norm_eps: cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
-        rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+        // Gemma 3's defaults are Transformers' Gemma3TextConfig's.
+        rms_norm_eps: float("rms_norm_eps").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
+        rope_theta: float("rope_theta").unwrap_or(if gemma { 1e6 } else { 1e4 }),
         rope_traditional: cfg["rope_traditional"].as_bool().unwrap_or(false),
         rope_scaling,
         rope_dims,
         max_position_embeddings: int("max_position_embeddings").unwrap_or(4096),
-        tie_word_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(false),
+        tie_word_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(gemma),
         layer_windows,
+        query_pre_attn_scalar: if gemma {
+            Some(float("query_pre_attn_scalar").unwrap_or(256.0))
+        } else {
+            None
+        },
+        rope_local_theta: if gemma {
+            Some(float("rope_local_base_freq").unwrap_or(10000.0))
+        } else {
+            None
+        },
     };
     Ok((config, group_size))
 }
@@ -280,6 +297,7 @@ fn layer_windows(
         reason,
     };
     let window = match &cfg["sliding_window"] {
+        Value::Null if architecture == Architecture::Gemma3 => Some(512),
         Value::Null => None,
         v => Some(
             v.as_u64()
@@ -313,12 +331,53 @@ fn layer_windows(
             })
             .collect();
     }
+    if architecture == Architecture::Gemma3 {
+        // Every `sliding_window_pattern`-th layer is global, the others slide.
+        let pattern = match &cfg["sliding_window_pattern"] {
+            Value::Null => 6,
+            v => v.as_u64().filter(|&p| p > 0).ok_or_else(|| {
+                bad(format!(
+                    "sliding_window_pattern {v} is not a positive integer"
+                ))
+            })? as usize,
+        };
+        return Ok((0..num_layers)
+            .map(|i| window.filter(|_| (i + 1) % pattern != 0))
+            .collect());
+    }
     let slides =
         matches!(architecture, Architecture::Phi3) || cfg["model_type"].as_str() == Some("mistral");
     Ok(match window {
         Some(w) if slides => vec![Some(w); num_layers],
         _ => Vec::new(),
     })
+}
+
+/// Gemma's four norms per layer under canonical names (`post_attention_layernorm` is the
+/// attention output's norm there, not the MLP input's), and every norm weight `w` as the
+/// `1 + w` it scales by.
+fn gemma_norms(tensors: &mut HashMap<String, Array>, layers: usize) {
+    for i in 0..layers {
+        for (from, to) in [
+            ("ffn_norm", "post_attn_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffn_norm"),
+        ] {
+            if let Some(w) = tensors.remove(&format!("l{i}.{from}.weight")) {
+                tensors.insert(format!("l{i}.{to}.weight"), w);
+            }
+        }
+    }
+    for (name, w) in tensors.iter_mut() {
+        if name.ends_with("norm.weight") {
+            if let Ok(plus) = w
+                .add(Array::from_f32(1.0))
+                .and_then(|p| p.as_dtype(w.dtype()))
+            {
+                *w = plus;
+            }
+        }
+    }
 }
 
 /// Phi-3 stores q/k/v as one `qkv` matrix and gate/up as one `gate_up` matrix: split them
@@ -438,6 +497,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, Error::UnsupportedArchitecture(_)), "{e}");
+    }
+
+    #[test]
+    fn gemma3_layers_and_defaults() {
+        let c = parse(json!({"model_type": "gemma3_text", "num_hidden_layers": 7,
+            "sliding_window": 512, "sliding_window_pattern": 6}))
+        .unwrap();
+        let global = [false, false, false, false, false, true, false];
+        let want: Vec<Option<usize>> = global.iter().map(|&g| (!g).then_some(512)).collect();
+        assert_eq!(c.layer_windows, want);
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.head_dim, c.query_pre_attn_scalar), (256, Some(256.0)));
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(c.rms_norm_eps, 1e-6);
+        assert!(c.tie_word_embeddings);
+        // layer_types, when present, decide.
+        let c = parse(json!({"model_type": "gemma3_text", "sliding_window": 4,
+            "layer_types": ["full_attention", "sliding_attention"]}))
+        .unwrap();
+        assert_eq!(c.layer_windows, [None, Some(4)]);
+        let e = parse(json!({"model_type": "gemma3_text", "sliding_window_pattern": 0}))
+            .unwrap_err();
+        assert!(matches!(e, Error::CorruptModel { .. }), "{e}");
+        let e = parse(json!({"model_type": "gemma3_text", "query_pre_attn_scalar": -1.0}))
+            .unwrap_err();
+        assert!(matches!(e, Error::BadWeights(_)), "{e}");
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub enum Architecture {
     Qwen3,
     /// Phi-3 and Phi-4: Llama layout with q/k/v and gate/up stored fused.
     Phi3,
+    /// Gemma 3 (text): q/k head norms, norms after attention and MLP too, all scaling by
+    /// `1 + weight`; embeddings scaled by sqrt(hidden); GELU (tanh) gate; sliding-window
+    /// layers with their own rope base between global ones.
+    Gemma3,
 }
 
 impl Architecture {
@@ -62,6 +66,7 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Gemma3 => "gemma3_text",
         }
     }
 
@@ -71,6 +76,7 @@ impl Architecture {
             "qwen2" | "Qwen2ForCausalLM" => Ok(Self::Qwen2),
             "qwen3" | "Qwen3ForCausalLM" => Ok(Self::Qwen3),
             "phi3" | "Phi3ForCausalLM" => Ok(Self::Phi3),
+            "gemma3_text" | "Gemma3ForCausalLM" => Ok(Self::Gemma3),
             other => Err(Error::UnsupportedArchitecture(other.to_owned())),
         }
     }
@@ -121,6 +127,12 @@ pub struct ModelConfig {
     /// many positions, its own included), or `None` for full attention. Empty: every layer
     /// attends fully.
     pub layer_windows: Vec<Option<usize>>,
+    /// Attention scores are scaled by `1 / sqrt(this)` (Gemma's `query_pre_attn_scalar`);
+    /// `None`: by `1 / sqrt(head_dim)`.
+    pub query_pre_attn_scalar: Option<f32>,
+    /// The rope base of sliding-window layers, which then rotate without `rope_scaling`
+    /// (Gemma 3's `rope_local_base_freq`); `None`: every layer uses `rope_theta`.
+    pub rope_local_theta: Option<f32>,
 }
 
 /// Largest values [`ModelConfig::validate`] accepts: far above any real model, low enough that
@@ -200,6 +212,14 @@ impl ModelConfig {
                 self.num_layers
             ));
         }
+        for (what, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("rope_local_base_freq", self.rope_local_theta),
+        ] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return bad(format!("{what} {v} is not a positive number"));
+            }
+        }
         if self.layer_windows.contains(&Some(0)) {
             return bad("a sliding window of 0 tokens".into());
         }
@@ -276,6 +296,9 @@ struct Layer {
     k_norm: Option<Array>,
     /// The layer's sliding attention window, if any.
     window: Option<usize>,
+    /// Gemma's norms of the attention and MLP outputs, before they join the residual.
+    post_attn_norm: Option<Array>,
+    post_ffn_norm: Option<Array>,
 }
 
 /// A loaded model: weights on the MLX device plus its tokenizer and chat template.
@@ -378,7 +401,8 @@ impl Model {
             };
             let (qkv, o) = (group(vec![lin("q")?, lin("k")?, lin("v")?])?, lin("o")?);
             let (gate_up, down) = (group(vec![lin("gate")?, lin("up")?])?, lin("down")?);
-            let qk_norms = config.architecture == Architecture::Qwen3;
+            let gemma = config.architecture == Architecture::Gemma3;
+            let qk_norms = gemma || config.architecture == Architecture::Qwen3;
             let norm = |t: &mut HashMap<String, Array>, part: &str| {
                 take_tensor(t, &format!("l{i}.{part}.weight"))
             };
@@ -392,6 +416,8 @@ impl Model {
                 q_norm: qk_norms.then(|| norm(t, "q_norm")).transpose()?,
                 k_norm: qk_norms.then(|| norm(t, "k_norm")).transpose()?,
                 window: config.layer_windows.get(i).copied().flatten(),
+                post_attn_norm: gemma.then(|| norm(t, "post_attn_norm")).transpose()?,
+                post_ffn_norm: gemma.then(|| norm(t, "post_ffn_norm")).transpose()?,
             });
         }
         let lm_head = if t.contains_key("lm_head.weight") && !config.tie_word_embeddings {
@@ -514,11 +540,13 @@ impl Model {
                     )));
                 }
             }
-            if !norm_ok(&l.attn_norm) || !norm_ok(&l.ffn_norm) {
+            let post = l.post_attn_norm.iter().chain(&l.post_ffn_norm);
+            if !norm_ok(&l.attn_norm) || !norm_ok(&l.ffn_norm) || !post.clone().all(norm_ok) {
                 return Err(Error::BadWeights(format!(
-                    "layer {i} norms have shapes {:?} and {:?}, expected [{h}]",
+                    "layer {i} norms have shapes {:?}, {:?} and {:?}, expected [{h}]",
                     l.attn_norm.shape(),
-                    l.ffn_norm.shape()
+                    l.ffn_norm.shape(),
+                    post.map(Array::shape).collect::<Vec<_>>()
                 )));
             }
             for (part, n) in [("q", &l.q_norm), ("k", &l.k_norm)] {
@@ -543,6 +571,7 @@ impl Model {
         for l in &self.layers {
             all.extend([&l.attn_norm, &l.ffn_norm]);
             all.extend(l.q_norm.iter().chain(&l.k_norm));
+            all.extend(l.post_attn_norm.iter().chain(&l.post_ffn_norm));
             l.qkv.collect(&mut all);
             l.gate_up.collect(&mut all);
             for lin in [&l.o, &l.down] {
@@ -614,10 +643,16 @@ impl Model {
         // Sliding-window layers: one mask per distinct window, built on first use.
         let mut window_masks: Vec<(usize, AttentionMask)> = Vec::new();
         let mut causal: Option<AttentionMask> = None;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f32).sqrt();
         let pad = self.matmul_pad(b * l);
+        let gemma = c.architecture == Architecture::Gemma3;
 
         let mut x = self.embed.lookup(tokens)?;
+        if gemma {
+            // sqrt(hidden) rounded to bfloat16, as Gemma's reference code and mlx-lm compute it.
+            let s = Array::from_f32(round_to_bf16((c.hidden_size as f32).sqrt()));
+            x = x.multiply(s.as_dtype(x.dtype())?)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let y = fast::rms_norm(&x, Some(&layer.attn_norm), c.rms_norm_eps)?;
             let [q, k, v]: [Array; 3] = layer
@@ -636,8 +671,9 @@ impl Model {
             let q = q.transpose_axes(&[0, 2, 1, 3])?;
             let k = k.transpose_axes(&[0, 2, 1, 3])?;
             let v = v.reshape(&[b, l, kvh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
-            let q = self.rope(&q, &offsets)?;
-            let k = self.rope(&k, &offsets)?;
+            let local = layer.window.is_some() && c.rope_local_theta.is_some();
+            let q = self.rope(&q, &offsets, local)?;
+            let k = self.rope(&k, &offsets, local)?;
             let (keys, values) = cache.update(i, &k, &v)?;
             let mask = match layer.window {
                 None => &full_mask,
@@ -691,14 +727,20 @@ impl Model {
                 attn.transpose_axes(&[0, 2, 1, 3])?
                     .reshape(&[b, l, h * hd])?
             };
-            x = x.add(layer.o.forward(&attn, pad)?)?;
+            let out = layer.o.forward(&attn, pad)?;
+            x = match &layer.post_attn_norm {
+                Some(n) => x.add(fast::rms_norm(&out, Some(n), c.rms_norm_eps)?)?,
+                None => x.add(out)?,
+            };
             let y = fast::rms_norm(&x, Some(&layer.ffn_norm), c.rms_norm_eps)?;
             let [gate, up]: [Array; 2] = layer
                 .gate_up
                 .forward(&y, pad)?
                 .try_into()
                 .map_err(|_| Error::Mlx("gate/up split".into()))?;
-            let act = if self.fast_exp
+            let act = if gemma {
+                gelu_tanh(&gate)?.multiply(up)?
+            } else if self.fast_exp
                 && gate.dtype() == mlx_rs::Dtype::Float32
                 && fast_math::pays_off(gate.shape())
             {
@@ -707,7 +749,10 @@ impl Model {
                 mlx_rs::nn::silu(gate)?.multiply(up)?
             };
             let ff = layer.down.forward(&act, pad)?;
-            x = x.add(ff)?;
+            x = match &layer.post_ffn_norm {
+                Some(n) => x.add(fast::rms_norm(&ff, Some(n), c.rms_norm_eps)?)?,
+                None => x.add(ff)?,
+            };
         }
         cache.advance(l as usize);
         let last = x.try_index((.., l - 1, ..))?;
@@ -736,8 +781,20 @@ impl Model {
         }
     }
 
-    fn rope(&self, x: &Array, offsets: &Array) -> Result<Array> {
+    /// Rotary embeddings; `local`: a sliding-window layer's own base, without scaling.
+    fn rope(&self, x: &Array, offsets: &Array, local: bool) -> Result<Array> {
         let c = &self.config;
+        if local {
+            return Ok(fast::rope_dynamic(
+                x,
+                c.rope_dims as i32,
+                c.rope_traditional,
+                c.rope_local_theta,
+                1.0,
+                offsets,
+                None,
+            )?);
+        }
         let base = if self.rope_freqs.is_some() {
             None
         } else {
@@ -761,6 +818,24 @@ impl Model {
             self.rope_freqs.as_ref(),
         )?)
     }
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as a float32.
+fn round_to_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+}
+
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`, MLX's `gelu_approx`):
+/// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+fn gelu_tanh(x: &Array) -> Result<Array> {
+    let c = (2.0 / std::f32::consts::PI).sqrt();
+    let cube = x.multiply(x)?.multiply(x)?;
+    let inner = x
+        .add(cube.multiply(Array::from_f32(0.044715))?)?
+        .multiply(Array::from_f32(c))?;
+    let t = mlx_rs::ops::tanh(&inner)?.add(Array::from_f32(1.0))?;
+    Ok(x.multiply(Array::from_f32(0.5))?.multiply(t)?)
 }
 
 /// Whether padding matmul rows ([`weights::padded_rows`]) pays here: the CPU backend over a
@@ -944,4 +1019,20 @@ pub(crate) fn llama3_periods(s: Option<&RopeScaling>, theta: f32, dims: usize) -
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_to_bf16;
+
+    #[test]
+    fn bf16_rounding_of_gemma_embedding_scales() {
+        assert_eq!(round_to_bf16(128f32.sqrt()), 11.3125);
+        assert_eq!(round_to_bf16(1152f32.sqrt()), 34.0); // Gemma 3 1B
+        assert_eq!(round_to_bf16(2560f32.sqrt()), 50.5); // Gemma 3 4B: 50.596
+        assert_eq!(round_to_bf16(64.0), 64.0);
+        // Ties go to the even mantissa.
+        assert_eq!(round_to_bf16(f32::from_bits(0x3f80_8000)), 1.0);
+        assert_eq!(round_to_bf16(f32::from_bits(0x3f81_8000)), f32::from_bits(0x3f82_0000));
+    }
 }
