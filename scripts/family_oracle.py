@@ -204,16 +204,35 @@ def main():
         for i, n in enumerate(PROMPT_LENGTHS)
     ]
     names = []
-    for seed, (name, (cfg, mlx_override)) in enumerate(FAMILIES.items()):
-        config = dict(BASE, vocab_size=vocab, eos_token_id=args.eos, **cfg)
+    families = dict(FAMILIES)
+    # Gemma 3's image-text form (4B and larger), text model only: the gemma3 text config
+    # inside, without the head counts its real configs leave out (8 and 4 by default).
+    text = dict(BASE, **FAMILIES["gemma3"][0])
+    for key in ("num_attention_heads", "num_key_value_heads", "architectures", "torch_dtype"):
+        text.pop(key)
+    families["gemma3-vlm"] = (
+        dict(
+            model_type="gemma3",
+            architectures=["Gemma3ForConditionalGeneration"],
+            text_config=text,
+        ),
+        {},
+    )
+    for seed, (name, (cfg, mlx_override)) in enumerate(families.items()):
+        if cfg["model_type"] == "gemma3":
+            config = dict(cfg, vocab_size=vocab, eos_token_id=args.eos, torch_dtype="float32")
+        else:
+            config = dict(BASE, vocab_size=vocab, eos_token_id=args.eos, **cfg)
         model_cls, args_cls = _get_classes(config)
         model = model_cls(args_cls.from_dict(dict(config, **mlx_override)))
-        if name == "gemma3":
-            model.sanitize({})  # no lm_head: tied, as Gemma 3 checkpoints are
-        if name == "gemma3":
+        gemma = name.startswith("gemma3")
+        if gemma:
+            # No lm_head: tied, as Gemma 3 checkpoints are.
+            (model.language_model if name == "gemma3-vlm" else model).sanitize({})
+        if gemma:
             # Norms scale by 1 + weight. The embeddings are scaled up by sqrt(hidden) and tied:
             # small enough that the layers' (normed) outputs move the residual stream.
-            random_weights(model, 100 + seed, 0.0, 0.5 / config["hidden_size"] ** 0.5)
+            random_weights(model, 100 + seed, 0.0, 0.5 / text["hidden_size"] ** 0.5)
         else:
             random_weights(model, 100 + seed)
         for variant in ("", "-q4"):
@@ -224,6 +243,13 @@ def main():
             shutil.rmtree(folder, ignore_errors=True)
             save_model(folder, model)
             (folder / "model.safetensors.index.json").unlink()
+            if name == "gemma3-vlm":
+                # What a real image-text checkpoint also holds; both loaders leave it out.
+                w = mx.load(str(folder / "model.safetensors"))
+                w["vision_tower.vision_model.embeddings.patch_embedding.weight"] = mx.ones((8, 3, 2, 2))
+                w["multi_modal_projector.mm_input_projection_weight"] = mx.ones((4, 8))
+                mx.save_safetensors(str(folder / "extended.safetensors"), w, metadata={"format": "mlx"})
+                (folder / "extended.safetensors").replace(folder / "model.safetensors")
             save_config(conf, folder / "config.json")
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(args.tokenizer / f, folder / f)

@@ -268,6 +268,7 @@ fn every_family_matches_mlx_lm_step_by_step() {
         "llama-swa",
         "phi3",
         "gemma3",
+        "gemma3-vlm",
     ] {
         for variant in ["", "-q4"] {
             let name = format!("{family}{variant}");

@@ -35,7 +35,15 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
             path: file.clone(),
             reason: e.to_string(),
         })?;
-        tensors.extend(arrays.into_iter().map(|(k, v)| (canonical(&k), v)));
+        // An image-text checkpoint's vision tower and projector are not loaded.
+        tensors.extend(
+            arrays
+                .into_iter()
+                .filter(|(k, _)| {
+                    !k.starts_with("vision_tower.") && !k.starts_with("multi_modal_projector.")
+                })
+                .map(|(k, v)| (canonical(&k), v)),
+        );
     }
     if config.tie_word_embeddings {
         tensors.remove("lm_head.weight");
@@ -59,7 +67,7 @@ pub(crate) fn parse_config_json(text: &[u8], path: &Path) -> Result<(ModelConfig
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    let (config, group_size) = parse_config(&cfg, path)?;
+    let (config, group_size) = parse_config(&text_model_config(&cfg), path)?;
     config.validate()?;
     let eos: Vec<u32> = match &cfg["eos_token_id"] {
         Value::Number(n) => n.as_u64().and_then(token_id).into_iter().collect(),
@@ -137,6 +145,32 @@ pub(crate) fn parse_index(text: &[u8], path: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(files)
+}
+
+/// The config of the text model: the config itself, or for Gemma 3's image-text checkpoints
+/// (`model_type = gemma3`, 4B and larger) its `text_config` as mlx-lm reads it (vocabulary
+/// size and quantization from the outer config; 8 heads and 4 KV heads unless listed).
+fn text_model_config(cfg: &Value) -> Value {
+    let Some(text) = cfg["text_config"]
+        .as_object()
+        .filter(|_| cfg["model_type"] == "gemma3")
+    else {
+        return cfg.clone();
+    };
+    let mut text = text.clone();
+    text.insert("model_type".into(), "gemma3_text".into());
+    text.insert(
+        "vocab_size".into(),
+        cfg.get("vocab_size").cloned().unwrap_or(262208.into()),
+    );
+    text.entry("num_attention_heads").or_insert(8.into());
+    text.entry("num_key_value_heads").or_insert(4.into());
+    for key in ["quantization", "tie_word_embeddings"] {
+        if let Some(v) = cfg.get(key) {
+            text.entry(key).or_insert(v.clone());
+        }
+    }
+    Value::Object(text)
 }
 
 pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32)> {
@@ -419,6 +453,7 @@ fn split_fused(tensors: &mut HashMap<String, Array>, config: &ModelConfig) -> Re
 
 /// Hugging Face tensor names -> canonical names (see the module docs of `model`).
 fn canonical(name: &str) -> String {
+    let name = name.strip_prefix("language_model.").unwrap_or(name);
     let name = name.strip_prefix("model.").unwrap_or(name);
     if let Some(rest) = name.strip_prefix("layers.") {
         let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
@@ -517,11 +552,11 @@ mod tests {
             "layer_types": ["full_attention", "sliding_attention"]}))
         .unwrap();
         assert_eq!(c.layer_windows, [None, Some(4)]);
-        let e = parse(json!({"model_type": "gemma3_text", "sliding_window_pattern": 0}))
-            .unwrap_err();
+        let e =
+            parse(json!({"model_type": "gemma3_text", "sliding_window_pattern": 0})).unwrap_err();
         assert!(matches!(e, Error::CorruptModel { .. }), "{e}");
-        let e = parse(json!({"model_type": "gemma3_text", "query_pre_attn_scalar": -1.0}))
-            .unwrap_err();
+        let e =
+            parse(json!({"model_type": "gemma3_text", "query_pre_attn_scalar": -1.0})).unwrap_err();
         assert!(matches!(e, Error::BadWeights(_)), "{e}");
     }
 

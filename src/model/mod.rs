@@ -1033,6 +1033,9 @@ mod tests {
         assert_eq!(round_to_bf16(64.0), 64.0);
         // Ties go to the even mantissa.
         assert_eq!(round_to_bf16(f32::from_bits(0x3f80_8000)), 1.0);
-        assert_eq!(round_to_bf16(f32::from_bits(0x3f81_8000)), f32::from_bits(0x3f82_0000));
+        assert_eq!(
+            round_to_bf16(f32::from_bits(0x3f81_8000)),
+            f32::from_bits(0x3f82_0000)
+        );
     }
 }
