@@ -107,7 +107,8 @@ enum convoy_status
    */
   CONVOY_STATUS_CORRUPT_MODEL = 6,
   /**
-   * The model's architecture or quantization is not supported.
+   * The model's architecture, quantization or tokenizer (e.g. a GGUF pre-tokenizer) is
+   * not supported.
    */
   CONVOY_STATUS_UNSUPPORTED_MODEL = 7,
   /**
@@ -571,7 +572,7 @@ typedef struct {
    */
   const char *name;
   /**
-   * Model family, e.g. "llama" or "qwen2".
+   * Model family: "llama" (also Mistral), "qwen2", "qwen3", "phi3" or "gemma3_text".
    */
   const char *architecture;
   /**

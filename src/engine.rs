@@ -219,7 +219,7 @@ pub struct EngineStats {
 pub struct ModelInfo {
     /// GGUF `general.name`, a folder's `_name_or_path`, or the file or folder name.
     pub name: String,
-    /// Model family: "llama" or "qwen2".
+    /// Model family: "llama" (also Mistral), "qwen2", "qwen3", "phi3" or "gemma3_text".
     pub architecture: String,
     /// The model's own context length (the engine may hold requests to less; see
     /// [`Engine::context_length`]).

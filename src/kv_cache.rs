@@ -378,31 +378,38 @@ impl BatchKvCache {
         AttentionMask::Array(Array::from_slice(&m, &[b as i32, 1, l as i32, t as i32]))
     }
 
-    /// The attention mask of a sliding-window layer for a forward pass of `l` new tokens per
-    /// row: as [`mask`](Self::mask), and a query at position `p` sees only keys at positions
+    /// The attention of a sliding-window layer for a forward pass of `l` new tokens per row:
+    /// as [`mask`](Self::mask), and a query at position `p` sees only keys at positions
     /// `p - window + 1 ..= p`. Positions and columns differ by the row's left padding, so the
-    /// window is a band of columns. Equal to `mask` while every column is within the window.
-    pub(crate) fn window_mask(&self, l: usize, window: usize) -> AttentionMask {
+    /// window is a band of columns, the same for every row. Returns the first column any
+    /// query of this pass can see, `lo` (columns before it can be left out of the attention),
+    /// and the mask over columns `lo..`; while every column is within the window, `lo` is 0
+    /// and the mask is `mask`'s.
+    pub(crate) fn window_mask(&self, l: usize, window: usize) -> (usize, AttentionMask) {
         let (idx, left_pad) = (self.geom.idx, &self.geom.left_pad);
         let t = idx + l;
         if t <= window {
-            return self.mask(l);
+            return (0, self.mask(l));
         }
+        let lo = (idx + 1).saturating_sub(window);
         let padded = left_pad.iter().any(|&p| p > 0);
         let b = if padded { self.batch_size() } else { 1 };
-        let mut m = vec![false; b * l * t];
+        let width = t - lo;
+        let mut m = vec![false; b * l * width];
         for r in 0..b {
             let pad = if padded { left_pad[r] } else { 0 };
             for i in 0..l {
                 let q = idx + i;
-                let row = &mut m[(r * l + i) * t..(r * l + i + 1) * t];
-                for (j, v) in row.iter_mut().enumerate() {
+                let row = &mut m[(r * l + i) * width..(r * l + i + 1) * width];
+                for (c, v) in row.iter_mut().enumerate() {
+                    let j = lo + c;
                     // A padding query still sees itself, so no softmax row is empty (NaN).
                     *v = (j >= pad && j <= q && q - j < window) || j == q;
                 }
             }
         }
-        AttentionMask::Array(Array::from_slice(&m, &[b as i32, 1, l as i32, t as i32]))
+        let shape = [b as i32, 1, l as i32, width as i32];
+        (lo, AttentionMask::Array(Array::from_slice(&m, &shape)))
     }
 
     /// Writes `[B, kv_heads, L, head_dim]` keys/values for `layer` at the current index and

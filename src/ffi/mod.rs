@@ -51,7 +51,8 @@ pub enum convoy_status {
     ModelNotFound = 5,
     /// The model file is corrupt or truncated.
     CorruptModel = 6,
-    /// The model's architecture or quantization is not supported.
+    /// The model's architecture, quantization or tokenizer (e.g. a GGUF pre-tokenizer) is
+    /// not supported.
     UnsupportedModel = 7,
     /// The tokenizer failed or does not match the model.
     TokenizerError = 8,

@@ -286,7 +286,7 @@ pub struct convoy_model_info {
     pub context_length: u32,
     /// GGUF `general.name`, a folder's `_name_or_path`, or the file or folder name.
     pub name: *const c_char,
-    /// Model family, e.g. "llama" or "qwen2".
+    /// Model family: "llama" (also Mistral), "qwen2", "qwen3", "phi3" or "gemma3_text".
     pub architecture: *const c_char,
     /// The tokenizer's vocabulary (added tokens included): valid token ids are below this.
     pub vocab_size: u32,

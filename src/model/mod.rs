@@ -641,7 +641,7 @@ impl Model {
         let offsets = Array::from_slice(&cache.offsets(), &[b]);
         let full_mask = cache.mask(l as usize);
         // Sliding-window layers: one mask per distinct window, built on first use.
-        let mut window_masks: Vec<(usize, AttentionMask)> = Vec::new();
+        let mut window_masks: Vec<(usize, usize, AttentionMask)> = Vec::new();
         let mut causal: Option<AttentionMask> = None;
         let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f32).sqrt();
         let pad = self.matmul_pad(b * l);
@@ -674,18 +674,26 @@ impl Model {
             let local = layer.window.is_some() && c.rope_local_theta.is_some();
             let q = self.rope(&q, &offsets, local)?;
             let k = self.rope(&k, &offsets, local)?;
-            let (keys, values) = cache.update(i, &k, &v)?;
+            let (mut keys, mut values) = cache.update(i, &k, &v)?;
             let mask = match layer.window {
                 None => &full_mask,
                 Some(w) => {
-                    let at = match window_masks.iter().position(|(x, _)| *x == w) {
+                    let at = match window_masks.iter().position(|(x, ..)| *x == w) {
                         Some(at) => at,
                         None => {
-                            window_masks.push((w, cache.window_mask(l as usize, w)));
+                            let (lo, m) = cache.window_mask(l as usize, w);
+                            window_masks.push((w, lo, m));
                             window_masks.len() - 1
                         }
                     };
-                    &window_masks[at].1
+                    // No query of this pass sees the columns before `lo`: attend over the
+                    // window's columns only (views, no copy).
+                    let lo = window_masks[at].1 as i32;
+                    if lo > 0 {
+                        keys = keys.try_index((.., .., lo.., ..))?;
+                        values = values.try_index((.., .., lo.., ..))?;
+                    }
+                    &window_masks[at].2
                 }
             };
             // Decode steps: the copy-free matmul form. Prefill chunks: MLX's fused op, except
