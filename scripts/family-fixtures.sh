@@ -31,16 +31,19 @@ done
   die "usage: scripts/family-fixtures.sh --tokenizer DIR --eos ID[,ID...] --vocab N"
 
 ensure_venv "$VENV" "mlx-lm needs" -r "$ROOT/scripts/bench-compare-requirements.txt"
+SHA256=(sha256sum)
+command -v sha256sum >/dev/null || SHA256=(shasum -a 256)   # macOS
 HASH="$(cat "$ROOT/scripts/family_oracle.py" "$ROOT/scripts/bench-compare-requirements.txt" \
   "$TOKENIZER/tokenizer.json" "$TOKENIZER/tokenizer_config.json" <(echo "$EOS $VOCAB") |
-  sha256sum | cut -c1-16)"
+  "${SHA256[@]}" | cut -c1-16)"
 OUT="$CACHE/families/$HASH"
 if [[ ! -f "$OUT/families.json" ]]; then
   say "making the fixtures in $OUT"
   mkdir -p "$CACHE/families"
   # Written beside the target and renamed last: the folder is complete or absent. Fixtures
-  # of older generators are removed (they are cheap to make again).
-  find "$CACHE/families" -mindepth 1 -maxdepth 1 -not -name "$HASH" -exec rm -rf {} +
+  # of other generators untouched for a day are removed (they are cheap to make again; a
+  # checkout of another version may be using a newer one).
+  find "$CACHE/families" -mindepth 1 -maxdepth 1 -not -name "$HASH" -mmin +1440 -exec rm -rf {} +
   TMP="$OUT.partial.$$"
   rm -rf "$TMP"
   "$VENV/bin/python" "$ROOT/scripts/family_oracle.py" --tokenizer "$TOKENIZER" \

@@ -26,8 +26,18 @@ ensure_venv() {
     flock 9
   fi
   local stamp pins="$*"
-  # A requirements file is known by its contents, not its path.
-  [[ "$1" == -r ]] && pins="$(sha256sum "$2" | cut -c1-16)"
+  # A requirements file is known by its contents, not its path. mlx-cpu is MLX's Linux
+  # CPU backend; on macOS the mlx wheel brings Metal, and mlx-cpu has no macOS wheel.
+  if [[ "$1" == -r ]]; then
+    if [[ "$(uname -s)" == Darwin ]]; then
+      local filtered
+      filtered="$(mktemp)"
+      grep -v '^mlx-cpu==' "$2" >"$filtered"
+      set -- -r "$filtered"
+    fi
+    pins="$(sha256sum "$2" 2>/dev/null || shasum -a 256 "$2")"
+    pins="${pins:0:16}"
+  fi
   stamp="$pins $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.convoy-stamp" 2>/dev/null)" != "$stamp" ]]; then
     say "creating $venv (${*/#-r/pinned in} from PyPI)"

@@ -15,7 +15,7 @@ pub enum Error {
     #[error("model file {path} is corrupt or truncated: {reason}. Re-download it.")]
     CorruptModel { path: PathBuf, reason: String },
     /// The model uses an architecture convoy does not implement.
-    #[error("unsupported architecture {0:?}: convoy supports llama (Llama 2/3.x, SmolLM2), mistral, qwen2, qwen3 and phi3 (Phi-3, Phi-4)")]
+    #[error("unsupported architecture {0:?}: convoy supports llama (Llama 2/3.x, SmolLM2), mistral, qwen2, qwen3, phi3 (Phi-3, Phi-4) and gemma3 (text)")]
     UnsupportedArchitecture(String),
     /// The model's tokenizer is of a kind convoy cannot reproduce faithfully (e.g. a GGUF
     /// pre-tokenizer it does not know).

@@ -383,13 +383,13 @@ impl BatchKvCache {
     /// `p - window + 1 ..= p`. Positions and columns differ by the row's left padding, so the
     /// window is a band of columns, the same for every row. Returns the first column any
     /// query of this pass can see, `lo` (columns before it can be left out of the attention),
-    /// and the mask over columns `lo..`; while every column is within the window, `lo` is 0
-    /// and the mask is `mask`'s.
-    pub(crate) fn window_mask(&self, l: usize, window: usize) -> (usize, AttentionMask) {
+    /// and the mask over columns `lo..`; `None` while every column is within the window
+    /// (the layer then attends as a full one, with [`mask`](Self::mask)).
+    pub(crate) fn window_mask(&self, l: usize, window: usize) -> Option<(usize, AttentionMask)> {
         let (idx, left_pad) = (self.geom.idx, &self.geom.left_pad);
         let t = idx + l;
         if t <= window {
-            return (0, self.mask(l));
+            return None;
         }
         let lo = (idx + 1).saturating_sub(window);
         let padded = left_pad.iter().any(|&p| p > 0);
@@ -409,7 +409,7 @@ impl BatchKvCache {
             }
         }
         let shape = [b as i32, 1, l as i32, width as i32];
-        (lo, AttentionMask::Array(Array::from_slice(&m, &shape)))
+        Some((lo, AttentionMask::Array(Array::from_slice(&m, &shape))))
     }
 
     /// Writes `[B, kv_heads, L, head_dim]` keys/values for `layer` at the current index and

@@ -349,7 +349,7 @@ fn sentencepiece_spec(
     types: &[i64],
     unk: Option<String>,
     add_space_prefix: bool,
-) -> Value {
+) -> std::result::Result<Value, String> {
     let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
@@ -371,11 +371,11 @@ fn sentencepiece_spec(
         json!({"type": "Fuse"}),
     ];
     decoders.extend(strip);
-    let merges: Vec<String> = sentencepiece_merges(tokens, scores)
+    let merges: Vec<String> = sentencepiece_merges(tokens, scores)?
         .into_iter()
         .map(|(l, r)| format!("{l} {r}"))
         .collect();
-    json!({
+    Ok(json!({
         "version": "1.0",
         "added_tokens": added_tokens(tokens, types, &[2, 3, 4]),
         "normalizer": normalizer,
@@ -386,14 +386,25 @@ fn sentencepiece_spec(
                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
-    })
+    }))
 }
+
+/// At most this many merges per token, and bytes of merges in all, from a SentencePiece
+/// vocabulary. Real ones have about two merges per token (Llama 2: 59k for 32k pieces); a
+/// vocabulary of every prefix of one long run ("a", "aa", ...) would have millions of merges
+/// and gigabytes of text from a file of a few megabytes.
+const MAX_MERGES_PER_TOKEN: usize = 16;
+const MAX_MERGE_BYTES: usize = 256 << 20;
 
 /// BPE merges equivalent to a SentencePiece BPE model, as Hugging Face's
 /// `SentencePieceExtractor` derives them: every split of every piece into two pieces of the
 /// vocabulary, ranked by the merged piece's score (highest first; ties keep vocabulary
 /// order), the splits of one piece by their parts' ids.
-fn sentencepiece_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+fn sentencepiece_merges(
+    tokens: &[String],
+    scores: &[f64],
+) -> std::result::Result<Vec<(String, String)>, String> {
+    let (max_merges, mut bytes) = (MAX_MERGES_PER_TOKEN * tokens.len().max(64), 0usize);
     let ids: std::collections::HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
@@ -408,14 +419,24 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, Strin
             .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
             .collect();
         local.sort_by_key(|(l, r)| (ids[l], ids[r]));
+        bytes += local.len() * (piece.len() + 1);
         merges.extend(local.into_iter().map(|(l, r)| (l, r, score)));
+        if merges.len() > max_merges || bytes > MAX_MERGE_BYTES {
+            return Err(format!(
+                "a SentencePiece vocabulary of {} pieces that splits into more than {} merges \
+                 ({} bytes): not a real tokenizer",
+                tokens.len(),
+                merges.len(),
+                bytes
+            ));
+        }
     }
     // Stable: equal scores keep their order.
     merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-    merges
+    Ok(merges
         .into_iter()
         .map(|(l, r, _)| (l.to_owned(), r.to_owned()))
-        .collect()
+        .collect())
 }
 
 impl Tokenizer {
@@ -478,6 +499,7 @@ impl Tokenizer {
                 let unk = id("tokenizer.ggml.unknown_token_id")?
                     .and_then(|i| tokens.get(i as usize).cloned());
                 sentencepiece_spec(&tokens, &scores, &types, unk, add_space_prefix)
+                    .map_err(corrupt)?
             }
             other => {
                 return Err(Error::UnsupportedTokenizer(format!(

@@ -30,13 +30,21 @@ use convoy::sampling::Sampler;
 use convoy::scheduler::Runner;
 
 /// Largest |logit difference| allowed. The fixtures' logits have a standard deviation of about
-/// 8 (see scripts/family_oracle.py); float32 sums in another order differ by ~1e-5 of that.
-const TOL: f32 = 2e-3;
+/// 8 (see scripts/family_oracle.py); float32 sums in another order differ by ~1e-5 of that
+/// (measured here: at most 6e-5).
+const TOL: f32 = 3e-4;
 
-/// Makes (once; cached) the fixtures and returns their folder and names.
+/// Makes (once per process; cached on disk) the fixtures and returns their folder and names.
 fn fixtures() -> (PathBuf, Vec<String>) {
+    static FIXTURES: std::sync::OnceLock<(PathBuf, Vec<String>)> = std::sync::OnceLock::new();
+    FIXTURES.get_or_init(make_fixtures).clone()
+}
+
+fn make_fixtures() -> (PathBuf, Vec<String>) {
     let lm = model::load(model_path(), LoadOptions::default()).unwrap();
-    let tok_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("families-tokenizer");
+    // A folder of this process's own: test binaries running at once do not share it.
+    let tok_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("families-tokenizer-{}", std::process::id()));
     std::fs::create_dir_all(&tok_dir).unwrap();
     std::fs::write(
         tok_dir.join("tokenizer.json"),
@@ -60,6 +68,7 @@ fn fixtures() -> (PathBuf, Vec<String>) {
     .output()
     .unwrap();
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&tok_dir);
     assert!(out.status.success(), "scripts/family-fixtures.sh failed");
     let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let index: serde_json::Value =

@@ -117,6 +117,7 @@ fn gguf_tokenizers_match_the_models_own_tokenizers() {
         ("llama3", Kind::ByteLevel(Some("llama-bpe"))),
         ("qwen2_5", Kind::ByteLevel(Some("qwen2"))),
         ("gpt2", Kind::ByteLevel(Some("gpt-2"))),
+        ("gpt2", Kind::ByteLevel(Some("gpt2"))),
         ("llama2", Kind::SentencePiece),
     ];
     for (name, kind) in &cases {
@@ -180,6 +181,18 @@ fn unknown_gguf_tokenizers_are_refused() {
         assert!(matches!(e, Error::UnsupportedTokenizer(_)), "{name}: {e}");
         eprintln!("{name}: {e}");
     }
+    // Every prefix of a long run of one letter: millions of SentencePiece merges from a small
+    // file. Refused before it takes the memory.
+    let run: Vec<String> = (1..=3000).map(|n| "a".repeat(n)).collect();
+    let refs: Vec<&str> = run.iter().map(String::as_str).collect();
+    let scores: Vec<f32> = (0..run.len()).map(|i| -(i as f32)).collect();
+    let mut blowup = Gguf::default();
+    blowup
+        .string("tokenizer.ggml.model", "llama")
+        .strings("tokenizer.ggml.tokens", &refs)
+        .f32s("tokenizer.ggml.scores", &scores);
+    let e = load(tmp.path(), "blowup", &blowup).err().unwrap();
+    assert!(matches!(e, Error::CorruptModel { .. }), "{e}");
     let mut no_scores = base();
     no_scores.string("tokenizer.ggml.model", "llama");
     let e = load(tmp.path(), "no-scores", &no_scores).err().unwrap();

@@ -92,6 +92,19 @@ pub(crate) fn model_config(meta: &impl Metadata) -> Result<ModelConfig> {
     };
     let hidden = need("embedding_length")? as usize;
     let heads = need("attention.head_count")? as usize;
+    // llama.cpp writes `rope.scaling.type` (none, linear, yarn, longrope); only linear
+    // scaling is a factor on positions. Anything else must not run as linear.
+    match meta
+        .string(&format!("{arch_name}.rope.scaling.type"))?
+        .as_deref()
+    {
+        None | Some("none") | Some("linear") => {}
+        Some(other) => {
+            return Err(Error::UnsupportedArchitecture(format!(
+                "{arch_name} GGUF with rope scaling {other:?}"
+            )))
+        }
+    }
     let rope_scaling = match num("rope.scaling.factor")? {
         Some(f) if f > 1.0 => Some(RopeScaling::Linear { factor: f as f32 }),
         _ => None,

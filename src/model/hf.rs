@@ -40,6 +40,7 @@ pub(crate) fn load(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
             arrays
                 .into_iter()
                 .filter(|(k, _)| {
+                    let k = k.strip_prefix("model.").unwrap_or(k);
                     !k.starts_with("vision_tower.") && !k.starts_with("multi_modal_projector.")
                 })
                 .map(|(k, v)| (canonical(&k), v)),
@@ -204,8 +205,10 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
                 Some("linear") => Some(RopeScaling::Linear {
                     factor: f("factor", 1.0),
                 }),
-                // Phi-3 (mlx-lm's SuScaledRoPE): the long factors at every length, the input
-                // scaled by sqrt(1 + ln(max / original) / ln(original)) when extended.
+                // Phi-3 as mlx-lm runs it (SuScaledRoPE): the long factors at every length,
+                // the input scaled by sqrt(1 + ln(max / original) / ln(original)) when
+                // extended. Transformers and llama.cpp use the short factors until the
+                // sequence passes original_max_position_embeddings.
                 Some("longrope" | "su") if architecture == Architecture::Phi3 => {
                     let long_factor = s
                         .get("long_factor")
@@ -222,10 +225,10 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
                         .unwrap_or(4096.0);
                     let max = cfg["max_position_embeddings"].as_f64().unwrap_or(131072.0);
                     let factor = max / original;
-                    let mscale = match s.get("long_mscale").and_then(Value::as_f64) {
-                        Some(m) => m as f32,
-                        None if factor <= 1.0 => 1.0,
-                        None => (1.0 + factor.ln() / original.ln()).sqrt() as f32,
+                    let mscale = if factor <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + factor.ln() / original.ln()).sqrt() as f32
                     };
                     Some(RopeScaling::LongRope {
                         long_factor,
@@ -263,7 +266,30 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
         _ => 64,
     };
     let num_layers = need("num_hidden_layers")?;
+    // Checked here as well as in `validate`: the per-layer lists below are built first.
+    if num_layers > super::MAX_LAYERS {
+        return Err(Error::BadWeights(format!(
+            "layers {num_layers} exceeds {}",
+            super::MAX_LAYERS
+        )));
+    }
     let gemma = architecture == Architecture::Gemma3;
+    if gemma {
+        // What Gemma-family configs can ask for that this decoder does not do.
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if !cfg[key].is_null() {
+                return Err(Error::UnsupportedArchitecture(format!(
+                    "{arch_name} with {key} {}",
+                    cfg[key]
+                )));
+            }
+        }
+        if cfg["use_bidirectional_attention"].as_bool() == Some(true) {
+            return Err(Error::UnsupportedArchitecture(format!(
+                "{arch_name} with bidirectional attention (an embedding model)"
+            )));
+        }
+    }
     // Phi-3 derives the head size from the width (mlx-lm ignores a `head_dim` key there).
     let head_dim = match architecture {
         Architecture::Phi3 => hidden / heads.max(1),
@@ -286,13 +312,18 @@ pub(crate) fn parse_config(cfg: &Value, path: &Path) -> Result<(ModelConfig, i32
         head_dim,
         intermediate_size: need("intermediate_size")?,
         vocab_size: need("vocab_size")?,
-        // Gemma 3's defaults are Transformers' Gemma3TextConfig's.
+        // Gemma 3's defaults are Transformers' Gemma3TextConfig's (real 4B+ configs leave
+        // many keys out).
         rms_norm_eps: float("rms_norm_eps").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
         rope_theta: float("rope_theta").unwrap_or(if gemma { 1e6 } else { 1e4 }),
         rope_traditional: cfg["rope_traditional"].as_bool().unwrap_or(false),
         rope_scaling,
         rope_dims,
-        max_position_embeddings: int("max_position_embeddings").unwrap_or(4096),
+        max_position_embeddings: int("max_position_embeddings").unwrap_or(if gemma {
+            131072
+        } else {
+            4096
+        }),
         tie_word_embeddings: cfg["tie_word_embeddings"].as_bool().unwrap_or(gemma),
         layer_windows,
         query_pre_attn_scalar: if gemma {
@@ -331,7 +362,7 @@ fn layer_windows(
         reason,
     };
     let window = match &cfg["sliding_window"] {
-        Value::Null if architecture == Architecture::Gemma3 => Some(512),
+        Value::Null if architecture == Architecture::Gemma3 => Some(4096),
         Value::Null => None,
         v => Some(
             v.as_u64()
@@ -404,10 +435,8 @@ fn gemma_norms(tensors: &mut HashMap<String, Array>, layers: usize) {
     }
     for (name, w) in tensors.iter_mut() {
         if name.ends_with("norm.weight") {
-            if let Ok(plus) = w
-                .add(Array::from_f32(1.0))
-                .and_then(|p| p.as_dtype(w.dtype()))
-            {
+            // In float32, as Transformers computes it (bfloat16 would round 1 + w).
+            if let Ok(plus) = w.as_type::<f32>().and_then(|w| w.add(Array::from_f32(1.0))) {
                 *w = plus;
             }
         }
@@ -453,8 +482,11 @@ fn split_fused(tensors: &mut HashMap<String, Array>, config: &ModelConfig) -> Re
 
 /// Hugging Face tensor names -> canonical names (see the module docs of `model`).
 fn canonical(name: &str) -> String {
+    // Gemma 3 image-text checkpoints: `language_model.model.*` (older Transformers and
+    // mlx-lm) or `model.language_model.*` (Transformers 4.52 and later).
     let name = name.strip_prefix("language_model.").unwrap_or(name);
     let name = name.strip_prefix("model.").unwrap_or(name);
+    let name = name.strip_prefix("language_model.").unwrap_or(name);
     if let Some(rest) = name.strip_prefix("layers.") {
         let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
         let (part, suffix) = rest.rsplit_once('.').unwrap_or((rest, "weight"));
@@ -558,6 +590,43 @@ mod tests {
         let e =
             parse(json!({"model_type": "gemma3_text", "query_pre_attn_scalar": -1.0})).unwrap_err();
         assert!(matches!(e, Error::BadWeights(_)), "{e}");
+        // Defaults of Transformers' Gemma3TextConfig where a config is silent.
+        let c = parse(json!({"model_type": "gemma3_text"})).unwrap();
+        assert_eq!(c.max_position_embeddings, 131072);
+        assert_eq!(c.layer_windows, [Some(4096), Some(4096)]);
+        // What this decoder does not do is refused, not ignored.
+        for bad in [
+            json!({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}),
+            json!({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}),
+            json!({"model_type": "gemma3_text", "use_bidirectional_attention": true}),
+        ] {
+            let e = parse(bad.clone()).unwrap_err();
+            assert!(matches!(e, Error::UnsupportedArchitecture(_)), "{bad}: {e}");
+        }
+        let c = parse(json!({"model_type": "gemma3_text", "final_logit_softcapping": null}));
+        assert!(c.is_ok());
+        // The image-text form: the text model from text_config, as mlx-lm reads it.
+        let cfg = json!({"model_type": "gemma3", "vocab_size": 100,
+            "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                            "head_dim": 16, "sliding_window": 8}});
+        let c = parse_config(&text_model_config(&cfg), Path::new("config.json"))
+            .unwrap()
+            .0;
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.vocab_size), (8, 4, 100));
+    }
+
+    /// A layer count far beyond any model is refused before anything is sized by it.
+    #[test]
+    fn huge_layer_counts_are_refused_before_allocating() {
+        for model_type in ["gemma3_text", "mistral", "phi3"] {
+            let e = parse(
+                json!({"model_type": model_type, "num_hidden_layers": 1u64 << 34,
+                "sliding_window": 8}),
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::BadWeights(_)), "{model_type}: {e}");
+        }
     }
 
     #[test]

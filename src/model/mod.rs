@@ -137,7 +137,7 @@ pub struct ModelConfig {
 
 /// Largest values [`ModelConfig::validate`] accepts: far above any real model, low enough that
 /// sizes and products computed from them fit MLX's 32-bit shapes.
-const MAX_LAYERS: usize = 1 << 12;
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
 const MAX_HEADS: usize = 1 << 12;
 const MAX_HEAD_DIM: usize = 1 << 12;
 const MAX_WIDTH: usize = 1 << 20;
@@ -641,7 +641,7 @@ impl Model {
         let offsets = Array::from_slice(&cache.offsets(), &[b]);
         let full_mask = cache.mask(l as usize);
         // Sliding-window layers: one mask per distinct window, built on first use.
-        let mut window_masks: Vec<(usize, usize, AttentionMask)> = Vec::new();
+        let mut window_masks: Vec<(usize, Option<(usize, AttentionMask)>)> = Vec::new();
         let mut causal: Option<AttentionMask> = None;
         let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f32).sqrt();
         let pad = self.matmul_pad(b * l);
@@ -678,22 +678,27 @@ impl Model {
             let mask = match layer.window {
                 None => &full_mask,
                 Some(w) => {
-                    let at = match window_masks.iter().position(|(x, ..)| *x == w) {
+                    let at = match window_masks.iter().position(|(x, _)| *x == w) {
                         Some(at) => at,
                         None => {
-                            let (lo, m) = cache.window_mask(l as usize, w);
-                            window_masks.push((w, lo, m));
+                            window_masks.push((w, cache.window_mask(l as usize, w)));
                             window_masks.len() - 1
                         }
                     };
-                    // No query of this pass sees the columns before `lo`: attend over the
-                    // window's columns only (views, no copy).
-                    let lo = window_masks[at].1 as i32;
-                    if lo > 0 {
-                        keys = keys.try_index((.., .., lo.., ..))?;
-                        values = values.try_index((.., .., lo.., ..))?;
+                    match &window_masks[at].1 {
+                        // Every column is within the window.
+                        None => &full_mask,
+                        Some((lo, m)) => {
+                            // No query of this pass sees the columns before `lo`: attend over
+                            // the window's columns only (views, no copy).
+                            let lo = *lo as i32;
+                            if lo > 0 {
+                                keys = keys.try_index((.., .., lo.., ..))?;
+                                values = values.try_index((.., .., lo.., ..))?;
+                            }
+                            m
+                        }
                     }
-                    &window_masks[at].2
                 }
             };
             // Decode steps: the copy-free matmul form. Prefill chunks: MLX's fused op, except
