@@ -22,17 +22,36 @@ pub fn parts(data: &[u8], n: usize) -> Vec<&[u8]> {
     data.splitn(n, |&b| b == 0).collect()
 }
 
-/// A file named after this process in the temporary folder, for the loaders that read paths.
-fn scratch_file(name: &str, data: &[u8]) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("convoy-fuzz-{}", std::process::id()));
-    let io = |source| Error::Io {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let path = dir.join(name);
-    std::fs::write(&path, data).map_err(io)?;
-    Ok(path)
+/// A file in a folder of its own in the temporary folder, for the loaders that read paths;
+/// the folder is removed when this is dropped (a fuzzer runs millions of inputs).
+struct ScratchFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ScratchFile {
+    fn new(name: &str, data: &[u8]) -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("convoy-fuzz-{}-{n}", std::process::id()));
+        let io = |source| Error::Io {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let scratch = Self {
+            path: dir.join(name),
+            dir: dir.clone(),
+        };
+        std::fs::write(&scratch.path, data).map_err(io)?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A GGUF file: our structural check (collecting the metadata as MLX would expose it), then
@@ -61,8 +80,8 @@ pub fn gguf(data: &[u8]) -> Result<()> {
 pub fn gguf_mlx(data: &[u8]) -> Result<()> {
     gguf::validate_bytes(data, Path::new("fuzz.gguf"), None)?;
     let pure = gguf(data);
-    let path = scratch_file("model.gguf", data)?;
-    let loaded = model::load(&path, LoadOptions::default()).map(drop);
+    let file = ScratchFile::new("model.gguf", data)?;
+    let loaded = model::load(&file.path, LoadOptions::default()).map(drop);
     pure.and(loaded)
 }
 
@@ -75,9 +94,10 @@ pub fn safetensors(data: &[u8]) -> Result<()> {
 /// every tensor (a crash there means our check let a bad file through).
 pub fn safetensors_mlx(data: &[u8]) -> Result<()> {
     safetensors(data)?;
-    let path = scratch_file("model.safetensors", data)?;
-    safetensors::validate(&path)?;
-    let arrays = mlx_rs::Array::load_safetensors(&path).map_err(|e| Error::CorruptModel {
+    let file = ScratchFile::new("model.safetensors", data)?;
+    let path = &file.path;
+    safetensors::validate(path)?;
+    let arrays = mlx_rs::Array::load_safetensors(path).map_err(|e| Error::CorruptModel {
         path: path.clone(),
         reason: e.to_string(),
     })?;
