@@ -1130,7 +1130,7 @@ fn engine_thread(
     let mut sched_cfg = config.scheduler.clone();
     sched_cfg.max_context = sched_cfg.max_context.min(context).max(2);
     let mut state = Loop {
-        sched: Scheduler::new(sched_cfg, layout),
+        sched: Scheduler::new(sched_cfg, layout.clone()),
         runner: {
             let mut lm = lm;
             lm.model

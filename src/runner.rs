@@ -22,6 +22,7 @@ pub fn kv_layout(model: &Model) -> KvLayout {
         layers: model.config.num_layers,
         kv_heads: model.config.num_kv_heads,
         head_dim: model.config.head_dim,
+        windows: model.config.layer_windows.clone(),
     }
 }
 
@@ -255,7 +256,7 @@ impl Runner for MlxRunner {
         let columns = prefix_columns(prompts, cached)?;
         let (mut tokens, geometry) = PrefillTokens::new(prompts);
         let layout = kv_layout(&self.lm.model);
-        let mut cache = BatchKvCache::with_geometry(layout, geometry);
+        let mut cache = BatchKvCache::with_geometry(layout.clone(), geometry);
         if columns > 0 {
             // The cached parts, right-aligned at `columns` (zeros before them are padding).
             let zeros = |n: usize| {
@@ -293,7 +294,7 @@ impl Runner for MlxRunner {
                 }
                 let k = mlx_rs::ops::concatenate(&keys, 0)?;
                 let v = mlx_rs::ops::concatenate(&values, 0)?;
-                cache.update(layer, &k, &v)?;
+                cache.restore(layer, &k, &v)?;
             }
             cache.advance(columns);
             tokens.advance(columns);
@@ -415,6 +416,10 @@ impl Runner for MlxRunner {
         }
         self.batch.filter(rows)?;
         Ok(())
+    }
+
+    fn holds_row_start(&self, row: usize) -> bool {
+        self.batch.holds_row_start(row)
     }
 
     fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{footprint_bytes, KvLayout, STEP};
+use crate::kv_cache::{footprint_bytes, KvLayout};
 use crate::prefix_cache::{common_prefix, EntryId, PrefixIndex, PrefixStats};
 use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions};
 use crate::sampling::{Sampler, SamplingParams};
@@ -59,8 +59,12 @@ pub trait Runner {
     }
     /// Keeps only these rows of the running batch.
     fn retain(&mut self, rows: &[usize]) -> Result<()>;
+    /// Whether running row `row`'s KV is still held from its first token in every layer
+    /// (sliding-window layers drop the columns their window has passed): only then can
+    /// [`save_prefix`](Runner::save_prefix) copy a prefix of it.
+    fn holds_row_start(&self, row: usize) -> bool;
     /// Saves a copy of the KV of running row `row`'s first `len` tokens as prefix-cache
-    /// entry `id`.
+    /// entry `id` (only where [`holds_row_start`](Runner::holds_row_start)).
     fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()>;
     /// Forgets these prefix-cache entries.
     fn drop_prefixes(&mut self, ids: &[EntryId]);
@@ -124,10 +128,34 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// The longest row (prompt + generated tokens) that fits the KV budget alone.
+    /// The longest row (prompt + generated tokens) that fits the KV budget alone (at most
+    /// `usize::MAX / 2`: with only sliding-window layers, a row's KV stops growing).
     pub fn kv_row_limit(&self, layout: &KvLayout) -> usize {
-        let columns = self.max_kv_bytes / layout.column_bytes().max(1);
-        columns.saturating_sub(STEP - 1)
+        let fits = |n: usize| footprint_bytes(layout, 1, n, self.max_pass()) <= self.max_kv_bytes;
+        // The footprint grows with the length: the largest length that fits, by bisection.
+        let (mut lo, mut hi) = (0usize, usize::MAX / 2);
+        if fits(hi) {
+            return hi;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Most columns one forward pass writes: a prefill chunk (in static mode, a whole
+    /// prompt). Bounds what a sliding-window layer holds (see
+    /// [`footprint_bytes`](crate::kv_cache::footprint_bytes)).
+    pub fn max_pass(&self) -> usize {
+        match self.mode {
+            BatchMode::Continuous => self.prefill_chunk.max(1),
+            BatchMode::Static => usize::MAX,
+        }
     }
 
     /// Checks a request against the limits without queueing it.
@@ -300,6 +328,9 @@ impl Runner for TimedRunner<'_> {
         cached: &[Option<(EntryId, usize)>],
     ) -> Result<()> {
         self.time(|r| r.start_prefill(prompts, cached))
+    }
+    fn holds_row_start(&self, row: usize) -> bool {
+        self.inner.holds_row_start(row)
     }
     fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {
         self.time(|r| r.save_prefix(id, row, len))
@@ -643,7 +674,8 @@ impl Scheduler {
         let mut n = 0;
         for next in self.waiting.iter().take(room) {
             let len = max_len.max(next.final_len());
-            if footprint_bytes(&self.layout, rows + n + 1, len) > self.cfg.max_kv_bytes {
+            let bytes = footprint_bytes(&self.layout, rows + n + 1, len, self.cfg.max_pass());
+            if bytes > self.cfg.max_kv_bytes {
                 break;
             }
             max_len = len;
@@ -752,6 +784,10 @@ impl Scheduler {
 
     /// Saves running row `row`'s KV of `tokens` (its history's first tokens) in the cache.
     fn store(&mut self, runner: &mut dyn Runner, row: usize, tokens: &[u32]) -> Result<()> {
+        if !runner.holds_row_start(row) {
+            // A sliding window dropped the row's first columns: nothing to copy.
+            return Ok(());
+        }
         let Some(ins) = self.prefix.insert(tokens, &[]) else {
             return Ok(());
         };

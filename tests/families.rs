@@ -6,7 +6,9 @@
 //! - single sequence ([`generate_greedy_with_logits`]);
 //! - batched on the engine's runner: one row alone, two more prefilled as one left-padded
 //!   group in small chunks while it decodes and joining mid-decode, the first leaving when its
-//!   run ends, and its prompt joining again at another width.
+//!   run ends, and its prompt joining again at another width with the 300-token prompt (whose
+//!   chunked prefill and join make sliding-window layers drop the columns their window has
+//!   passed; the test checks that they did).
 //!
 //! The llama3 and qwen2 fixtures are also written as GGUF files the way llama.cpp's converter
 //! writes them (Llama's q/k rows permuted for the interleaved rotary layout, Llama 3's rope
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::model_path;
+use convoy::kv_cache::{self, KvLayout};
 use convoy::mlx_rs::Array;
 use convoy::model::{self, LoadOptions, LoadedModel, WeightsPolicy};
 use convoy::runner::{generate_greedy_with_logits, MlxRunner};
@@ -149,8 +152,8 @@ struct Row {
     next: u32,
 }
 
-/// The batched schedule of the module docs on the engine's runner, on the first three prompts
-/// (a fourth, long one runs single only).
+/// The batched schedule of the module docs on the engine's runner (the long prompt joins
+/// last, with the first one again).
 fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
     assert!(refs.len() >= 3);
     let mut runner = MlxRunner::new(lm);
@@ -244,23 +247,53 @@ fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
     runner.retain(&[1, 2]).unwrap();
     rows.remove(0);
     samplers.remove(0);
-    // Prompt 0 again, joining the two running rows at another width.
-    runner.start_prefill(&[&refs[0].prompt], &[None]).unwrap();
-    while !runner.prefill_step(3).unwrap() {
+    // Prompt 0 again and the long prompt 3, as one group in chunks of 7, joining the two
+    // running rows at another width: the long prompt passes a cache step (256 columns), so
+    // sliding-window layers drop columns in the group, and again when it joins.
+    let long = refs.len() - 1;
+    assert!(refs[long].prompt.len() > kv_cache::STEP);
+    runner
+        .start_prefill(&[&refs[0].prompt, &refs[long].prompt], &[None, None])
+        .unwrap();
+    while !runner.prefill_step(7).unwrap() {
         let toks = decode(&mut runner, &rows, &mut samplers);
         check(&runner, &mut rows, &toks);
     }
-    let mut joining = vec![new_sampler(0)];
-    let toks = runner.join(&mut [&mut joining[0]]).unwrap();
+    let mut joining = vec![new_sampler(0), new_sampler(long)];
+    let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
+    let toks = runner.join(&mut s).unwrap();
     samplers.append(&mut joining);
-    rows.push(Row {
-        k: 0,
+    let at = rows.len();
+    rows.extend([0, long].map(|k| Row {
+        k,
         step: 0,
         next: 0,
-    });
-    let at = rows.len() - 1;
+    }));
     check(&runner, &mut rows[at..], &toks);
-    while !(0..3).all(|k| done(&rows, k)) {
+    // Sliding layers now hold only the columns their window reaches.
+    let layout = convoy::runner::kv_layout(&runner.model().model);
+    let cache = runner.batch_cache();
+    for layer in 0..layout.layers {
+        if let Some(w) = layout.window(layer) {
+            assert_eq!(
+                cache.first_column(layer),
+                cache.width() - w,
+                "{name} layer {layer}"
+            );
+        }
+    }
+    if layout.full_layers() < layout.layers {
+        let full = KvLayout {
+            windows: Vec::new(),
+            ..layout.clone()
+        };
+        let bound = kv_cache::footprint_bytes(&full, rows.len(), cache.width() + 1, 0);
+        assert!(
+            cache.allocated_bytes() < bound,
+            "{name}: sliding layers hold less"
+        );
+    }
+    while !(0..refs.len()).all(|k| done(&rows, k)) {
         let toks = decode(&mut runner, &rows, &mut samplers);
         check(&runner, &mut rows, &toks);
     }

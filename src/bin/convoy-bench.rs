@@ -502,7 +502,7 @@ fn single(
     corpus.truncate(prompt_len);
     let layout = convoy::runner::kv_layout(&lm.model);
     let run_prefill = || {
-        let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout, vec![0]);
+        let mut cache = convoy::kv_cache::BatchKvCache::with_padding(layout.clone(), vec![0]);
         let ids: Vec<i32> = corpus.iter().map(|&t| t as i32).collect();
         let input = convoy::mlx_rs::Array::from_slice(&ids, &[1, ids.len() as i32]);
         let t = Instant::now();

@@ -685,20 +685,27 @@ impl Model {
                             window_masks.len() - 1
                         }
                     };
-                    match &window_masks[at].1 {
+                    // The cache returns this layer's columns from `first` on (a sliding
+                    // layer drops what no later pass can see).
+                    let first = cache.first_column(i);
+                    let (lo, mask) = match &window_masks[at].1 {
                         // Every column is within the window.
-                        None => &full_mask,
-                        Some((lo, m)) => {
-                            // No query of this pass sees the columns before `lo`: attend over
-                            // the window's columns only (views, no copy).
-                            let lo = *lo as i32;
-                            if lo > 0 {
-                                keys = keys.try_index((.., .., lo.., ..))?;
-                                values = values.try_index((.., .., lo.., ..))?;
-                            }
-                            m
-                        }
+                        None => (0, &full_mask),
+                        Some((lo, m)) => (*lo, m),
+                    };
+                    if lo < first {
+                        return Err(Error::EngineFailed(format!(
+                            "layer {i} needs column {lo}, its cache starts at {first}"
+                        )));
                     }
+                    // No query of this pass sees the columns before `lo`: attend over the
+                    // window's columns only (views, no copy).
+                    let skip = (lo - first) as i32;
+                    if skip > 0 {
+                        keys = keys.try_index((.., .., skip.., ..))?;
+                        values = values.try_index((.., .., skip.., ..))?;
+                    }
+                    mask
                 }
             };
             // Decode steps: the copy-free matmul form. Prefill chunks: MLX's fused op, except

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::kv_cache::{prefix_columns, KvGeometry, PrefillTokens, Trim};
+use crate::kv_cache::{prefix_columns, KvGeometry, PrefillTokens, Trim, STEP};
 use crate::tokenizer;
 
 fn next_of(history: &[u32]) -> u32 {
@@ -26,34 +26,48 @@ fn alone(prompt: &[u32], n: usize) -> Vec<u32> {
 const PAD: u32 = u32::MAX;
 
 /// The fake model's KV layout: one float per column, so column bytes are 8.
-const LAYOUT: KvLayout = KvLayout {
-    layers: 1,
-    kv_heads: 1,
-    head_dim: 1,
-};
+const LAYOUT: KvLayout = KvLayout::full(1, 1, 1);
+
+/// The fake runner's layout ([`LAYOUT`] unless a test gives another).
+#[derive(Clone)]
+struct FakeLayout(KvLayout);
+impl Default for FakeLayout {
+    fn default() -> Self {
+        Self(LAYOUT)
+    }
+}
 
 /// A host mirror of one batch KV cache: the geometry the MLX cache uses ([`KvGeometry`])
 /// plus the token each column holds. Padding columns hold `PAD`; a row's history is what its
 /// columns `[left_pad, width)` hold, so a wrong trim or alignment shows up as a wrong
 /// history (and so a wrong next token), or as `PAD` inside a history (a panic).
-#[derive(Default)]
+/// (Sliding-window layers only change what the geometry holds and allocates: the fake model
+/// still reads whole histories, so a column a window dropped too early is not caught here
+/// but by the geometry checks and the MLX tests.)
 struct HostKv {
+    layout: KvLayout,
     geom: KvGeometry,
     cols: Vec<Vec<u32>>,
 }
 
+impl Default for HostKv {
+    fn default() -> Self {
+        Self::new(KvGeometry::default(), LAYOUT)
+    }
+}
+
 impl HostKv {
-    fn new(geom: KvGeometry) -> Self {
+    fn new(geom: KvGeometry, layout: KvLayout) -> Self {
         let cols = vec![Vec::new(); geom.batch_size()];
-        Self { geom, cols }
+        let geom = geom.with_windows(&layout);
+        Self { layout, geom, cols }
     }
 
-    /// Writes one chunk of columns (one slice per row, all the same length).
-    fn write(&mut self, chunk: &[&[u32]]) {
+    /// Writes one chunk of columns (one slice per row, all the same length); `restore`: as
+    /// the MLX runner writes columns from the prefix cache.
+    fn write(&mut self, chunk: &[&[u32]], restore: bool) {
         let l = chunk.first().map_or(0, |c| c.len());
-        if let Some(capacity) = self.geom.needs_capacity(l) {
-            self.geom.set_capacity(capacity);
-        }
+        self.geom.reserve(l, restore);
         let idx = self.geom.width();
         for (r, tokens) in chunk.iter().enumerate() {
             assert_eq!(tokens.len(), l, "ragged chunk");
@@ -114,10 +128,27 @@ impl HostKv {
                 "spare capacity above one step"
             );
         }
+        for c in g.windows() {
+            // Every written column a later pass (or a rollback of the last) can see is held,
+            // and no more than the full layers hold.
+            assert!(
+                c.start <= g.width().saturating_sub(c.window),
+                "{c:?} {}",
+                g.width()
+            );
+            assert!(c.start + c.capacity >= g.width(), "{c:?} {}", g.width());
+            if g.batch_size() > 0 && g.width() > 0 {
+                assert!(
+                    c.start + c.capacity <= g.width() + STEP,
+                    "{c:?} {}",
+                    g.width()
+                );
+            }
+        }
     }
 
     fn bytes(&self) -> usize {
-        self.geom.allocated_columns() * LAYOUT.column_bytes()
+        self.geom.allocated_bytes(&self.layout)
     }
 }
 
@@ -126,6 +157,7 @@ impl HostKv {
 /// the row's whole cached history.
 #[derive(Default)]
 struct FakeRunner {
+    layout: FakeLayout,
     batch: HostKv,
     group: Option<(HostKv, PrefillTokens)>,
     max_rows_seen: usize,
@@ -160,7 +192,7 @@ impl Runner for FakeRunner {
         assert!(self.group.is_none(), "one group at a time");
         let columns = prefix_columns(prompts, cached).expect("aligned cached parts");
         let (mut tokens, geom) = PrefillTokens::new(prompts);
-        let mut kv = HostKv::new(geom);
+        let mut kv = HostKv::new(geom, self.layout.0.clone());
         if columns > 0 {
             // The saved columns, whatever they hold: a wrong entry shows in the outputs.
             let rows: Vec<Vec<u32>> = cached
@@ -178,13 +210,17 @@ impl Runner for FakeRunner {
                 })
                 .collect();
             let chunk: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-            kv.write(&chunk);
+            kv.write(&chunk, true);
             tokens.advance(columns);
         }
         self.group = Some((kv, tokens));
         Ok(())
     }
+    fn holds_row_start(&self, row: usize) -> bool {
+        self.batch.geom.holds_row_start(row)
+    }
     fn save_prefix(&mut self, id: EntryId, row: usize, len: usize) -> Result<()> {
+        assert!(self.holds_row_start(row), "saving dropped columns");
         let h = self.batch.history(row);
         assert!(len <= h.len(), "saving more than the row holds");
         let saved = h[..len].to_vec();
@@ -208,7 +244,7 @@ impl Runner for FakeRunner {
             let n = chunk.first().map_or(0, |c| c.len());
             assert!(n > 0 && n <= max_columns.max(1));
             self.prefill_columns += n * chunk.len();
-            kv.write(&chunk);
+            kv.write(&chunk, false);
             tokens.advance(n);
             assert_eq!(tokens.done(), kv.geom.width(), "prefill and cache agree");
         }
@@ -272,7 +308,7 @@ impl Runner for FakeRunner {
         }
         self.max_rows_seen = self.max_rows_seen.max(rows);
         let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
-        self.batch.write(&column);
+        self.batch.write(&column, false);
         self.note_bytes();
         Ok((0..rows).map(|r| next_of(self.batch.history(r))).collect())
     }
@@ -284,7 +320,7 @@ impl Runner for FakeRunner {
         Ok(())
     }
     fn reset(&mut self) {
-        self.batch = HostKv::default();
+        self.batch = HostKv::new(KvGeometry::default(), self.layout.0.clone());
         self.group = None;
         self.prefixes.clear();
     }
@@ -321,9 +357,16 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: SchedulerConfig) -> Self {
+        Self::with_layout(cfg, LAYOUT)
+    }
+    fn with_layout(cfg: SchedulerConfig, layout: KvLayout) -> Self {
         Self {
-            sched: Scheduler::new(cfg, LAYOUT),
-            runner: FakeRunner::default(),
+            sched: Scheduler::new(cfg, layout.clone()),
+            runner: FakeRunner {
+                batch: HostKv::new(KvGeometry::default(), layout.clone()),
+                layout: FakeLayout(layout),
+                ..Default::default()
+            },
             tokens: HashMap::new(),
             text: HashMap::new(),
             finished: HashMap::new(),
@@ -567,7 +610,7 @@ fn limits_are_enforced_at_submit() {
 #[test]
 fn kv_budget_limits_admission() {
     // Room for exactly one row of 15 tokens (plus the spare step), not two.
-    let budget = footprint_bytes(&LAYOUT, 1, 15);
+    let budget = footprint_bytes(&LAYOUT, 1, 15, 1);
     let mut h = Harness::new(SchedulerConfig {
         max_kv_bytes: budget,
         ..Default::default()
@@ -595,6 +638,42 @@ fn kv_budget_limits_admission() {
     h.run();
     assert_eq!(h.tokens[&4].len(), 5);
     assert_eq!(h.finished[&4].0, FinishReason::Length);
+}
+
+/// With only sliding-window layers a row's KV stops growing at its window and a pass: a
+/// budget that holds that much runs rows many times longer, within the budget at every step;
+/// with a full layer as well, the budget bounds the row length again.
+#[test]
+fn sliding_window_layers_bound_the_footprint() {
+    let sliding = KvLayout {
+        windows: vec![Some(32), Some(32)],
+        ..KvLayout::full(2, 1, 1)
+    };
+    let cfg = SchedulerConfig {
+        max_context: 4096,
+        prefill_chunk: 16,
+        prefill_chunk_decoding: 16,
+        max_kv_bytes: footprint_bytes(&sliding, 2, usize::MAX, 16),
+        ..Default::default()
+    };
+    assert_eq!(cfg.max_kv_bytes, 2 * 2 * (32 + 16 + STEP - 1) * 8);
+    assert_eq!(cfg.kv_row_limit(&sliding), usize::MAX / 2);
+    let mixed = KvLayout {
+        windows: vec![None, Some(32)],
+        ..KvLayout::full(2, 1, 1)
+    };
+    let longest = cfg.kv_row_limit(&mixed);
+    assert!(footprint_bytes(&mixed, 1, longest, 16) <= cfg.max_kv_bytes);
+    assert!(footprint_bytes(&mixed, 1, longest + 1, 16) > cfg.max_kv_bytes);
+    assert!(longest < 1000);
+
+    let mut h = Harness::with_layout(cfg, sliding);
+    h.submit(1, prompt(1, 600), limit(1500)).unwrap();
+    h.submit(2, prompt(2, 50), limit(900)).unwrap();
+    h.run();
+    assert_eq!(h.tokens[&1], alone(&prompt(1, 600), 1500));
+    assert_eq!(h.tokens[&2], alone(&prompt(2, 50), 900));
+    assert!(h.runner.max_bytes_seen > 0);
 }
 
 /// The hang an outside check found: a short and a long prompt prefilled as one group, the
@@ -664,6 +743,19 @@ fn randomized_operation_sequences() {
         };
         let max_len = 400;
         let rows = 1 + rng.below(6);
+        // Full attention, or (a third of the seeds) sliding windows on some or all layers,
+        // so columns are dropped under every operation and the footprint bound counts them.
+        let layout = match rng.below(6) {
+            0 => KvLayout {
+                windows: vec![None, Some(1 + rng.below(40)), Some(1 + rng.below(300))],
+                ..KvLayout::full(3, 1, 1)
+            },
+            1 => KvLayout {
+                windows: vec![Some(1 + rng.below(100)); 2],
+                ..KvLayout::full(2, 1, 1)
+            },
+            _ => LAYOUT,
+        };
         let cfg = SchedulerConfig {
             mode,
             max_batch_size: rows,
@@ -673,12 +765,12 @@ fn randomized_operation_sequences() {
             prefill_chunk_decoding: 1 + rng.below(96),
             max_prefill_group: 1 + rng.below(6),
             // Between one and several long rows' worth.
-            max_kv_bytes: footprint_bytes(&LAYOUT, 1 + rng.below(rows + 2), max_len),
+            max_kv_bytes: footprint_bytes(&layout, 1 + rng.below(rows + 2), max_len, 96),
             skip_wasted_ahead: rng.below(2) == 0,
             // Off, a few entries' worth (evicting all the time), or room for everything.
             prefix_cache_bytes: [0, 8 * (1 + rng.below(300)), 1 << 20][rng.below(3)],
         };
-        let mut h = Harness::new(cfg);
+        let mut h = Harness::with_layout(cfg, layout.clone());
         let system = prompt(seed as u32 + 7, 1 + rng.below(120));
         let mut submitted: Vec<(RequestId, Vec<u32>, usize)> = Vec::new();
         let mut cancelled = std::collections::HashSet::new();
@@ -732,7 +824,7 @@ fn randomized_operation_sequences() {
             assert_eq!(count, 1, "seed {seed}: request {id} ended {count} times");
             if !cancelled.contains(id) {
                 // EOS (token 2) never comes out of `next_of`, so every survivor runs to n.
-                let room = h.sched.config().kv_row_limit(&LAYOUT).min(512) - p.len();
+                let room = h.sched.config().kv_row_limit(&layout).min(512) - p.len();
                 let want = alone(p, (*n).min(room));
                 assert_eq!(h.tokens[id], want, "seed {seed}: request {id}");
                 assert_eq!(reason, FinishReason::Length);
