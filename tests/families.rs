@@ -508,3 +508,64 @@ fn gguf_files_match_mlx_lm_step_by_step() {
         eprintln!("{label}: max |logit diff| single {single:.1e}, batched {batched:.1e}");
     }
 }
+
+/// Through the engine, on the model whose layers all slide (mistral, window 8): three rows
+/// run to the end of the context at once in a KV budget that holds only a window, a prefill
+/// chunk and a cache step per row (full layers would need more than twice that), their
+/// first tokens are mlx-lm's, and the cache never allocates past the budget.
+#[test]
+fn sliding_layers_run_long_rows_in_a_window_sized_budget() {
+    let (dir, _) = fixtures();
+    let folder = dir.join("mistral");
+    let refs = references(&folder);
+    let lm = model::load(&folder, LoadOptions::default()).unwrap();
+    let layout = convoy::runner::kv_layout(&lm.model);
+    assert_eq!(layout.full_layers(), 0);
+    drop(lm);
+    let chunk = 64;
+    let budget = kv_cache::footprint_bytes(&layout, 3, usize::MAX, chunk);
+    let full = KvLayout {
+        windows: Vec::new(),
+        ..layout.clone()
+    };
+    assert!(kv_cache::footprint_bytes(&full, 3, 512, chunk) > 2 * budget);
+    let mut cfg = convoy::EngineConfig::default();
+    cfg.scheduler.max_kv_bytes = budget;
+    cfg.scheduler.prefill_chunk = chunk;
+    cfg.scheduler.prefill_chunk_decoding = chunk;
+    let engine = convoy::Engine::new(&folder, cfg).unwrap();
+    let context = engine.context_length();
+    assert_eq!(context, 512);
+    let picks = [0, 1, refs.len() - 1];
+    let ids: Vec<_> = picks
+        .iter()
+        .map(|&k| {
+            let mut r = convoy::Request::new(convoy::Prompt::Tokens(refs[k].prompt.clone()))
+                .max_tokens(1000);
+            r.stop.ignore_eos = true;
+            engine.submit(r).unwrap()
+        })
+        .collect();
+    for (&k, id) in picks.iter().zip(ids) {
+        let mut tokens = Vec::new();
+        loop {
+            match engine
+                .poll(id, std::time::Duration::from_secs(600))
+                .unwrap()
+            {
+                Some(convoy::Event::Token { token, .. }) => tokens.push(token),
+                Some(convoy::Event::Finished { reason, error, .. }) => {
+                    assert_eq!(reason, convoy::FinishReason::Length, "{error:?}");
+                    break;
+                }
+                None => panic!("no event in 10 minutes"),
+            }
+        }
+        // Generation runs to the context's end.
+        assert_eq!(tokens.len(), context - refs[k].prompt.len(), "prompt {k}");
+        let n = refs[k].tokens.len();
+        assert_eq!(tokens[..n], refs[k].tokens[..], "prompt {k}");
+    }
+    let stats = engine.stats();
+    assert!(stats.peak_kv_bytes > 0 && stats.peak_kv_bytes <= budget);
+}
