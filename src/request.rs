@@ -119,6 +119,9 @@ pub enum Event {
         id: RequestId,
         token: u32,
         text: String,
+        /// The token's log-probability and the most likely alternatives, when the request
+        /// asked for them ([`SamplingParams::logprobs`](crate::sampling::SamplingParams)).
+        logprobs: Option<TokenLogprobs>,
     },
     /// The request ended; always the last event of a request, exactly once.
     Finished {
@@ -130,6 +133,17 @@ pub enum Event {
         /// Set when `reason` is `Error`.
         error: Option<String>,
     },
+}
+
+/// Log-probabilities of one generated token under the model's distribution for that step
+/// (the log-softmax of its raw logits: before temperature, penalties or truncation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (as many as
+    /// asked for; ties in any order).
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Event {

@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::kv_cache::{prefix_columns, BatchKvCache, KvLayout, PrefillTokens};
 use crate::model::{LoadedModel, Model};
 use crate::prefix_cache::EntryId;
+use crate::request::TokenLogprobs;
 use crate::sampling::Sampler;
 use crate::scheduler::Runner;
 
@@ -96,6 +97,8 @@ pub struct MlxRunner {
     pending: Option<Pending>,
     /// The prefix cache's KV, per entry and layer (`[1, kv_heads, len, head_dim]`).
     prefixes: std::collections::HashMap<EntryId, Vec<(Array, Array)>>,
+    /// Log-probabilities of the last join's or decode's rows (empty: no row asked).
+    logprobs: Vec<Option<TokenLogprobs>>,
 }
 
 impl MlxRunner {
@@ -112,6 +115,7 @@ impl MlxRunner {
             pipeline: true,
             pending: None,
             prefixes: Default::default(),
+            logprobs: Vec::new(),
         }
     }
 
@@ -193,7 +197,9 @@ impl MlxRunner {
     }
 
     /// Each row's next token: its argmax (`greedy`), or for rows with sampling parameters a
-    /// draw from its sampler over its logits (only those rows' logits reach the host).
+    /// draw from its sampler over its logits (only those rows' logits reach the host). Rows
+    /// that asked for log-probabilities get them in [`logprobs`](Self::logprobs), computed on
+    /// the device in the same evaluation: only their top entries reach the host.
     fn choose(
         &mut self,
         greedy: &Array,
@@ -203,24 +209,44 @@ impl MlxRunner {
         let sampled_rows: Vec<usize> = (0..samplers.len())
             .filter(|&r| !samplers[r].params().is_plain_greedy())
             .collect();
+        let asked: Vec<(usize, usize)> = (0..samplers.len())
+            .filter_map(|r| samplers[r].params().logprobs.map(|n| (r, n)))
+            .collect();
+        let lp = if asked.is_empty() {
+            None
+        } else {
+            Some(LogprobGraph::new(logits, greedy, &asked)?)
+        };
+        let mut arrays = vec![greedy];
+        if let Some(g) = &lp {
+            arrays.extend([&g.lse, &g.chosen, &g.top_idx, &g.top_val]);
+        }
         let host_logits = if sampled_rows.is_empty() {
-            self.timed_eval(&[greedy])?;
+            self.timed_eval(&arrays)?;
             None
         } else {
             let idx: Vec<i32> = sampled_rows.iter().map(|&r| r as i32).collect();
             let rows = logits.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?;
-            self.timed_eval(&[greedy, &rows])?;
+            arrays.push(&rows);
+            self.timed_eval(&arrays)?;
             Some(rows)
         };
         let mut tokens: Vec<u32> = host_slice::<u32>(greedy)?.to_vec();
+        let mut sampled_logit: Vec<Option<f32>> = vec![None; samplers.len()];
         if let Some(rows) = host_logits {
             let vocab = rows.shape()[1] as usize;
             let flat = host_slice::<f32>(&rows)?;
             for (k, &r) in sampled_rows.iter().enumerate() {
-                let mut row = flat[k * vocab..(k + 1) * vocab].to_vec();
+                let raw = &flat[k * vocab..(k + 1) * vocab];
+                let mut row = raw.to_vec();
                 tokens[r] = samplers[r].sample(&mut row);
+                sampled_logit[r] = raw.get(tokens[r] as usize).copied();
             }
         }
+        self.logprobs = match lp {
+            None => Vec::new(),
+            Some(g) => g.read(samplers.len(), &asked, &sampled_logit)?,
+        };
         Ok(tokens)
     }
 
@@ -236,6 +262,98 @@ impl MlxRunner {
 fn host_slice<T: mlx_rs::ArrayElement>(a: &Array) -> Result<&[T]> {
     a.try_as_slice::<T>()
         .map_err(|e| crate::Error::Mlx(format!("reading results: {e}")))
+}
+
+/// The device side of log-probabilities for the rows that asked: their log-sum-exp, the
+/// greedy token's log-probability, and their top entries (unordered), from the full logits
+/// without copying them to the host.
+struct LogprobGraph {
+    /// `[R, 1]` float32.
+    lse: Array,
+    /// `[R, 1]`: the log-probability of the row's greedy token.
+    chosen: Array,
+    /// `[R, k]` token ids and log-probabilities of the k most likely (k = the most asked,
+    /// at least 1).
+    top_idx: Array,
+    top_val: Array,
+}
+
+impl LogprobGraph {
+    fn new(logits: &Array, greedy: &Array, asked: &[(usize, usize)]) -> Result<Self> {
+        let idx: Vec<i32> = asked.iter().map(|&(r, _)| r as i32).collect();
+        let idx = Array::from_slice(&idx, &[idx.len() as i32]);
+        let rows = logits
+            .take_axis(&idx, 0)?
+            .as_dtype(mlx_rs::Dtype::Float32)?;
+        let lse = logsumexp_rows(&rows)?;
+        let lp = rows.subtract(&lse)?;
+        let greedy = greedy
+            .take_axis(&idx, 0)?
+            .as_dtype(mlx_rs::Dtype::Int32)?
+            .reshape(&[-1, 1])?;
+        let chosen = lp.take_along_axis(&greedy, -1)?;
+        let vocab = lp.shape()[1];
+        let k = asked.iter().map(|&(_, n)| n).max().unwrap_or(0).max(1) as i32;
+        let k = k.min(vocab);
+        let top_idx = mlx_rs::ops::argpartition_axis(lp.negative()?, k - 1, -1)?
+            .try_index((.., ..k))?
+            .contiguous()?;
+        let top_val = lp.take_along_axis(&top_idx, -1)?;
+        Ok(Self {
+            lse,
+            chosen,
+            top_idx,
+            top_val,
+        })
+    }
+
+    /// Per row of the batch (`rows`), its log-probabilities if it asked. `sampled_logit[r]`:
+    /// the raw logit of the token a sampled row drew (its greedy token's otherwise).
+    fn read(
+        &self,
+        rows: usize,
+        asked: &[(usize, usize)],
+        sampled_logit: &[Option<f32>],
+    ) -> Result<Vec<Option<TokenLogprobs>>> {
+        let lse = host_slice::<f32>(&self.lse)?;
+        let chosen = host_slice::<f32>(&self.chosen)?;
+        let k = self.top_idx.shape()[1] as usize;
+        let ids = host_slice::<u32>(&self.top_idx)?;
+        let vals = host_slice::<f32>(&self.top_val)?;
+        let mut out = vec![None; rows];
+        for (i, &(r, n)) in asked.iter().enumerate() {
+            let mut top: Vec<(u32, f32)> =
+                (0..k).map(|j| (ids[i * k + j], vals[i * k + j])).collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            top.truncate(n);
+            let logprob = match sampled_logit[r] {
+                Some(x) => x - lse[i],
+                None => chosen[i],
+            };
+            out[r] = Some(TokenLogprobs { logprob, top });
+        }
+        Ok(out)
+    }
+}
+
+/// log(sum(exp(x))) of each row of `[R, V]` float32, summed in two levels (blocks of 256,
+/// then the blocks): MLX's single float32 sum over SmolLM2's 49,152 logits was off by 1.7e-4
+/// in the result, two levels by about 1e-6.
+fn logsumexp_rows(rows: &Array) -> Result<Array> {
+    const BLOCK: i32 = 256;
+    let (r, v) = (rows.shape()[0], rows.shape()[1]);
+    let max = rows.max_axis(-1, true)?;
+    let mut e = rows.subtract(&max)?.exp()?;
+    let pad = (BLOCK - v % BLOCK) % BLOCK;
+    if pad > 0 {
+        let zeros = mlx_rs::ops::zeros::<f32>(&[r, pad])?;
+        e = mlx_rs::ops::concatenate(&[e, zeros], 1)?;
+    }
+    let sum = e
+        .reshape(&[r, -1, BLOCK])?
+        .sum_axis(-1, false)?
+        .sum_axis(-1, true)?;
+    Ok(sum.log()?.add(&max)?)
 }
 
 fn token_matrix(rows: &[&[u32]]) -> Array {
@@ -454,6 +572,10 @@ impl Runner for MlxRunner {
 
     fn take_eval_time(&mut self) -> Duration {
         std::mem::take(&mut self.eval_time)
+    }
+
+    fn take_logprobs(&mut self) -> Vec<Option<TokenLogprobs>> {
+        std::mem::take(&mut self.logprobs)
     }
 }
 

@@ -30,7 +30,14 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// RNG seed; `None` picks one from the clock.
     pub seed: Option<u64>,
+    /// Report each generated token's log-probability and the `n` most likely alternatives
+    /// (`Some(n)`, n at most [`MAX_TOP_LOGPROBS`]) with its event; `None`: none (rows that
+    /// do not ask cost nothing).
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives [`SamplingParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -43,6 +50,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logprobs: None,
         }
     }
 }
@@ -75,6 +83,9 @@ impl SamplingParams {
         }
         if self.repetition_penalty <= 0.0 {
             return bad("repetition_penalty must be > 0");
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return bad("logprobs asks for at most 20 alternatives");
         }
         Ok(())
     }

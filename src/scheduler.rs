@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::kv_cache::{footprint_bytes, KvLayout};
 use crate::prefix_cache::{common_prefix, EntryId, PrefixIndex, PrefixStats};
-use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions};
+use crate::request::{Event, FinishReason, RequestId, RequestStats, StopConditions, TokenLogprobs};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextDecoder};
 
@@ -59,6 +59,12 @@ pub trait Runner {
     }
     /// Keeps only these rows of the running batch.
     fn retain(&mut self, rows: &[usize]) -> Result<()>;
+    /// The log-probabilities of the tokens the last [`join`](Runner::join) or
+    /// [`decode`](Runner::decode) returned, one entry per row, for rows whose sampling
+    /// parameters asked (`logprobs`); empty when no row asked.
+    fn take_logprobs(&mut self) -> Vec<Option<TokenLogprobs>> {
+        Vec::new()
+    }
     /// Whether running row `row`'s KV is still held from its first token in every layer
     /// (sliding-window layers drop the columns their window has passed): only then can
     /// [`save_prefix`](Runner::save_prefix) copy a prefix of it.
@@ -358,6 +364,9 @@ impl Runner for TimedRunner<'_> {
     fn prefill_remaining(&self) -> usize {
         self.inner.prefill_remaining()
     }
+    fn take_logprobs(&mut self) -> Vec<Option<TokenLogprobs>> {
+        self.inner.take_logprobs()
+    }
     fn retain(&mut self, rows: &[usize]) -> Result<()> {
         self.time(|r| r.retain(rows))
     }
@@ -595,9 +604,11 @@ impl Scheduler {
             )));
         }
         let now = Instant::now();
+        let mut logprobs = runner.take_logprobs().into_iter();
         let mut done = vec![None; first];
         for (seq, &token) in self.running[first..].iter_mut().zip(tokens) {
-            done.push(accept_token(seq, token, text, now, events)?);
+            let lp = logprobs.next().flatten();
+            done.push(accept_token(seq, token, lp, text, now, events)?);
         }
         self.stats.tokens_generated += tokens.len() as u64;
         if done.iter().any(Option::is_some) {
@@ -957,6 +968,7 @@ impl Scheduler {
 fn accept_token(
     seq: &mut Seq,
     token: u32,
+    logprobs: Option<TokenLogprobs>,
     text: &dyn TextDecoder,
     now: Instant,
     events: &mut Vec<Event>,
@@ -1008,6 +1020,7 @@ fn accept_token(
         id: seq.id,
         token,
         text: delta,
+        logprobs,
     });
     Ok(reason)
 }

@@ -404,6 +404,7 @@ mod tests {
             id,
             token: 1,
             text: "a".into(),
+            logprobs: None,
         }
     }
 

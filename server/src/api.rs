@@ -221,6 +221,8 @@ impl Body {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             // Negative seeds are valid in OpenAI's API: their bits are as good a seed.
             seed: self.seed.map(|s| s as u64),
+            // Refused above until the server maps them (issue 13).
+            logprobs: None,
         };
         let request = Request {
             prompt,

@@ -533,7 +533,9 @@ unsafe fn poll_with(
 
 fn to_c_event(event: Event) -> convoy_event {
     let (kind, request_id, token, text, reason, stats, error) = match event {
-        Event::Token { id, token, text } => (
+        Event::Token {
+            id, token, text, ..
+        } => (
             convoy_event_kind::Token,
             id,
             token,

@@ -555,6 +555,7 @@ impl convoy_request_params {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.has_seed.then_some(self.seed),
+            logprobs: None,
         };
         let ids = slice_arg(
             self.stop_token_ids,

@@ -390,7 +390,9 @@ impl Harness {
             .step(&mut self.runner, &*self.decoder, &mut events);
         for e in events {
             match e {
-                Event::Token { id, token, text } => {
+                Event::Token {
+                    id, token, text, ..
+                } => {
                     assert!(
                         !self.finished.contains_key(&id),
                         "token after the terminal event"
