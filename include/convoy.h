@@ -431,6 +431,15 @@ typedef struct {
    */
   const char *const *stop_strings;
   size_t n_stop_strings;
+  /**
+   * Each TOKEN event carries the token's log-probability and the `top_logprobs` most
+   * likely tokens (see `convoy_event`). Default false.
+   */
+  bool logprobs;
+  /**
+   * How many alternatives with `logprobs` (0 to 20; more is INVALID_ARGUMENT).
+   */
+  uint32_t top_logprobs;
 } convoy_request_params;
 
 /**
@@ -471,9 +480,9 @@ typedef struct {
  * `sizeof(convoy_event)`) before polling; convoy writes at most that many bytes and sets
  * `struct_size` to the number it wrote.
  *
- * `text`, `error` and `stats` point to thread-local storage owned by convoy: valid until the
- * next `convoy_engine_poll` or `convoy_engine_poll_any` call on the same thread. Copy them
- * to keep them.
+ * `text`, `error`, `stats`, `top_tokens` and `top_logprobs` point to thread-local storage
+ * owned by convoy: valid until the next `convoy_engine_poll` or `convoy_engine_poll_any`
+ * call on the same thread. Copy them to keep them.
  */
 typedef struct {
   uint32_t struct_size;
@@ -501,6 +510,23 @@ typedef struct {
    * Error message for `CONVOY_FINISH_REASON_ERROR`, else an empty string (never NULL).
    */
   const char *error;
+  /**
+   * TOKEN events of a request submitted with `logprobs`: true, and the next fields are set.
+   * Log-probabilities are under the step's raw distribution (log-softmax of the logits,
+   * before temperature, penalties or truncation).
+   */
+  bool has_logprobs;
+  /**
+   * The token's log-probability (0 without `has_logprobs`).
+   */
+  float logprob;
+  /**
+   * The `n_top` most likely tokens and their log-probabilities, most likely first
+   * (`top_logprobs` of the request's parameters); NULL when `n_top` is 0.
+   */
+  const uint32_t *top_tokens;
+  const float *top_logprobs;
+  size_t n_top;
 } convoy_event;
 
 /**

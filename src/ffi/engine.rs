@@ -138,6 +138,11 @@ fn empty_event() -> convoy_event {
         finish_reason: convoy_finish_reason::None,
         stats: std::ptr::null(),
         error: c"".as_ptr(),
+        has_logprobs: false,
+        logprob: 0.0,
+        top_tokens: std::ptr::null(),
+        top_logprobs: std::ptr::null(),
+        n_top: 0,
     }
 }
 
@@ -452,10 +457,19 @@ fn empty_message() -> convoy_chat_message {
     }
 }
 
+/// What the last event polled on a thread points to.
+#[derive(Default)]
+struct EventData {
+    text: CString,
+    error: CString,
+    stats: convoy_request_stats,
+    top_tokens: Vec<u32>,
+    top_logprobs: Vec<f32>,
+}
+
 thread_local! {
     /// Backing storage for the strings and stats of the last event polled on this thread.
-    static EVENT_DATA: RefCell<(CString, CString, convoy_request_stats)> =
-        RefCell::new(Default::default());
+    static EVENT_DATA: RefCell<EventData> = RefCell::new(Default::default());
 }
 
 /// Waits up to `timeout_ms` milliseconds (0 = don't wait) for the next event of request `id`
@@ -532,9 +546,12 @@ unsafe fn poll_with(
 }
 
 fn to_c_event(event: Event) -> convoy_event {
-    let (kind, request_id, token, text, reason, stats, error) = match event {
+    let (kind, request_id, token, text, reason, stats, error, logprobs) = match event {
         Event::Token {
-            id, token, text, ..
+            id,
+            token,
+            text,
+            logprobs,
         } => (
             convoy_event_kind::Token,
             id,
@@ -543,6 +560,7 @@ fn to_c_event(event: Event) -> convoy_event {
             convoy_finish_reason::None,
             Default::default(),
             String::new(),
+            logprobs,
         ),
         Event::Finished {
             id,
@@ -558,28 +576,47 @@ fn to_c_event(event: Event) -> convoy_event {
             reason.into(),
             (&stats).into(),
             error.unwrap_or_default(),
+            None,
         ),
     };
     EVENT_DATA.with(|slot| {
         let mut slot = slot.borrow_mut();
         // Model text can contain NUL bytes; C strings cannot: replace them.
-        slot.0 = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();
-        slot.1 = CString::new(error.replace('\0', " ")).unwrap_or_default();
-        slot.2 = stats;
+        slot.text = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();
+        slot.error = CString::new(error.replace('\0', " ")).unwrap_or_default();
+        slot.stats = stats;
+        let (has_logprobs, logprob) = match &logprobs {
+            Some(lp) => (true, lp.logprob),
+            None => (false, 0.0),
+        };
+        let top = logprobs.map(|lp| lp.top).unwrap_or_default();
+        slot.top_tokens = top.iter().map(|t| t.0).collect();
+        slot.top_logprobs = top.iter().map(|t| t.1).collect();
+        let n_top = top.len();
+        let or_null = |p: *const u32| if n_top > 0 { p } else { std::ptr::null() };
         convoy_event {
             struct_size: std::mem::size_of::<convoy_event>() as u32,
             kind,
             request_id,
             token,
-            text: slot.0.as_ptr(),
-            text_len: slot.0.as_bytes().len(),
+            text: slot.text.as_ptr(),
+            text_len: slot.text.as_bytes().len(),
             finish_reason: reason,
             stats: if kind == convoy_event_kind::Finished {
-                &slot.2
+                &slot.stats
             } else {
                 std::ptr::null()
             },
-            error: slot.1.as_ptr(),
+            error: slot.error.as_ptr(),
+            has_logprobs,
+            logprob,
+            top_tokens: or_null(slot.top_tokens.as_ptr()),
+            top_logprobs: if n_top > 0 {
+                slot.top_logprobs.as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            n_top,
         }
     })
 }

@@ -124,6 +124,11 @@ pub struct convoy_request_params {
     /// string itself is not emitted.
     pub stop_strings: *const *const c_char,
     pub n_stop_strings: usize,
+    /// Each TOKEN event carries the token's log-probability and the `top_logprobs` most
+    /// likely tokens (see `convoy_event`). Default false.
+    pub logprobs: bool,
+    /// How many alternatives with `logprobs` (0 to 20; more is INVALID_ARGUMENT).
+    pub top_logprobs: u32,
 }
 
 /// One chat message for `convoy_engine_submit_chat` and `convoy_engine_render_chat`. Set
@@ -213,9 +218,9 @@ pub struct convoy_request_stats {
 /// `sizeof(convoy_event)`) before polling; convoy writes at most that many bytes and sets
 /// `struct_size` to the number it wrote.
 ///
-/// `text`, `error` and `stats` point to thread-local storage owned by convoy: valid until the
-/// next `convoy_engine_poll` or `convoy_engine_poll_any` call on the same thread. Copy them
-/// to keep them.
+/// `text`, `error`, `stats`, `top_tokens` and `top_logprobs` point to thread-local storage
+/// owned by convoy: valid until the next `convoy_engine_poll` or `convoy_engine_poll_any`
+/// call on the same thread. Copy them to keep them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct convoy_event {
@@ -234,6 +239,17 @@ pub struct convoy_event {
     pub stats: *const convoy_request_stats,
     /// Error message for `CONVOY_FINISH_REASON_ERROR`, else an empty string (never NULL).
     pub error: *const c_char,
+    /// TOKEN events of a request submitted with `logprobs`: true, and the next fields are set.
+    /// Log-probabilities are under the step's raw distribution (log-softmax of the logits,
+    /// before temperature, penalties or truncation).
+    pub has_logprobs: bool,
+    /// The token's log-probability (0 without `has_logprobs`).
+    pub logprob: f32,
+    /// The `n_top` most likely tokens and their log-probabilities, most likely first
+    /// (`top_logprobs` of the request's parameters); NULL when `n_top` is 0.
+    pub top_tokens: *const u32,
+    pub top_logprobs: *const f32,
+    pub n_top: usize,
 }
 
 /// Engine-wide counters. Set `struct_size` (`convoy_engine_stats_init` or
@@ -355,6 +371,8 @@ impl Default for convoy_request_params {
             n_stop_token_ids: 0,
             stop_strings: std::ptr::null(),
             n_stop_strings: 0,
+            logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -457,6 +475,8 @@ struct RawRequestParams {
     n_stop_token_ids: usize,
     stop_strings: *const *const c_char,
     n_stop_strings: usize,
+    logprobs: u8,
+    top_logprobs: u32,
 }
 
 // The mirror must match the public struct field for field.
@@ -484,7 +504,9 @@ const _: () = {
         stop_token_ids,
         n_stop_token_ids,
         stop_strings,
-        n_stop_strings
+        n_stop_strings,
+        logprobs,
+        top_logprobs
     );
 };
 
@@ -507,6 +529,8 @@ impl From<convoy_request_params> for RawRequestParams {
             n_stop_token_ids: p.n_stop_token_ids,
             stop_strings: p.stop_strings,
             n_stop_strings: p.n_stop_strings,
+            logprobs: p.logprobs as u8,
+            top_logprobs: p.top_logprobs,
         }
     }
 }
@@ -541,6 +565,8 @@ impl convoy_request_params {
             n_stop_token_ids: raw.n_stop_token_ids,
             stop_strings: raw.stop_strings,
             n_stop_strings: raw.n_stop_strings,
+            logprobs: raw.logprobs != 0,
+            top_logprobs: raw.top_logprobs,
         }
         .to_parts()
     }
@@ -555,7 +581,7 @@ impl convoy_request_params {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.has_seed.then_some(self.seed),
-            logprobs: None,
+            logprobs: self.logprobs.then_some(self.top_logprobs as usize),
         };
         let ids = slice_arg(
             self.stop_token_ids,
@@ -670,6 +696,8 @@ super::abi_struct!(convoy_request_params {
     n_stop_token_ids: usize,
     stop_strings: *const *const c_char,
     n_stop_strings: usize,
+    logprobs: bool,
+    top_logprobs: u32,
 });
 // The mirror has the public struct's layout (asserted field by field above).
 impl super::AbiStruct for RawRequestParams {
@@ -700,6 +728,11 @@ super::abi_struct!(convoy_event {
     finish_reason: convoy_finish_reason,
     stats: *const convoy_request_stats,
     error: *const c_char,
+    has_logprobs: bool,
+    logprob: f32,
+    top_tokens: *const u32,
+    top_logprobs: *const f32,
+    n_top: usize,
 } min = std::mem::offset_of!(convoy_event, request_id) + 8);
 super::abi_struct!(convoy_request_stats {
     struct_size: u32,

@@ -46,6 +46,8 @@ static convoy_status drain(const convoy_engine *e, uint64_t id, outcome *o) {
     if (ev.kind == CONVOY_EVENT_KIND_TOKEN) {
       o->tokens++;
       CHECK(ev.stats == NULL);
+      /* Not asked for: none (this file's requests ask only in test_logprobs). */
+      CHECK(!ev.has_logprobs && ev.n_top == 0 && ev.top_tokens == NULL && ev.top_logprobs == NULL);
     }
     if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
       o->finished++;
@@ -423,6 +425,48 @@ static void test_prefix_cache(const char *model) {
   CHECK(remove(file) == 0 && remove(dir) == 0); /* nothing else was left in the folder */
 }
 
+/* Log-probabilities on request: every TOKEN event carries the token's and the top n, most
+ * likely first; for a greedy request the token is the most likely one. */
+static void test_logprobs(const char *model) {
+  convoy_engine *e = NULL;
+  CHECK(convoy_engine_create(model, NULL, &e) == CONVOY_STATUS_OK);
+  if (!e) return;
+  convoy_request_params p;
+  convoy_request_params_init(&p, sizeof p);
+  CHECK(!p.logprobs && p.top_logprobs == 0);
+  uint64_t id = 0;
+  p.logprobs = true;
+  p.top_logprobs = 21;
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  p.top_logprobs = 3;
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  CHECK(convoy_engine_submit_text(e, "What is the capital of France?", &p, &id) == CONVOY_STATUS_OK);
+  int tokens = 0, finished = 0;
+  for (int spins = 0; spins < 600 && !finished; spins++) {
+    convoy_event ev;
+    convoy_event_init(&ev, sizeof ev);
+    convoy_status st = convoy_engine_poll(e, id, 1000, &ev);
+    if (st == CONVOY_STATUS_TIMEOUT) continue;
+    CHECK(st == CONVOY_STATUS_OK);
+    if (st != CONVOY_STATUS_OK) break;
+    if (ev.kind == CONVOY_EVENT_KIND_FINISHED) {
+      finished = 1;
+      CHECK(!ev.has_logprobs && ev.n_top == 0);
+      continue;
+    }
+    tokens++;
+    CHECK(ev.has_logprobs && ev.n_top == 3 && ev.top_tokens != NULL && ev.top_logprobs != NULL);
+    if (ev.n_top != 3 || !ev.top_tokens || !ev.top_logprobs) continue;
+    CHECK(ev.logprob <= 0.0f && ev.top_logprobs[0] >= ev.top_logprobs[1] &&
+          ev.top_logprobs[1] >= ev.top_logprobs[2]);
+    float d = ev.top_logprobs[0] - ev.logprob;
+    CHECK(ev.top_tokens[0] == ev.token && d < 1e-4f && d > -1e-4f);
+  }
+  CHECK(finished && tokens == 6);
+  convoy_engine_destroy(e);
+}
+
 int main(int argc, char **argv) {
   const char *model = argc > 1 ? argv[1] : getenv("CONVOY_MODEL");
   int full = argc > 2 && strcmp(argv[2], "full") == 0;
@@ -430,6 +474,7 @@ int main(int argc, char **argv) {
   if (model) {
     test_engine(model, full);
     test_prefix_cache(model);
+    test_logprobs(model);
   }
   else fprintf(stderr, "no model given: engine checks skipped\n");
   printf("%d passed, %d failed\n", passed, failed);
