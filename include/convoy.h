@@ -339,8 +339,8 @@ typedef struct {
    * Most bytes the KV cache may allocate, padding and spare capacity included (the
    * running batch plus the group being prefilled). Requests are admitted only while every
    * admitted request fits when grown to prompt + max_tokens. Sliding-window layers
-   * (Mistral, Gemma 3) keep at most their window plus one prefill chunk and 255 spare
-   * tokens per row, whatever the length. Default 2 GiB.
+   * (Gemma 3's local layers; every layer of Mistral 7B v0.1 and Phi-3 4k) keep at most
+   * their window plus one prefill chunk and 255 spare tokens per row, whatever the length. Default 2 GiB.
    */
   uint64_t max_kv_bytes;
   /**

@@ -120,13 +120,15 @@ pub struct Trim {
 /// A query at column `q` sees keys at columns `q - window + 1 ..= q` (a row's positions and
 /// columns differ by its left padding, the same for queries and keys), so a pass writing from
 /// the write index `idx` needs nothing before `idx + 1 - window`. Columns are dropped only
-/// when the layers would otherwise grow, `STEP` at a time or more, and never past
-/// `idx - window` at the start of a pass: one column more than the pass needs, so forgetting
-/// that pass again ([`KvGeometry::rollback`]) still leaves every column the next pass needs.
+/// when the layers grow, which is when the full layers grow (once per `STEP` columns), and
+/// never past `idx - window` at the start of a pass: one column more than the pass needs, so
+/// forgetting that pass again ([`KvGeometry::rollback`]) still leaves every column the next
+/// pass needs.
 ///
-/// Invariants: `start + capacity <= idx + STEP - 1` as for the full layers (with the same
-/// brief exceptions), so a window never holds more than the full layers do; and after a pass
-/// of `l` columns, `capacity <= window + l + STEP - 1` (see [`footprint_bytes`]).
+/// Invariants: once allocated, `start + capacity` is the full layers' capacity, so a window
+/// never holds more than they do and grows when they grow; after a pass of `l` columns,
+/// `capacity <= window + l + STEP - 1`, after a join `capacity <= window + STEP` (see
+/// [`footprint_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowColumns {
     pub window: usize,
@@ -284,10 +286,12 @@ impl KvGeometry {
             return None;
         }
         let start = c.start.max(keep_from.min(end));
+        // Ends where the full layers' capacity does (`needs_capacity`), so a window grows
+        // when they do, once per `STEP` columns, whatever its size.
         Some(WindowColumns {
             window: c.window,
             start,
-            capacity: (end - start).div_ceil(STEP) * STEP,
+            capacity: end.div_ceil(STEP) * STEP - start,
         })
     }
 
@@ -390,7 +394,7 @@ impl KvGeometry {
         }
         for c in self.windows.iter_mut() {
             c.start = width.saturating_sub(c.window);
-            c.capacity = (width + 1 - c.start).div_ceil(STEP) * STEP;
+            c.capacity = self.capacity - c.start;
         }
         (shift_a, shift_b)
     }
@@ -1287,6 +1291,9 @@ mod tests {
                     assert_eq!(cache.allocated_bytes(), 0);
                     continue;
                 }
+                for c in cache.geometry().windows() {
+                    assert_eq!(c.start + c.capacity, cache.geometry().capacity());
+                }
                 for layer in 0..layout.layers {
                     let first = cache.first_column(layer);
                     let need = layout.window(layer).map_or(0, |w| idx.saturating_sub(w));
@@ -1319,5 +1326,38 @@ mod tests {
             }
         }
         assert!(drops > 100, "windows dropped columns {drops} times");
+    }
+
+    /// A window grows (and copies what it keeps) when the full layers do, once per `STEP`
+    /// decode steps, whatever its size: a window of `k * STEP - 1` columns once copied itself
+    /// at every step.
+    #[test]
+    fn windows_grow_once_per_step_of_columns() {
+        for w in [1, 8, 255, 256, 2047, 4096] {
+            let layout = KvLayout {
+                windows: vec![Some(w)],
+                ..KvLayout::full(1, 1, 1)
+            };
+            let mut g = KvGeometry::with_padding(vec![0]).with_windows(&layout);
+            g.reserve(300, false);
+            g.advance(300);
+            let mut moves = 0;
+            for _ in 0..10 * STEP {
+                let before = g.windows()[0];
+                g.reserve(1, false);
+                g.advance(1);
+                moves += usize::from(g.windows()[0] != before);
+                let c = g.windows()[0];
+                assert_eq!(c.start + c.capacity, g.capacity(), "window {w}");
+                // After the 300-column pass, then after one-column passes.
+                let pass = if moves == 0 { 300 } else { 1 };
+                assert!(c.capacity < w + pass + STEP, "window {w}: {c:?}");
+            }
+            assert!(
+                moves <= 10,
+                "window {w}: {moves} moves in {} steps",
+                10 * STEP
+            );
+        }
     }
 }

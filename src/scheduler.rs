@@ -716,11 +716,16 @@ impl Scheduler {
     /// exceeds that width). In continuous mode the group stops before a request that would
     /// make the padded work more than twice the useful work (beyond one chunk), and before
     /// one that shares [`DEFER_FOR_SHARED`] more tokens with a group member than the cache
-    /// holds: it waits for that member's prefill and reuses it. A static wave takes all `n`.
+    /// holds (and, with sliding-window layers, no more than the smallest window: longer
+    /// prefixes are not kept whole): it waits for that member's prefill and reuses it. A
+    /// static wave takes all `n`.
     fn plan_group(&self, n: usize) -> GroupPlan {
         let continuous = self.cfg.mode == BatchMode::Continuous;
         let mut hits: Vec<Option<(EntryId, usize)>> = Vec::with_capacity(n);
         let (mut widest, mut useful) = (0, 0);
+        // A sliding-window layer drops a running row's first columns once it is past the
+        // window, so a longer shared prefix could not be copied.
+        let copyable = self.layout.window_sizes().first().copied();
         for (k, seq) in self.waiting.iter().take(n).enumerate() {
             // At most all but the last prompt token come from the cache: its logits give
             // the first generated token.
@@ -737,7 +742,7 @@ impl Scheduler {
                         .map(|m| common_prefix(&m.prompt[..m.prompt.len() - 1], body))
                         .max()
                         .unwrap_or(0);
-                    if shared >= cached + DEFER_FOR_SHARED {
+                    if shared >= cached + DEFER_FOR_SHARED && copyable.is_none_or(|w| shared <= w) {
                         break;
                     }
                 }

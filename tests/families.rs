@@ -537,15 +537,17 @@ fn sliding_layers_run_long_rows_in_a_window_sized_budget() {
     let context = engine.context_length();
     assert_eq!(context, 512);
     let picks = [0, 1, refs.len() - 1];
-    let ids: Vec<_> = picks
+    // One batch submit: the rows are grouped the same way on every run.
+    let requests = picks
         .iter()
         .map(|&k| {
             let mut r = convoy::Request::new(convoy::Prompt::Tokens(refs[k].prompt.clone()))
                 .max_tokens(1000);
             r.stop.ignore_eos = true;
-            engine.submit(r).unwrap()
+            r
         })
         .collect();
+    let ids = engine.submit_batch(requests).unwrap();
     for (&k, id) in picks.iter().zip(ids) {
         let mut tokens = Vec::new();
         loop {
@@ -568,4 +570,40 @@ fn sliding_layers_run_long_rows_in_a_window_sized_budget() {
     }
     let stats = engine.stats();
     assert!(stats.peak_kv_bytes > 0 && stats.peak_kv_bytes <= budget);
+}
+
+/// The prefix cache on a model with sliding and full layers (llama-swa, window 8): a second
+/// turn (the first turn's prompt and answer, then more) reuses the first turn's KV, which
+/// the sliding layers take only the last window of, and answers exactly as without the
+/// cache.
+#[test]
+fn prefix_cache_reuse_on_sliding_layers_answers_as_without_it() {
+    let (dir, _) = fixtures();
+    let folder = dir.join("llama-swa");
+    let refs = references(&folder);
+    let turn = |engine: &convoy::Engine, prompt: Vec<u32>| {
+        let mut r = convoy::Request::new(convoy::Prompt::Tokens(prompt)).max_tokens(16);
+        r.stop.ignore_eos = true;
+        engine.generate(r).unwrap()
+    };
+    let run = |prefix_cache_bytes: usize| {
+        let mut cfg = convoy::EngineConfig::default();
+        cfg.scheduler.prefix_cache_bytes = prefix_cache_bytes;
+        let engine = convoy::Engine::new(&folder, cfg).unwrap();
+        let first = turn(&engine, refs[2].prompt.clone());
+        let mut next = refs[2].prompt.clone();
+        next.extend(&first.tokens);
+        next.extend(&refs[1].prompt);
+        let second = turn(&engine, next);
+        (first.tokens, second.tokens, second.stats.cached_tokens)
+    };
+    let (a, b, cached) = run(64 << 20);
+    let (a0, b0, cached0) = run(0);
+    assert_eq!(cached0, 0);
+    assert!(
+        cached > 8 + 16,
+        "the first turn's KV was reused: {cached} tokens"
+    );
+    assert_eq!(a, a0);
+    assert_eq!(b, b0);
 }

@@ -65,8 +65,8 @@ pub struct convoy_engine_config {
     /// Most bytes the KV cache may allocate, padding and spare capacity included (the
     /// running batch plus the group being prefilled). Requests are admitted only while every
     /// admitted request fits when grown to prompt + max_tokens. Sliding-window layers
-    /// (Mistral, Gemma 3) keep at most their window plus one prefill chunk and 255 spare
-    /// tokens per row, whatever the length. Default 2 GiB.
+    /// (Gemma 3's local layers; every layer of Mistral 7B v0.1 and Phi-3 4k) keep at most
+    /// their window plus one prefill chunk and 255 spare tokens per row, whatever the length. Default 2 GiB.
     pub max_kv_bytes: u64,
     /// CPU backend only: MLX's buffer-cache limit (freed buffers it keeps for reuse) is
     /// raised to at least this many bytes while the engine exists; the limit from before is

@@ -137,13 +137,11 @@ impl HostKv {
                 g.width()
             );
             assert!(c.start + c.capacity >= g.width(), "{c:?} {}", g.width());
-            if g.batch_size() > 0 && g.width() > 0 {
-                assert!(
-                    c.start + c.capacity <= g.width() + STEP,
-                    "{c:?} {}",
-                    g.width()
-                );
-            }
+            assert_eq!(
+                c.start + c.capacity,
+                g.capacity(),
+                "ends with the full layers"
+            );
         }
     }
 
