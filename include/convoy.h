@@ -437,7 +437,8 @@ typedef struct {
    */
   bool logprobs;
   /**
-   * How many alternatives with `logprobs` (0 to 20; more is INVALID_ARGUMENT).
+   * How many alternatives with `logprobs` (0 to 20: more is INVALID_ARGUMENT when
+   * `logprobs` is set; ignored otherwise). At most the vocabulary size are given.
    */
   uint32_t top_logprobs;
 } convoy_request_params;

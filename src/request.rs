@@ -142,7 +142,7 @@ pub struct TokenLogprobs {
     /// The chosen token's log-probability.
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, most likely first (as many as
-    /// asked for; ties in any order).
+    /// asked for, at most the vocabulary; ties in any order).
     pub top: Vec<(u32, f32)>,
 }
 

@@ -273,7 +273,7 @@ struct LogprobGraph {
     /// `[R, 1]`: the log-probability of the row's greedy token.
     chosen: Array,
     /// `[R, k]` token ids and log-probabilities of the k most likely (k = the most asked,
-    /// at least 1).
+    /// at most the vocabulary).
     top_idx: Array,
     top_val: Array,
 }
@@ -286,19 +286,27 @@ impl LogprobGraph {
             .take_axis(&idx, 0)?
             .as_dtype(mlx_rs::Dtype::Float32)?;
         let lse = logsumexp_rows(&rows)?;
-        let lp = rows.subtract(&lse)?;
         let greedy = greedy
             .take_axis(&idx, 0)?
             .as_dtype(mlx_rs::Dtype::Int32)?
             .reshape(&[-1, 1])?;
-        let chosen = lp.take_along_axis(&greedy, -1)?;
-        let vocab = lp.shape()[1];
-        let k = asked.iter().map(|&(_, n)| n).max().unwrap_or(0).max(1) as i32;
-        let k = k.min(vocab);
-        let top_idx = mlx_rs::ops::argpartition_axis(lp.negative()?, k - 1, -1)?
-            .try_index((.., ..k))?
-            .contiguous()?;
-        let top_val = lp.take_along_axis(&top_idx, -1)?;
+        // Only the values read are shifted by the log-sum-exp (no [R, vocab] copy).
+        let chosen = rows.take_along_axis(&greedy, -1)?.subtract(&lse)?;
+        let vocab = rows.shape()[1];
+        let k = (asked.iter().map(|&(_, n)| n).max().unwrap_or(0) as i32).min(vocab);
+        let (top_idx, top_val) = if k == 0 {
+            let none = Array::from_slice::<u32>(&[], &[asked.len() as i32, 0]);
+            (
+                none,
+                Array::from_slice::<f32>(&[], &[asked.len() as i32, 0]),
+            )
+        } else {
+            let top_idx = mlx_rs::ops::argpartition_axis(rows.negative()?, k - 1, -1)?
+                .try_index((.., ..k))?
+                .contiguous()?;
+            let top_val = rows.take_along_axis(&top_idx, -1)?.subtract(&lse)?;
+            (top_idx, top_val)
+        };
         Ok(Self {
             lse,
             chosen,
@@ -559,6 +567,7 @@ impl Runner for MlxRunner {
         self.prefixes.clear();
         self.last_logits = None;
         self.pending = None;
+        self.logprobs.clear();
         let _ = mlx_rs::memory::clear_cache();
     }
 

@@ -604,7 +604,15 @@ impl Scheduler {
             )));
         }
         let now = Instant::now();
-        let mut logprobs = runner.take_logprobs().into_iter();
+        let logprobs = runner.take_logprobs();
+        if !logprobs.is_empty() && logprobs.len() != tokens.len() {
+            return Err(Error::EngineFailed(format!(
+                "runner returned log-probabilities for {} of {} rows",
+                logprobs.len(),
+                tokens.len()
+            )));
+        }
+        let mut logprobs = logprobs.into_iter();
         let mut done = vec![None; first];
         for (seq, &token) in self.running[first..].iter_mut().zip(tokens) {
             let lp = logprobs.next().flatten();

@@ -209,3 +209,65 @@ fn engine_events_carry_logprobs_only_where_asked() {
     assert_eq!(outputs[0], outputs[4]);
     assert_eq!(outputs[1], outputs[5]);
 }
+
+/// Rows leave while a step is queued ahead (its logits are cut to the rows that stay) and a
+/// group joins a running batch: every step's log-probabilities still belong to their rows.
+#[test]
+fn logprobs_follow_rows_through_leaves_and_joins() {
+    let lm = model::load(model_path(), LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = QUESTIONS[..4]
+        .iter()
+        .map(|q| lm.tokenizer.encode(q, true).unwrap())
+        .collect();
+    let mut runner = MlxRunner::new(lm);
+    runner.keep_logits(true);
+    let mut asked = vec![Some(4), None, Some(2)];
+    let mut samplers: Vec<Sampler> = asked
+        .iter()
+        .zip(&prompts)
+        .map(|(&n, p)| Sampler::new(params(0.0, n), p))
+        .collect();
+    let group: Vec<&[u32]> = prompts[..3].iter().map(Vec::as_slice).collect();
+    runner.start_prefill(&group, &[None, None, None]).unwrap();
+    while !runner.prefill_step(64).unwrap() {}
+    let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
+    let mut tokens = runner.join(&mut s).unwrap();
+    let step = |runner: &mut MlxRunner, tokens: &[u32], asked: &[Option<usize>]| {
+        let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
+        check_step(&logits, tokens, asked, &runner.take_logprobs());
+    };
+    step(&mut runner, &tokens, &asked);
+    let decode = |runner: &mut MlxRunner, tokens: &mut Vec<u32>, samplers: &mut [Sampler]| {
+        let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
+        *tokens = runner.decode(tokens, &mut s, true).unwrap();
+    };
+    for _ in 0..2 {
+        decode(&mut runner, &mut tokens, &mut samplers);
+        step(&mut runner, &tokens, &asked);
+    }
+    // The middle row leaves with a step queued ahead for all three.
+    runner.retain(&[0, 2]).unwrap();
+    samplers.remove(1);
+    asked.remove(1);
+    tokens.remove(1);
+    for _ in 0..2 {
+        decode(&mut runner, &mut tokens, &mut samplers);
+        step(&mut runner, &tokens, &asked);
+    }
+    // A group joins the running batch: the join reports its own rows only.
+    runner.start_prefill(&[&prompts[3]], &[None]).unwrap();
+    while !runner.prefill_step(16).unwrap() {
+        decode(&mut runner, &mut tokens, &mut samplers);
+        step(&mut runner, &tokens, &asked);
+    }
+    let mut joining = Sampler::new(params(0.0, Some(6)), &prompts[3]);
+    let first = runner.join(&mut [&mut joining]).unwrap();
+    step(&mut runner, &first, &[Some(6)]);
+    samplers.push(joining);
+    asked.push(Some(6));
+    tokens.extend(first);
+    for _ in 0..3 {
+        decode(&mut runner, &mut tokens, &mut samplers);
+        step(&mut runner, &tokens, &asked);
+    }
+}

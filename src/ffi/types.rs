@@ -127,7 +127,8 @@ pub struct convoy_request_params {
     /// Each TOKEN event carries the token's log-probability and the `top_logprobs` most
     /// likely tokens (see `convoy_event`). Default false.
     pub logprobs: bool,
-    /// How many alternatives with `logprobs` (0 to 20; more is INVALID_ARGUMENT).
+    /// How many alternatives with `logprobs` (0 to 20: more is INVALID_ARGUMENT when
+    /// `logprobs` is set; ignored otherwise). At most the vocabulary size are given.
     pub top_logprobs: u32,
 }
 

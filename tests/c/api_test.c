@@ -460,8 +460,9 @@ static void test_logprobs(const char *model) {
     if (ev.n_top != 3 || !ev.top_tokens || !ev.top_logprobs) continue;
     CHECK(ev.logprob <= 0.0f && ev.top_logprobs[0] >= ev.top_logprobs[1] &&
           ev.top_logprobs[1] >= ev.top_logprobs[2]);
+    /* Greedy: the chosen token is a most likely one (compared by value: ties). */
     float d = ev.top_logprobs[0] - ev.logprob;
-    CHECK(ev.top_tokens[0] == ev.token && d < 1e-4f && d > -1e-4f);
+    CHECK(d < 1e-4f && d > -1e-4f);
   }
   CHECK(finished && tokens == 6);
   convoy_engine_destroy(e);

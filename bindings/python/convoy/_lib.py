@@ -87,6 +87,8 @@ class RequestParams(Structure):
         ("n_stop_token_ids", c_size_t),
         ("stop_strings", POINTER(c_char_p)),
         ("n_stop_strings", c_size_t),
+        ("logprobs", c_bool),
+        ("top_logprobs", c_uint32),
     ]
 
 
@@ -119,6 +121,11 @@ class EventStruct(Structure):
         ("finish_reason", c_uint32),
         ("stats", POINTER(RequestStatsStruct)),
         ("error", c_char_p),
+        ("has_logprobs", c_bool),
+        ("logprob", c_float),
+        ("top_tokens", POINTER(c_uint32)),
+        ("top_logprobs", POINTER(c_float)),
+        ("n_top", c_size_t),
     ]
 
 
