@@ -219,7 +219,10 @@ impl MlxRunner {
         };
         let mut arrays = vec![greedy];
         if let Some(g) = &lp {
-            arrays.extend([&g.lse, &g.chosen, &g.top_idx, &g.top_val]);
+            arrays.extend([&g.lse, &g.chosen]);
+            if let Some((idx, val)) = &g.top {
+                arrays.extend([idx, val]);
+            }
         }
         let host_logits = if sampled_rows.is_empty() {
             self.timed_eval(&arrays)?;
@@ -273,9 +276,8 @@ struct LogprobGraph {
     /// `[R, 1]`: the log-probability of the row's greedy token.
     chosen: Array,
     /// `[R, k]` token ids and log-probabilities of the k most likely (k = the most asked,
-    /// at most the vocabulary).
-    top_idx: Array,
-    top_val: Array,
+    /// at most the vocabulary); `None` when every row asked for the chosen token's only.
+    top: Option<(Array, Array)>,
 }
 
 impl LogprobGraph {
@@ -294,25 +296,16 @@ impl LogprobGraph {
         let chosen = rows.take_along_axis(&greedy, -1)?.subtract(&lse)?;
         let vocab = rows.shape()[1];
         let k = (asked.iter().map(|&(_, n)| n).max().unwrap_or(0) as i32).min(vocab);
-        let (top_idx, top_val) = if k == 0 {
-            let none = Array::from_slice::<u32>(&[], &[asked.len() as i32, 0]);
-            (
-                none,
-                Array::from_slice::<f32>(&[], &[asked.len() as i32, 0]),
-            )
+        let top = if k == 0 {
+            None
         } else {
             let top_idx = mlx_rs::ops::argpartition_axis(rows.negative()?, k - 1, -1)?
                 .try_index((.., ..k))?
                 .contiguous()?;
             let top_val = rows.take_along_axis(&top_idx, -1)?.subtract(&lse)?;
-            (top_idx, top_val)
+            Some((top_idx, top_val))
         };
-        Ok(Self {
-            lse,
-            chosen,
-            top_idx,
-            top_val,
-        })
+        Ok(Self { lse, chosen, top })
     }
 
     /// Per row of the batch (`rows`), its log-probabilities if it asked. `sampled_logit[r]`:
@@ -325,9 +318,14 @@ impl LogprobGraph {
     ) -> Result<Vec<Option<TokenLogprobs>>> {
         let lse = host_slice::<f32>(&self.lse)?;
         let chosen = host_slice::<f32>(&self.chosen)?;
-        let k = self.top_idx.shape()[1] as usize;
-        let ids = host_slice::<u32>(&self.top_idx)?;
-        let vals = host_slice::<f32>(&self.top_val)?;
+        let (k, ids, vals) = match &self.top {
+            Some((idx, val)) => (
+                idx.shape()[1] as usize,
+                host_slice::<u32>(idx)?,
+                host_slice::<f32>(val)?,
+            ),
+            None => (0, &[][..], &[][..]),
+        };
         let mut out = vec![None; rows];
         for (i, &(r, n)) in asked.iter().enumerate() {
             let mut top: Vec<(u32, f32)> =

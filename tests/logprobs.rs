@@ -137,6 +137,13 @@ fn runner_logprobs_equal_log_softmax_of_the_full_logits() {
         ],
         6,
     );
+    // Only the chosen token's: no top-k is computed.
+    run(
+        &mut runner,
+        &p[..2],
+        &[params(0.0, Some(0)), params(0.8, Some(0))],
+        3,
+    );
     // Nobody asks: nothing is computed.
     run(
         &mut runner,
