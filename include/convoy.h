@@ -278,6 +278,39 @@ typedef uint32_t convoy_weights;
 #endif // __cplusplus
 
 /**
+ * What `convoy_request_params.constraint` holds (structured output).
+ */
+enum convoy_constraint_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * No constraint (the default).
+   */
+  CONVOY_CONSTRAINT_KIND_NONE = 0,
+  /**
+   * A JSON Schema as JSON text: the output is one JSON value valid under it.
+   */
+  CONVOY_CONSTRAINT_KIND_JSON_SCHEMA = 1,
+  /**
+   * A regular expression the whole output matches (Rust `regex` syntax).
+   */
+  CONVOY_CONSTRAINT_KIND_REGEX = 2,
+  /**
+   * A grammar in llguidance's Lark dialect.
+   */
+  CONVOY_CONSTRAINT_KIND_LARK = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum convoy_constraint_kind convoy_constraint_kind;
+#else
+typedef uint32_t convoy_constraint_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * An inference engine: a model plus the background thread that runs it. Opaque.
  */
 typedef struct convoy_engine convoy_engine;
@@ -441,6 +474,18 @@ typedef struct {
    * `logprobs` is set; ignored otherwise). At most the vocabulary size are given.
    */
   uint32_t top_logprobs;
+  /**
+   * Structured output: a `convoy_constraint_kind` value saying what `constraint` holds.
+   * Default CONVOY_CONSTRAINT_KIND_NONE. An invalid constraint is INVALID_ARGUMENT at
+   * submit, with the parser's message. A constrained request ends with STOP once its
+   * output is complete, with LENGTH if `max_tokens` comes first.
+   */
+  uint32_t constraint_kind;
+  /**
+   * NUL-terminated UTF-8: the JSON schema, regex or grammar (read during the submit call
+   * only). NULL when `constraint_kind` is NONE.
+   */
+  const char *constraint;
 } convoy_request_params;
 
 /**

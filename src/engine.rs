@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
 
+use crate::constraint::{Grammars, RowConstraint};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvLayout;
 use crate::model::{self, LoadOptions, WeightsPolicy};
@@ -249,6 +250,8 @@ struct Submission {
     id: RequestId,
     prompt: Vec<u32>,
     request: Request,
+    /// The request's constraint, compiled on the caller's thread.
+    constraint: Option<RowConstraint>,
     events: Arc<Stream>,
     at: Instant,
 }
@@ -293,6 +296,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     streams: Arc<Streams>,
     tokenizer: Arc<Tokenizer>,
+    /// Compiles output constraints; built at the first constrained request.
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
     layout: KvLayout,
     info: ModelInfo,
     next_id: AtomicU64,
@@ -466,6 +471,7 @@ impl Engine {
             shared,
             streams,
             tokenizer,
+            grammars: OnceLock::new(),
             layout,
             info,
             next_id: AtomicU64::new(1),
@@ -580,10 +586,15 @@ impl Engine {
                 // Same checks the scheduler makes, answered here without a round trip.
                 self.config
                     .check(prompt.len(), &request.stop, &request.sampling, &self.layout)?;
-                Ok(prompt)
+                let constraint = request
+                    .constraint
+                    .as_ref()
+                    .map(|c| self.grammars()?.compile(c))
+                    .transpose()?;
+                Ok((prompt, constraint))
             });
             match check {
-                Ok(prompt) => checked.push((prompt, request)),
+                Ok((prompt, constraint)) => checked.push((prompt, request, constraint)),
                 Err(e) if many => return Err(e.in_batch(i)),
                 Err(e) => return Err(e),
             }
@@ -602,13 +613,16 @@ impl Engine {
                 .iter()
                 .zip(checked)
                 .zip(streams)
-                .map(|((&id, (prompt, request)), events)| Submission {
-                    id,
-                    prompt,
-                    request,
-                    events,
-                    at,
-                })
+                .map(
+                    |((&id, (prompt, request, constraint)), events)| Submission {
+                        id,
+                        prompt,
+                        request,
+                        constraint,
+                        events,
+                        at,
+                    },
+                )
                 .collect();
             // The command comes back in the error if the thread is gone: drop it here.
             self.commands.send(Command::Submit(batch)).map_err(drop)
@@ -624,6 +638,14 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The constraint compiler for this model's tokenizer (built once, at first use).
+    fn grammars(&self) -> Result<&Grammars> {
+        self.grammars
+            .get_or_init(|| Grammars::new(self.tokenizer.clone()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|m| Error::InvalidArgument(m.clone()))
     }
 
     /// Waits up to `timeout` for the request's next event; `Ok(None)` on timeout. Every
@@ -916,14 +938,20 @@ impl Loop {
             id,
             prompt,
             request,
+            constraint,
             events,
             at,
         } = sub;
         let eos = self.runner.model().tokenizer.eos_ids().to_vec();
-        match self
-            .sched
-            .submit(id, prompt, request.sampling, request.stop, eos, at)
-        {
+        match self.sched.submit_constrained(
+            id,
+            prompt,
+            request.sampling,
+            request.stop,
+            eos,
+            at,
+            constraint,
+        ) {
             Ok(()) => {
                 self.senders.insert(id, events);
             }

@@ -3,6 +3,7 @@
 //! Data flow: [`engine`] (public API, background thread) -> [`scheduler`] (what runs each
 //! step; pure CPU) -> [`runner`] (executes a step on MLX) -> [`model`] + [`kv_cache`];
 //! [`tokenizer`] turns text into ids and back; [`ffi`] is the C ABI over [`engine`].
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod ffi;
@@ -18,6 +19,7 @@ pub mod scheduler;
 pub(crate) mod stream;
 pub mod tokenizer;
 
+pub use constraint::Constraint;
 pub use engine::{Completion, Engine, EngineConfig, EngineStats, ModelInfo, Tuning};
 pub use error::{Error, Result};
 pub use mlx_rs;

@@ -1,4 +1,5 @@
 //! What a caller submits and what it gets back: requests, events, finish reasons, stats.
+use crate::constraint::Constraint;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
@@ -46,6 +47,12 @@ pub struct Request {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
+    /// Structured output: what the generated text must match (JSON schema, regex or Lark
+    /// grammar), checked at submit (`InvalidArgument` with the parser's message). The
+    /// request ends with `Stop` once the output is complete: at the end-of-sequence token
+    /// the constraint allowed (reported as usual), or at the last token when nothing may
+    /// follow it; with `Length` if `max_tokens` comes first.
+    pub constraint: Option<Constraint>,
 }
 
 impl Request {
@@ -55,7 +62,14 @@ impl Request {
             prompt,
             sampling: SamplingParams::default(),
             stop: StopConditions::default(),
+            constraint: None,
         }
+    }
+
+    /// Sets the output constraint.
+    pub fn constrained(mut self, constraint: Constraint) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// Sets `max_tokens`.

@@ -198,26 +198,45 @@ impl MlxRunner {
 
     /// Each row's next token: its argmax (`greedy`), or for rows with sampling parameters a
     /// draw from its sampler over its logits (only those rows' logits reach the host). Rows
-    /// that asked for log-probabilities get them in [`logprobs`](Self::logprobs), computed on
-    /// the device in the same evaluation: only their top entries reach the host.
+    /// with a constraint choose among the tokens it allows: greedy ones on the device (their
+    /// mask goes up as one `[rows, vocab]` bool array), sampled ones on the host. Masks are
+    /// computed on the host while the device computes the logits. Rows that asked for
+    /// log-probabilities get them in [`logprobs`](Self::logprobs), computed on the device in
+    /// the same evaluation: only their top entries reach the host. Also returns the chosen
+    /// tokens as a device array (`[B]`, the next step's input when no row is sampled).
     fn choose(
         &mut self,
         greedy: &Array,
         logits: &Array,
         samplers: &mut [&mut Sampler],
-    ) -> Result<Vec<u32>> {
+    ) -> Result<(Vec<u32>, Array)> {
         let sampled_rows: Vec<usize> = (0..samplers.len())
             .filter(|&r| !samplers[r].params().is_plain_greedy())
             .collect();
         let asked: Vec<(usize, usize)> = (0..samplers.len())
             .filter_map(|r| samplers[r].params().logprobs.map(|n| (r, n)))
             .collect();
+        let vocab = logits.shape()[1] as usize;
+        let mut masks: Vec<Option<Vec<bool>>> = Vec::new();
+        if samplers.iter().any(|s| s.constraint().is_some()) {
+            // Start the forward pass (if not queued already) and compute the masks meanwhile.
+            mlx_rs::transforms::async_eval([greedy, logits])?;
+            masks = samplers.iter_mut().map(|s| s.allowed(vocab)).collect();
+        }
+        let device_masked: Vec<usize> = (0..masks.len())
+            .filter(|&r| masks[r].is_some() && samplers[r].params().is_plain_greedy())
+            .collect();
+        let chosen = if device_masked.is_empty() {
+            greedy.clone()
+        } else {
+            masked_argmax(greedy, logits, &device_masked, &masks)?
+        };
         let lp = if asked.is_empty() {
             None
         } else {
-            Some(LogprobGraph::new(logits, greedy, &asked)?)
+            Some(LogprobGraph::new(logits, &chosen, &asked)?)
         };
-        let mut arrays = vec![greedy];
+        let mut arrays = vec![&chosen];
         if let Some(g) = &lp {
             arrays.extend([&g.lse, &g.chosen]);
             if let Some((idx, val)) = &g.top {
@@ -234,14 +253,21 @@ impl MlxRunner {
             self.timed_eval(&arrays)?;
             Some(rows)
         };
-        let mut tokens: Vec<u32> = host_slice::<u32>(greedy)?.to_vec();
+        let mut tokens: Vec<u32> = host_slice::<u32>(&chosen)?.to_vec();
         let mut sampled_logit: Vec<Option<f32>> = vec![None; samplers.len()];
         if let Some(rows) = host_logits {
-            let vocab = rows.shape()[1] as usize;
+            let width = rows.shape()[1] as usize;
             let flat = host_slice::<f32>(&rows)?;
             for (k, &r) in sampled_rows.iter().enumerate() {
-                let raw = &flat[k * vocab..(k + 1) * vocab];
+                let raw = &flat[k * width..(k + 1) * width];
                 let mut row = raw.to_vec();
+                if let Some(Some(allowed)) = masks.get(r) {
+                    for (x, &ok) in row.iter_mut().zip(allowed) {
+                        if !ok {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
                 tokens[r] = samplers[r].sample(&mut row);
                 sampled_logit[r] = raw.get(tokens[r] as usize).copied();
             }
@@ -250,7 +276,7 @@ impl MlxRunner {
             None => Vec::new(),
             Some(g) => g.read(samplers.len(), &asked, &sampled_logit)?,
         };
-        Ok(tokens)
+        Ok((tokens, chosen))
     }
 
     fn timed_eval(&mut self, arrays: &[&Array]) -> Result<()> {
@@ -265,6 +291,37 @@ impl MlxRunner {
 fn host_slice<T: mlx_rs::ArrayElement>(a: &Array) -> Result<&[T]> {
     a.try_as_slice::<T>()
         .map_err(|e| crate::Error::Mlx(format!("reading results: {e}")))
+}
+
+/// `greedy` (`[B]`) with rows `rows` replaced by the argmax of their logits over the tokens
+/// `masks[r]` allows.
+fn masked_argmax(
+    greedy: &Array,
+    logits: &Array,
+    rows: &[usize],
+    masks: &[Option<Vec<bool>>],
+) -> Result<Array> {
+    let vocab = logits.shape()[1];
+    let flat: Vec<bool> = rows
+        .iter()
+        .flat_map(|&r| masks[r].as_deref().unwrap_or_default().iter().copied())
+        .collect();
+    let mask = Array::from_slice(&flat, &[rows.len() as i32, vocab]);
+    let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let picked = logits.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?;
+    let floor = Array::from_f32(f32::NEG_INFINITY).as_dtype(picked.dtype())?;
+    let best = argmax_axis(&mlx_rs::ops::select(&mask, &picked, &floor)?, -1, None)?;
+    // Scatter back: row r takes best[pos[r]] where it is masked, its greedy token elsewhere.
+    let b = greedy.shape()[0] as usize;
+    let mut pos = vec![0i32; b];
+    let mut is_masked = vec![false; b];
+    for (k, &r) in rows.iter().enumerate() {
+        pos[r] = k as i32;
+        is_masked[r] = true;
+    }
+    let spread = best.take_axis(Array::from_slice(&pos, &[b as i32]), 0)?;
+    let is_masked = Array::from_slice(&is_masked, &[b as i32]);
+    Ok(mlx_rs::ops::select(&is_masked, &spread, greedy)?)
 }
 
 /// The device side of log-probabilities for the rows that asked: their log-sum-exp, the
@@ -472,7 +529,7 @@ impl Runner for MlxRunner {
         })?;
         let logits = self.lm.model.logits(&hidden)?;
         let greedy = argmax_axis(&logits, -1, None)?;
-        let tokens = self.choose(&greedy, &logits, samplers)?;
+        let (tokens, _) = self.choose(&greedy, &logits, samplers)?;
         if self.keep_logits {
             self.last_logits = Some(logits);
         }
@@ -503,10 +560,12 @@ impl Runner for MlxRunner {
             }
         };
         let all_greedy = samplers.iter().all(|s| s.params().is_plain_greedy());
-        let tokens = self.choose(&greedy, &logits, samplers)?;
+        let (tokens, chosen) = self.choose(&greedy, &logits, samplers)?;
         if all_greedy && self.pipeline && ahead {
-            // Every row is greedy, so the next inputs are `greedy` itself: queue that step now.
-            let next_input = greedy.reshape(&[tokens.len() as i32, 1])?;
+            // Every row is greedy (constrained ones included: their masked argmax), so the
+            // next inputs are `chosen` itself: queue that step now. A constrained row's mask
+            // for it is computed while it runs.
+            let next_input = chosen.reshape(&[tokens.len() as i32, 1])?;
             let (next_tokens, next_logits) = self.decode_graph(&next_input)?;
             mlx_rs::transforms::async_eval([&next_tokens])?;
             self.pending = Some(Pending {

@@ -6,6 +6,7 @@
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::constraint::RowConstraint;
 use crate::error::{Error, Result};
 
 /// Penalties look at this many most recent tokens (prompt and output), like llama.cpp.
@@ -104,11 +105,13 @@ impl SamplingParams {
 }
 
 /// Sampling state of one request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     recent: std::collections::VecDeque<u32>,
+    /// The request's output constraint (structured output), if any.
+    constraint: Option<Box<RowConstraint>>,
 }
 
 impl Sampler {
@@ -125,15 +128,36 @@ impl Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(seed),
             recent: prompt[start..].iter().copied().collect(),
+            constraint: None,
         }
+    }
+
+    /// Restricts the tokens this row may generate to what `constraint` allows.
+    pub fn with_constraint(mut self, constraint: Option<RowConstraint>) -> Self {
+        self.constraint = constraint.map(Box::new);
+        self
+    }
+
+    /// The row's constraint, if it has one.
+    pub fn constraint(&self) -> Option<&RowConstraint> {
+        self.constraint.as_deref()
+    }
+
+    /// The tokens the row's constraint allows next (one flag per id of a `vocab`-wide
+    /// logits row); `None` without a constraint.
+    pub fn allowed(&mut self, vocab: usize) -> Option<Vec<bool>> {
+        self.constraint.as_mut().map(|c| c.mask(vocab))
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Records a generated token (for penalties).
+    /// Records a generated token (for penalties and the constraint).
     pub fn accept(&mut self, token: u32) {
+        if let Some(c) = &mut self.constraint {
+            c.consume(token);
+        }
         if self.recent.len() == PENALTY_WINDOW {
             self.recent.pop_front();
         }

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::constraint::{ConstraintState, RowConstraint};
 use crate::error::{Error, Result};
 use crate::kv_cache::{footprint_bytes, KvLayout};
 use crate::prefix_cache::{common_prefix, EntryId, PrefixIndex, PrefixStats};
@@ -419,9 +420,24 @@ impl Scheduler {
         id: RequestId,
         prompt: Vec<u32>,
         sampling: SamplingParams,
+        stop: StopConditions,
+        eos: Vec<u32>,
+        submitted: Instant,
+    ) -> Result<()> {
+        self.submit_constrained(id, prompt, sampling, stop, eos, submitted, None)
+    }
+
+    /// [`submit`](Self::submit) with an output constraint (compiled for this request).
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_constrained(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
         mut stop: StopConditions,
         eos: Vec<u32>,
         submitted: Instant,
+        constraint: Option<RowConstraint>,
     ) -> Result<()> {
         self.cfg
             .check(prompt.len(), &stop, &sampling, &self.layout)?;
@@ -438,7 +454,7 @@ impl Scheduler {
         let eos = if stop.ignore_eos { Vec::new() } else { eos };
         self.waiting.push_back(Seq {
             id,
-            sampler: Sampler::new(sampling, &prompt),
+            sampler: Sampler::new(sampling, &prompt).with_constraint(constraint),
             next_input: *prompt.last().expect("checked non-empty"),
             prompt,
             stop,
@@ -887,7 +903,13 @@ impl Scheduler {
         for (seq, reason) in rows.into_iter().zip(done) {
             match reason {
                 None => self.running.push(seq),
-                Some(reason) => self.finish(seq, reason, None, events),
+                Some(reason) => {
+                    let error = match seq.sampler.constraint().map(RowConstraint::state) {
+                        Some(ConstraintState::Failed(m)) => Some(m.clone()),
+                        _ => None,
+                    };
+                    self.finish(seq, reason, error, events)
+                }
             }
         }
         Ok(())
@@ -1011,7 +1033,10 @@ fn accept_token(
             seq.held_text.drain(..emit);
         }
     }
-    if stop_token {
+    let constraint = seq.sampler.constraint().map(RowConstraint::state);
+    if let Some(ConstraintState::Failed(_)) = constraint {
+        reason = Some(FinishReason::Error);
+    } else if stop_token || constraint == Some(&ConstraintState::Complete) {
         reason = Some(FinishReason::Stop);
     } else if reason.is_none() && seq.generated >= seq.stop.max_tokens {
         reason = Some(FinishReason::Length);

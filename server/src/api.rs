@@ -3,9 +3,9 @@
 //! One body type serves both endpoints (the union of their fields), so every field is parsed
 //! the same way and a wrong type names its field (`serde_path_to_error`). Unknown fields are
 //! ignored, as OpenAI-compatible servers do: clients send fields a server may not know.
-//! Fields convoy cannot honour yet (several choices, logprobs, tools, JSON mode) are refused
+//! Fields convoy cannot honour yet (several choices, logprobs, tools) are refused
 //! with a 400 that says so, rather than silently ignored.
-use convoy::{ChatMessage, Prompt, Request, SamplingParams, StopConditions};
+use convoy::{ChatMessage, Constraint, Prompt, Request, SamplingParams, StopConditions};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -164,6 +164,7 @@ impl Body {
     /// Checks the body for `kind` and builds the convoy request.
     pub fn into_request(self, kind: Kind, defaults: Defaults) -> Result<Parsed, Invalid> {
         self.refuse_unsupported(kind)?;
+        let constraint = self.constraint()?;
         let prompt = match kind {
             Kind::Chat => {
                 let messages = self
@@ -233,6 +234,7 @@ impl Body {
                 stop_token_ids: Vec::new(),
                 stop_strings,
             },
+            constraint,
         };
         let stream = self.stream.unwrap_or(false);
         let include_usage = self
@@ -245,6 +247,32 @@ impl Body {
             stream,
             include_usage,
         })
+    }
+
+    /// `response_format` as a convoy constraint: `json_object` is any JSON object,
+    /// `json_schema` its `json_schema.schema` (checked by the engine at submit).
+    fn constraint(&self) -> Result<Option<Constraint>, Invalid> {
+        let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
+            return Ok(None);
+        };
+        let bad = |m: &str| invalid(m, "response_format");
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into()))),
+            Some("json_schema") => {
+                let schema = format
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        bad("response_format.json_schema.schema must be a JSON schema")
+                    })?;
+                Ok(Some(Constraint::JsonSchema(schema.to_string())))
+            }
+            _ => Err(bad(
+                "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+            )),
+        }
     }
 
     fn refuse_unsupported(&self, kind: Kind) -> Result<(), Invalid> {
@@ -272,15 +300,6 @@ impl Body {
                 "tools and function calling are not supported",
                 "tools",
             ));
-        }
-        if let Some(format) = &self.response_format {
-            let kind = format.get("type").and_then(Value::as_str);
-            if !format.is_null() && kind != Some("text") {
-                return Err(invalid(
-                    "response_format other than {\"type\": \"text\"} is not supported yet",
-                    "response_format",
-                ));
-            }
         }
         if let Some(bias) = &self.logit_bias {
             if !(bias.is_null() || bias.as_object().is_some_and(|m| m.is_empty())) {
@@ -394,6 +413,33 @@ mod tests {
     }
 
     #[test]
+    fn response_format_becomes_a_constraint() {
+        let chat = |format: &str| {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": "a"}}], "response_format": {format}}}"#
+            );
+            parse(body.as_bytes())
+                .unwrap()
+                .into_request(Kind::Chat, D)
+                .unwrap()
+                .request
+                .constraint
+        };
+        assert_eq!(chat("null"), None);
+        assert_eq!(chat(r#"{"type": "text"}"#), None);
+        assert_eq!(
+            chat(r#"{"type": "json_object"}"#),
+            Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into()))
+        );
+        assert_eq!(
+            chat(
+                r#"{"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}"#
+            ),
+            Some(Constraint::JsonSchema(r#"{"type":"integer"}"#.into()))
+        );
+    }
+
+    #[test]
     fn unsupported_fields_are_refused() {
         for (body, param) in [
             (r#"{"prompt": "a", "n": 2}"#, "n"),
@@ -426,7 +472,11 @@ mod tests {
                 "tools",
             ),
             (
-                r#"{"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}"#,
+                r#"{"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "xml"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}"#,
                 "response_format",
             ),
             (

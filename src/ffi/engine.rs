@@ -228,11 +228,12 @@ unsafe fn submit(
     guard(|| {
         let engine = arg(engine, "engine")?;
         let out_id = out_arg(out_id, "out_id")?;
-        let (sampling, stop) = convoy_request_params::read(params)?;
+        let (sampling, stop, constraint) = convoy_request_params::read(params)?;
         let id = engine.inner.submit(Request {
             prompt: prompt()?,
             sampling,
             stop,
+            constraint,
         })?;
         out_id.write(id);
         Ok(())
@@ -404,11 +405,12 @@ unsafe fn read_batch_request(
             ))
         }
     };
-    let (sampling, stop) = convoy_request_params::read(r.params)?;
+    let (sampling, stop, constraint) = convoy_request_params::read(r.params)?;
     Ok(Request {
         prompt,
         sampling,
         stop,
+        constraint,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Plain C structs and enums of the API, and their conversions to the safe types.
 use std::ffi::{c_char, c_void};
 
-use super::{fail, read_sized, slice_arg, str_arg, Failure};
+use super::{convoy_status, fail, read_sized, slice_arg, str_arg, Failure};
+use crate::constraint::Constraint;
 use crate::engine::{EngineConfig, EngineStats};
 use crate::model::WeightsPolicy;
 use crate::request::{FinishReason, RequestStats, StopConditions};
@@ -16,6 +17,20 @@ pub enum convoy_batch_mode {
     Continuous = 0,
     /// Fixed batches that run to completion (for comparison).
     Static = 1,
+}
+
+/// What `convoy_request_params.constraint` holds (structured output).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum convoy_constraint_kind {
+    /// No constraint (the default).
+    None = 0,
+    /// A JSON Schema as JSON text: the output is one JSON value valid under it.
+    JsonSchema = 1,
+    /// A regular expression the whole output matches (Rust `regex` syntax).
+    Regex = 2,
+    /// A grammar in llguidance's Lark dialect.
+    Lark = 3,
 }
 
 /// What to do with quantized weights.
@@ -130,6 +145,14 @@ pub struct convoy_request_params {
     /// How many alternatives with `logprobs` (0 to 20: more is INVALID_ARGUMENT when
     /// `logprobs` is set; ignored otherwise). At most the vocabulary size are given.
     pub top_logprobs: u32,
+    /// Structured output: a `convoy_constraint_kind` value saying what `constraint` holds.
+    /// Default CONVOY_CONSTRAINT_KIND_NONE. An invalid constraint is INVALID_ARGUMENT at
+    /// submit, with the parser's message. A constrained request ends with STOP once its
+    /// output is complete, with LENGTH if `max_tokens` comes first.
+    pub constraint_kind: u32,
+    /// NUL-terminated UTF-8: the JSON schema, regex or grammar (read during the submit call
+    /// only). NULL when `constraint_kind` is NONE.
+    pub constraint: *const c_char,
 }
 
 /// One chat message for `convoy_engine_submit_chat` and `convoy_engine_render_chat`. Set
@@ -374,6 +397,8 @@ impl Default for convoy_request_params {
             n_stop_strings: 0,
             logprobs: false,
             top_logprobs: 0,
+            constraint_kind: convoy_constraint_kind::None as u32,
+            constraint: std::ptr::null(),
         }
     }
 }
@@ -478,6 +503,8 @@ struct RawRequestParams {
     n_stop_strings: usize,
     logprobs: u8,
     top_logprobs: u32,
+    constraint_kind: u32,
+    constraint: *const c_char,
 }
 
 // The mirror must match the public struct field for field.
@@ -507,7 +534,9 @@ const _: () = {
         stop_strings,
         n_stop_strings,
         logprobs,
-        top_logprobs
+        top_logprobs,
+        constraint_kind,
+        constraint
     );
 };
 
@@ -532,15 +561,20 @@ impl From<convoy_request_params> for RawRequestParams {
             n_stop_strings: p.n_stop_strings,
             logprobs: p.logprobs as u8,
             top_logprobs: p.top_logprobs,
+            constraint_kind: p.constraint_kind,
+            constraint: p.constraint,
         }
     }
 }
+
+/// What a request's parameters say: sampling, stopping, and the output constraint.
+pub(crate) type RequestParts = (SamplingParams, StopConditions, Option<Constraint>);
 
 impl convoy_request_params {
     /// Reads caller-provided parameters (NULL: the defaults) without trusting `bool` bytes.
     pub(crate) unsafe fn read(
         params: *const convoy_request_params,
-    ) -> Result<(SamplingParams, StopConditions), Failure> {
+    ) -> Result<RequestParts, Failure> {
         if params.is_null() {
             return Self::default().to_parts();
         }
@@ -568,11 +602,13 @@ impl convoy_request_params {
             n_stop_strings: raw.n_stop_strings,
             logprobs: raw.logprobs != 0,
             top_logprobs: raw.top_logprobs,
+            constraint_kind: raw.constraint_kind,
+            constraint: raw.constraint,
         }
         .to_parts()
     }
 
-    unsafe fn to_parts(self) -> Result<(SamplingParams, StopConditions), Failure> {
+    unsafe fn to_parts(self) -> Result<RequestParts, Failure> {
         let sampling = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -604,7 +640,24 @@ impl convoy_request_params {
             stop_token_ids: ids.to_vec(),
             stop_strings,
         };
-        Ok((sampling, stop))
+        let text = || -> Result<String, Failure> {
+            Ok(str_arg(self.constraint, "params->constraint")?.to_owned())
+        };
+        let constraint = match self.constraint_kind {
+            k if k == convoy_constraint_kind::None as u32 => None,
+            k if k == convoy_constraint_kind::JsonSchema as u32 => {
+                Some(Constraint::JsonSchema(text()?))
+            }
+            k if k == convoy_constraint_kind::Regex as u32 => Some(Constraint::Regex(text()?)),
+            k if k == convoy_constraint_kind::Lark as u32 => Some(Constraint::Lark(text()?)),
+            k => {
+                return Err(fail(
+                    convoy_status::InvalidArgument,
+                    format!("params->constraint_kind {k} is not a convoy_constraint_kind"),
+                ))
+            }
+        };
+        Ok((sampling, stop, constraint))
     }
 }
 
@@ -699,6 +752,8 @@ super::abi_struct!(convoy_request_params {
     n_stop_strings: usize,
     logprobs: bool,
     top_logprobs: u32,
+    constraint_kind: u32,
+    constraint: *const c_char,
 });
 // The mirror has the public struct's layout (asserted field by field above).
 impl super::AbiStruct for RawRequestParams {

@@ -468,6 +468,74 @@ static void test_logprobs(const char *model) {
   convoy_engine_destroy(e);
 }
 
+/* Structured output: a JSON schema and a regex constrain the whole output; bad constraints
+ * and kinds are INVALID_ARGUMENT with a message, and nothing is queued for them. */
+static void test_constraints(const char *model) {
+  convoy_engine *e = NULL;
+  CHECK(convoy_engine_create(model, NULL, &e) == CONVOY_STATUS_OK);
+  if (!e) return;
+  convoy_request_params p;
+  convoy_request_params_init(&p, sizeof p);
+  CHECK(p.constraint_kind == CONVOY_CONSTRAINT_KIND_NONE && p.constraint == NULL);
+  uint64_t id = 0;
+  char msg[512];
+  p.constraint_kind = CONVOY_CONSTRAINT_KIND_REGEX;
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_NULL_POINTER);
+  p.constraint = "[0-9";
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "regex") != NULL);
+  p.constraint_kind = 9;
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "constraint_kind") != NULL);
+  p.constraint_kind = CONVOY_CONSTRAINT_KIND_JSON_SCHEMA;
+  p.constraint = "{\"type\": \"objectx\"}";
+  CHECK(convoy_engine_submit_text(e, "hi", &p, &id) == CONVOY_STATUS_INVALID_ARGUMENT);
+  CHECK(convoy_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "objectx") != NULL);
+
+  const char *prompts[2] = {"Describe a cat as JSON: ", "Is the sea salty? Answer: "};
+  const char *constraints[2] = {
+      "{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", "
+      "\"maxLength\": 16}, \"legs\": {\"type\": \"integer\", \"minimum\": 0, "
+      "\"maximum\": 8}}, \"required\": [\"name\", \"legs\"], \"additionalProperties\": false}",
+      "(yes|no)\\."};
+  uint32_t kinds[2] = {CONVOY_CONSTRAINT_KIND_JSON_SCHEMA, CONVOY_CONSTRAINT_KIND_REGEX};
+  uint64_t ids[2] = {0, 0};
+  for (int i = 0; i < 2; i++) {
+    convoy_request_params_init(&p, sizeof p);
+    p.max_tokens = 60;
+    p.constraint_kind = kinds[i];
+    p.constraint = constraints[i];
+    CHECK(convoy_engine_submit_text(e, prompts[i], &p, &ids[i]) == CONVOY_STATUS_OK);
+  }
+  for (int i = 0; i < 2; i++) {
+    char text[1024] = {0};
+    size_t len = 0;
+    convoy_finish_reason reason = CONVOY_FINISH_REASON_NONE;
+    for (int spins = 0; spins < 600 && reason == CONVOY_FINISH_REASON_NONE; spins++) {
+      convoy_event ev;
+      convoy_event_init(&ev, sizeof ev);
+      convoy_status st = convoy_engine_poll(e, ids[i], 1000, &ev);
+      if (st == CONVOY_STATUS_TIMEOUT) continue;
+      CHECK(st == CONVOY_STATUS_OK);
+      if (st != CONVOY_STATUS_OK) break;
+      size_t n = strlen(ev.text);
+      if (len + n < sizeof text) {
+        memcpy(text + len, ev.text, n);
+        len += n;
+      }
+      if (ev.kind == CONVOY_EVENT_KIND_FINISHED) reason = ev.finish_reason;
+    }
+    CHECK(reason == CONVOY_FINISH_REASON_STOP);
+    if (i == 0) {
+      CHECK(strncmp(text, "{\"name\": \"", 10) == 0 && strstr(text, "\"legs\": ") != NULL &&
+            text[len - 1] == '}');
+    } else {
+      CHECK(strcmp(text, "yes.") == 0 || strcmp(text, "no.") == 0);
+    }
+  }
+  convoy_engine_destroy(e);
+}
+
 int main(int argc, char **argv) {
   const char *model = argc > 1 ? argv[1] : getenv("CONVOY_MODEL");
   int full = argc > 2 && strcmp(argv[2], "full") == 0;
@@ -476,6 +544,7 @@ int main(int argc, char **argv) {
     test_engine(model, full);
     test_prefix_cache(model);
     test_logprobs(model);
+    test_constraints(model);
   }
   else fprintf(stderr, "no model given: engine checks skipped\n");
   printf("%d passed, %d failed\n", passed, failed);

@@ -89,6 +89,8 @@ class RequestParams(Structure):
         ("n_stop_strings", c_size_t),
         ("logprobs", c_bool),
         ("top_logprobs", c_uint32),
+        ("constraint_kind", c_uint32),
+        ("constraint", c_char_p),
     ]
 
 
