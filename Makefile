@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL ?= $(shell scripts/setup.sh --model-path)
 RELEASE := target/release
 
-.PHONY: setup demo test serve bench-http bench bench-smoke bench-prefix bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
+.PHONY: setup demo test serve bench-http bench bench-smoke bench-prefix bench-constraints bench-compare bench-compare-smoke header lint clean reliability sanitize soak fuzz fuzz-smoke install
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,7 @@ test: setup
 	target/debug/convoy-bench $(SMOKE_ARGS)
 	scripts/bench-compare.sh --smoke --only convoy --bench target/debug/convoy-bench --out target/bench-compare-smoke-convoy
 	target/debug/convoy-bench --model $(MODEL) --prefix-cache --smoke --out target/bench-prefix-smoke
+	target/debug/convoy-bench --model $(MODEL) --constraints --smoke --out target/bench-constraints-smoke
 	scripts/bench-http.sh --smoke --bin-dir target/debug --out target/bench-http-smoke
 
 # The long reliability runs (docs/reliability.md): many randomized sequences on the real model
@@ -78,6 +79,11 @@ bench-compare: setup
 # 6 minutes on 2 cores.
 bench-prefix: setup
 	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --prefix-cache --out bench-results
+
+# Structured output's cost: tokens/s with and without constraints at batch 1 and 8
+# (bench-results/constraints.md). About 5 minutes.
+bench-constraints: setup
+	$(CARGO) run --release --bin convoy-bench -- --model $(MODEL) --constraints --out bench-results
 
 # convoy in-process and through convoy-server (the openai client, 64 streams in flight) on
 # one workload, alternating, twice each: bench-results/http/report.md. About 10 minutes.

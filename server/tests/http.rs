@@ -391,9 +391,31 @@ fn endpoints_answers_and_errors_through_curl() {
     assert_eq!(status, 404, "{text}");
     assert!(server.metric("convoy_http_errors_total{status=\"400\"}") >= 9.0);
 
+    // Structured output: response_format's schema holds; an invalid schema is a 400 with
+    // the parser's message (and is never queued, so it logs no line).
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "string",
+        "maxLength": 30}}, "required": ["answer"], "additionalProperties": false});
+    let mut body = chat_body(question, 60, false);
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "a", "schema": schema}});
+    let (code, _, v) = server.post("/v1/chat/completions", &body);
+    assert_eq!(code, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let answer: Value = serde_json::from_str(content).unwrap();
+    assert!(answer["answer"].is_string(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}});
+    let (code, _, v) = server.post("/v1/chat/completions", &body);
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("objectx"),
+        "{v}"
+    );
+
     // One log line per request, in the engine's format.
-    let lines = server.wait_log_lines(5);
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    let lines = server.wait_log_lines(6);
+    assert_eq!(lines.len(), 6, "{lines:?}");
     for l in &lines {
         for field in [
             "prompt_tps=",

@@ -7,6 +7,8 @@
 //! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
 #[path = "shared/chart.rs"]
 mod chart;
+#[path = "shared/constraint_bench.rs"]
+mod constraint_bench;
 #[path = "shared/compare.rs"]
 mod compare;
 #[path = "shared/font.rs"]
@@ -148,6 +150,11 @@ struct Args {
     /// into --out.
     #[arg(long)]
     prefix_cache: bool,
+    /// Run the structured-output overhead benchmark instead (tokens/s with and without
+    /// constraints at batch 1 and 8; tiny sizes with --smoke): writes constraints.{md,jsonl}
+    /// into --out.
+    #[arg(long)]
+    constraints: bool,
 }
 
 fn default_model() -> PathBuf {
@@ -841,6 +848,15 @@ fn plot(path: &Path, results: &[RunResult]) -> Result<(), String> {
 fn main() {
     let args = Args::parse();
     let model = args.model.clone().unwrap_or_else(default_model);
+    if args.constraints {
+        let sizes = if args.smoke {
+            constraint_bench::Sizes::smoke()
+        } else {
+            constraint_bench::Sizes::full()
+        };
+        print!("{}", constraint_bench::run(&model, &args.out, &sizes));
+        return;
+    }
     if args.prefix_cache {
         let sizes = if args.smoke {
             prefix_bench::Sizes::smoke()
