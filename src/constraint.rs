@@ -85,13 +85,18 @@ impl TokenizerEnv for TokenizerBytes {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        match std::str::from_utf8(s) {
-            Ok(text) => self
-                .tokenizer
-                .encode(text, false)
-                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
-            Err(_) => self.trie.greedy_tokenize(s),
+        // The HF encoder where it gives back exactly these bytes; SentencePiece tokenizers
+        // prepend a space (and text like `<|x|>` may become a special token), so otherwise
+        // the trie's greedy tokenization.
+        if let Ok(text) = std::str::from_utf8(s) {
+            if let Ok(ids) = self.tokenizer.encode(text, false) {
+                let vocab = self.trie.vocab_size() as u32;
+                if ids.iter().all(|&t| t < vocab) && self.trie.decode_raw(&ids) == s {
+                    return ids;
+                }
+            }
         }
+        self.trie.greedy_tokenize(s)
     }
 }
 
@@ -103,6 +108,18 @@ pub struct Grammars {
 
 impl Grammars {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Self> {
+        // toktrie asserts on inconsistent vocabularies: an error, never a panic in the host.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::build(tokenizer)))
+            .unwrap_or_else(|_| {
+                Err(Error::InvalidArgument(
+                    "constrained output is not available for this model's tokenizer: \
+                     its token table is inconsistent"
+                        .into(),
+                ))
+            })
+    }
+
+    fn build(tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let fail = |e: &dyn std::fmt::Display| {
             Error::InvalidArgument(format!(
                 "constrained output is not available for this model's tokenizer: {e}"
@@ -112,6 +129,11 @@ impl Grammars {
         let Some(&first_eos) = eos.first() else {
             return Err(fail(&"it has no end-of-sequence token"));
         };
+        if let Some(bad) = eos.iter().find(|&&e| e as usize >= tokenizer.vocab_size()) {
+            return Err(fail(&format!(
+                "its end-of-sequence id {bad} is not a token"
+            )));
+        }
         let json: serde_json::Value =
             serde_json::from_str(&tokenizer.to_json()?).map_err(|e| fail(&e))?;
         let mut bytes = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| fail(&e))?;
@@ -141,9 +163,11 @@ impl Grammars {
                 constraint.kind()
             )));
         }
-        let eos = self.factory.tok_env().tok_trie().eos_tokens().to_vec();
+        let trie = self.factory.tok_env().tok_trie();
+        let eos = trie.eos_tokens().to_vec();
         Ok(RowConstraint {
             matcher,
+            vocab: trie.vocab_size(),
             eos,
             state: ConstraintState::Open,
         })
@@ -165,6 +189,8 @@ pub enum ConstraintState {
 /// One request's constraint state: which tokens may come next.
 pub struct RowConstraint {
     matcher: Matcher,
+    /// The tokenizer's ids (the trie's size); the logits may be wider.
+    vocab: usize,
     eos: Vec<u32>,
     state: ConstraintState,
 }
@@ -186,7 +212,10 @@ impl RowConstraint {
         if self.state == ConstraintState::Open {
             match self.matcher.compute_mask() {
                 Ok(set) if set.num_set() > 0 => {
-                    for (id, flag) in flags.iter_mut().enumerate() {
+                    // The mask covers the tokenizer's ids; logits may be wider (Qwen, Phi-3,
+                    // Gemma pad their embedding) or narrower.
+                    let n = vocab.min(set.len()).min(self.vocab);
+                    for (id, flag) in flags[..n].iter_mut().enumerate() {
                         *flag = set.is_allowed(id as TokenId);
                     }
                     return flags;

@@ -7,10 +7,10 @@
 //! `<out>/bench.png`. Run `convoy-bench --help` for the flags.
 #[path = "shared/chart.rs"]
 mod chart;
-#[path = "shared/constraint_bench.rs"]
-mod constraint_bench;
 #[path = "shared/compare.rs"]
 mod compare;
+#[path = "shared/constraint_bench.rs"]
+mod constraint_bench;
 #[path = "shared/font.rs"]
 mod font;
 #[path = "shared/prefix_bench.rs"]

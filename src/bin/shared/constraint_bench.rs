@@ -118,7 +118,11 @@ fn run_once(engine: &Engine, batch: usize, variant: &str, max_tokens: usize) -> 
     let wall = last.map_or(0.0, |l| (l - start).as_secs_f64());
     let generated: usize = times.iter().map(Vec::len).sum();
     // The premise: every variant does the same model work.
-    assert_eq!(generated, batch * max_tokens, "{variant}: a request ended early");
+    assert_eq!(
+        generated,
+        batch * max_tokens,
+        "{variant}: a request ended early"
+    );
     let itl = |want: bool| {
         let gaps: Vec<f64> = times
             .iter()
