@@ -357,7 +357,7 @@ typedef struct {
   uint32_t max_context;
   /**
    * Prompt tokens prefilled per step over the admitted group, interleaved with decode
-   * steps. Default 256.
+   * steps. Default 512.
    */
   uint32_t prefill_chunk;
   /**

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
-#                            [--ablate fuse,attn,pad,exp,cache,ahead,join,prefix | --ablate none] [--bench BINARY]
+#                            [--ablate fuse,attn,pad,exp,cache,ahead,ajoin,join,prefix,sync,chunk | --ablate none]
+#                            [--ablate-on closed-c8,closed-c16,mixed] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
 #    MLX 0.32.2 (scripts/bench-compare-requirements.txt, every package pinned).
@@ -15,7 +16,8 @@
 #    with the same OpenMP OpenBLAS that libconvoy links (LD_PRELOAD over the wheel's
 #    reference BLAS), so both use one BLAS.
 # 5. What each optimization buys: convoy again with each one switched off (--ablate), on the
-#    closed loops at c = 8 and 16 (continuous), between two runs with all on, in the same run.
+#    closed loops at c = 8 and 16 (continuous; --ablate-on names other workloads, e.g. mixed),
+#    between two runs with all on, in the same run.
 # 6. convoy-bench --report: report.md (tables, ratios, memory), summary.jsonl, compare.png;
 #    raw timings in results.jsonl.
 set -euo pipefail
@@ -28,8 +30,9 @@ OUT="$ROOT/bench-results/compare"
 SMOKE=0
 CONCURRENCY=1,2,4,8,16
 ONLY=""
-ABLATE=fuse,attn,pad,exp,cache,ahead,join,prefix
+ABLATE=fuse,attn,pad,exp,cache,ahead,ajoin,join,prefix,sync,chunk
 ABLATE_GIVEN=0
+ABLATE_ON=closed-c8,closed-c16
 BENCH=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -43,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --ablate) ABLATE="$2"; ABLATE_GIVEN=1; shift 2 ;;
+    --ablate-on) ABLATE_ON="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     *) die "unknown option $1" ;;
   esac
@@ -143,7 +147,9 @@ if [[ "$ABLATE" != none && "$ONLY" != mlx-lm ]]; then
   if [[ $SMOKE == 1 ]]; then
     run_ablations "$OUT"/workloads/closed-c2.json
   else
-    run_ablations "$OUT"/workloads/closed-c8.json "$OUT"/workloads/closed-c16.json
+    ablate_on=()
+    for w in ${ABLATE_ON//,/ }; do ablate_on+=("$OUT/workloads/$w.json"); done
+    run_ablations "${ablate_on[@]}"
   fi
 fi
 

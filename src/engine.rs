@@ -63,8 +63,17 @@ pub struct Tuning {
     /// and two (see [`LoadOptions`](crate::model::LoadOptions)).
     pub fuse_projections: bool,
     /// Queue the next greedy decode step before handing this step's tokens to the
-    /// scheduler, so host work overlaps device work.
+    /// scheduler, so host work overlaps device work. Default: on for the Metal and CUDA
+    /// backends, off for the CPU backend. There MLX's `async_eval` returns only once ~80-88%
+    /// of the queued step has run (its scheduler bounds the tasks in flight; measured with
+    /// `convoy-bench --profile-decode`), so queuing ahead overlapped little host work and
+    /// delayed every token's delivery by most of a step (docs/benchmarks.md).
     pub decode_ahead: bool,
+    /// With [`decode_ahead`](Self::decode_ahead), also queue the first decode step of a
+    /// batch a prefilled group has just joined (its merged cache included) before the
+    /// join's tokens go to the scheduler, so the pipeline does not restart cold at every
+    /// join.
+    pub decode_ahead_at_join: bool,
     /// Decode-step attention as plain matmuls over views of the cache, instead of MLX's
     /// fused attention op (which copies every layer's keys and values on the CPU backend).
     /// With [`fast_exp`](Self::fast_exp) also prefill attention, the only form that can use
@@ -99,7 +108,8 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             fuse_projections: true,
-            decode_ahead: true,
+            decode_ahead: crate::backend() != "cpu",
+            decode_ahead_at_join: true,
             copy_free_attention: true,
             pad_matmul_rows: true,
             fast_exp: true,
@@ -1168,6 +1178,7 @@ fn engine_thread(
             }
             let mut runner = MlxRunner::new(lm);
             runner.set_pipelining(config.tuning.decode_ahead);
+            runner.set_pipelining_at_join(config.tuning.decode_ahead_at_join);
             runner
         },
         senders: HashMap::new(),

@@ -94,6 +94,8 @@ pub struct MlxRunner {
     keep_logits: bool,
     last_logits: Option<Array>,
     pipeline: bool,
+    /// Decode-ahead across a join as well (with `pipeline`).
+    pipeline_join: bool,
     pending: Option<Pending>,
     /// The prefix cache's KV, per entry and layer (`[1, kv_heads, len, head_dim]`).
     prefixes: std::collections::HashMap<EntryId, Vec<(Array, Array)>>,
@@ -113,6 +115,7 @@ impl MlxRunner {
             keep_logits: false,
             last_logits: None,
             pipeline: true,
+            pipeline_join: true,
             pending: None,
             prefixes: Default::default(),
             logprobs: Vec::new(),
@@ -147,6 +150,13 @@ impl MlxRunner {
     /// (streaming, detokenizing, events) overlaps device work.
     pub fn set_pipelining(&mut self, on: bool) {
         self.pipeline = on;
+    }
+
+    /// Decode-ahead across a join (on by default, only with [`set_pipelining`]): when a
+    /// prefilled group joins a greedy batch, the merged batch's first decode step is queued
+    /// before the join returns, instead of starting cold in the next engine step.
+    pub fn set_pipelining_at_join(&mut self, on: bool) {
+        self.pipeline_join = on;
     }
 
     /// Builds one decode step's graph; returns (greedy tokens `[B]`, logits `[B, vocab]`).
@@ -520,7 +530,7 @@ impl Runner for MlxRunner {
         Ok(())
     }
 
-    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+    fn join(&mut self, samplers: &mut [&mut Sampler], ahead: Option<&[u32]>) -> Result<Vec<u32>> {
         let Some(group) = self.group.take() else {
             return Ok(Vec::new());
         };
@@ -535,7 +545,30 @@ impl Runner for MlxRunner {
         }
         // The joining rows have no queued step: drop it for everyone (one wasted step).
         self.discard_pending();
+        let queue = ahead.filter(|_| self.pipeline && self.pipeline_join);
+        if let Some(inputs) = queue {
+            if inputs.len() != self.batch.batch_size() {
+                return Err(crate::Error::EngineFailed(format!(
+                    "{} inputs to queue ahead for {} running rows",
+                    inputs.len(),
+                    self.batch.batch_size()
+                )));
+            }
+        }
         self.batch.extend(group.cache)?;
+        if let Some(inputs) = queue {
+            // The merged batch's first step, queued now. Every row's input is known on the
+            // host (the running rows' from the scheduler, the joining rows' just chosen), so
+            // this holds for sampled rows too: their next step samples from its logits.
+            let all: Vec<u32> = inputs.iter().chain(&tokens).copied().collect();
+            let input = Array::from_slice(&all, &[all.len() as i32, 1]);
+            let (next_tokens, next_logits) = self.decode_graph(&input)?;
+            mlx_rs::transforms::async_eval([&next_tokens])?;
+            self.pending = Some(Pending {
+                tokens: next_tokens,
+                logits: next_logits,
+            });
+        }
         Ok(tokens)
     }
 
@@ -553,7 +586,14 @@ impl Runner for MlxRunner {
     ) -> Result<Vec<u32>> {
         let (greedy, logits) = match self.pending.take() {
             // Queued last step with exactly these inputs (the rows' greedy tokens).
-            Some(p) => (p.tokens, p.logits),
+            Some(p) if p.tokens.shape()[0] as usize == inputs.len() => (p.tokens, p.logits),
+            Some(p) => {
+                return Err(crate::Error::EngineFailed(format!(
+                    "a step queued for {} rows, {} inputs",
+                    p.tokens.shape()[0],
+                    inputs.len()
+                )));
+            }
             None => {
                 let column: Vec<&[u32]> = inputs.iter().map(std::slice::from_ref).collect();
                 self.decode_graph(&token_matrix(&column))?

@@ -42,7 +42,12 @@ pub trait Runner {
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()>;
     /// Appends the prefilled group to the running batch; returns each joining row's first
     /// generated token, chosen from the logits of its last prompt token with its sampler.
-    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>>;
+    /// `ahead`: the running rows' next inputs when the merged batch goes on decoding; a
+    /// runner may then queue the merged batch's first decode step (inputs: these, then the
+    /// joining rows' first tokens) before returning, as [`decode`](Runner::decode) does with
+    /// `ahead`. The next `decode` then has exactly those inputs (rows that leave first are
+    /// dropped from it by [`retain`](Runner::retain)).
+    fn join(&mut self, samplers: &mut [&mut Sampler], ahead: Option<&[u32]>) -> Result<Vec<u32>>;
     /// One decode step: `inputs[r]` is row r's next input token; returns each row's next token.
     /// `ahead`: the rows will all go on decoding unchanged after this step, so a runner may
     /// start the next step before returning (decode-ahead). False when a group joins or every
@@ -201,7 +206,10 @@ impl SchedulerConfig {
 }
 
 /// The default of [`SchedulerConfig::prefill_chunk_decoding`] (see docs/benchmarks.md).
-pub const DEFAULT_PREFILL_CHUNK_DECODING: usize = 256;
+pub const DEFAULT_PREFILL_CHUNK_DECODING: usize = 512;
+
+/// The default of [`SchedulerConfig::prefill_chunk`] (see docs/benchmarks.md).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// The default KV budget: 2 GiB.
 pub const DEFAULT_MAX_KV_BYTES: usize = 2 << 30;
@@ -221,7 +229,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             max_kv_bytes: DEFAULT_MAX_KV_BYTES,
             max_context: 8192,
-            prefill_chunk: 256,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             prefill_chunk_decoding: DEFAULT_PREFILL_CHUNK_DECODING,
             max_prefill_group: 8,
             skip_wasted_ahead: true,
@@ -351,8 +359,8 @@ impl Runner for TimedRunner<'_> {
     fn retain_prefill(&mut self, rows: &[usize]) -> Result<()> {
         self.time(|r| r.retain_prefill(rows))
     }
-    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
-        self.time(|r| r.join(samplers))
+    fn join(&mut self, samplers: &mut [&mut Sampler], ahead: Option<&[u32]>) -> Result<Vec<u32>> {
+        self.time(|r| r.join(samplers, ahead))
     }
     fn decode(
         &mut self,
@@ -588,9 +596,16 @@ impl Scheduler {
         text: &dyn TextDecoder,
         events: &mut Vec<Event>,
     ) -> Result<()> {
+        // The merged batch's first decode step can be queued now (decode-ahead across the
+        // join) when some row goes on after the join (the running rows all do: those that
+        // ended this step have left).
+        let goes_on =
+            !self.running.is_empty() || self.prefilling.iter().any(|s| s.stop.max_tokens > 1);
+        let ahead: Option<Vec<u32>> =
+            goes_on.then(|| self.running.iter().map(|s| s.next_input).collect());
         let mut samplers: Vec<&mut Sampler> =
             self.prefilling.iter_mut().map(|s| &mut s.sampler).collect();
-        let tokens = runner.join(&mut samplers)?;
+        let tokens = runner.join(&mut samplers, ahead.as_deref())?;
         if tokens.len() != self.prefilling.len() {
             return Err(Error::EngineFailed(format!(
                 "runner returned {} first tokens for {} rows",

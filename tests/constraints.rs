@@ -308,7 +308,7 @@ fn constrained_rows_take_the_best_allowed_token() {
     runner.start_prefill(&group, &[None, None]).unwrap();
     while !runner.prefill_step(32).unwrap() {}
     let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
-    let mut tokens = runner.join(&mut s).unwrap();
+    let mut tokens = runner.join(&mut s, Some(&[])).unwrap();
     for step in 0..60 {
         let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
         let vocab = logits.len() / 2;

@@ -427,7 +427,8 @@ fn batched_logits_match_single_sequence_logits() {
     // The first prompt alone: its first token comes from the prefill's last position.
     runner.start_prefill(&[&prompts[0]], &[None]).unwrap();
     assert!(runner.prefill_step(1 << 20).unwrap());
-    let toks = runner.join(&mut [&mut samplers[0]]).unwrap();
+    // With the merged batch's first step queued at each join (decode-ahead across it).
+    let toks = runner.join(&mut [&mut samplers[0]], Some(&[])).unwrap();
     rows.push((0, 0, 0));
     check(&runner, &mut rows[..], &toks);
     let toks = decode(&mut runner, &rows, &mut samplers);
@@ -443,7 +444,8 @@ fn batched_logits_match_single_sequence_logits() {
     }
     let (_, joining) = samplers.split_at_mut(1);
     let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
-    let toks = runner.join(&mut s).unwrap();
+    let running = [rows[0].2];
+    let toks = runner.join(&mut s, Some(&running)).unwrap();
     rows.push((1, 0, 0));
     rows.push((2, 0, 0));
     check(&runner, &mut rows[1..], &toks);

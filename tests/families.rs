@@ -208,7 +208,7 @@ fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
     runner.start_prefill(&[&refs[0].prompt], &[None]).unwrap();
     assert!(runner.prefill_step(1 << 20).unwrap());
     samplers.push(new_sampler(0));
-    let toks = runner.join(&mut [&mut samplers[0]]).unwrap();
+    let toks = runner.join(&mut [&mut samplers[0]], Some(&[])).unwrap();
     rows.push(Row {
         k: 0,
         step: 0,
@@ -230,7 +230,8 @@ fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
     }
     let mut joining = vec![new_sampler(1), new_sampler(2)];
     let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
-    let toks = runner.join(&mut s).unwrap();
+    let running: Vec<u32> = rows.iter().map(|r| r.next).collect();
+    let toks = runner.join(&mut s, Some(&running)).unwrap();
     samplers.append(&mut joining);
     let at = rows.len();
     rows.extend([1, 2].map(|k| Row {
@@ -261,7 +262,8 @@ fn check_batched(name: &str, lm: LoadedModel, refs: &[Reference]) -> f32 {
     }
     let mut joining = vec![new_sampler(0), new_sampler(long)];
     let mut s: Vec<&mut Sampler> = joining.iter_mut().collect();
-    let toks = runner.join(&mut s).unwrap();
+    let running: Vec<u32> = rows.iter().map(|r| r.next).collect();
+    let toks = runner.join(&mut s, Some(&running)).unwrap();
     samplers.append(&mut joining);
     let at = rows.len();
     rows.extend([0, long].map(|k| Row {

@@ -91,7 +91,7 @@ fn run(runner: &mut MlxRunner, prompts: &[&[u32]], rows: &[SamplingParams], step
     runner.start_prefill(prompts, &none).unwrap();
     while !runner.prefill_step(64).unwrap() {}
     let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
-    let mut tokens = runner.join(&mut s).unwrap();
+    let mut tokens = runner.join(&mut s, Some(&[])).unwrap();
     let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
     check_step(&logits, &tokens, &asked, &runner.take_logprobs());
     for _ in 0..steps {
@@ -238,7 +238,7 @@ fn logprobs_follow_rows_through_leaves_and_joins() {
     runner.start_prefill(&group, &[None, None, None]).unwrap();
     while !runner.prefill_step(64).unwrap() {}
     let mut s: Vec<&mut Sampler> = samplers.iter_mut().collect();
-    let mut tokens = runner.join(&mut s).unwrap();
+    let mut tokens = runner.join(&mut s, None).unwrap();
     let step = |runner: &mut MlxRunner, tokens: &[u32], asked: &[Option<usize>]| {
         let logits = runner.last_logits().unwrap().as_slice::<f32>().to_vec();
         check_step(&logits, tokens, asked, &runner.take_logprobs());
@@ -268,7 +268,8 @@ fn logprobs_follow_rows_through_leaves_and_joins() {
         step(&mut runner, &tokens, &asked);
     }
     let mut joining = Sampler::new(params(0.0, Some(6)), &prompts[3]);
-    let first = runner.join(&mut [&mut joining]).unwrap();
+    // The merged batch's first step is queued at the join.
+    let first = runner.join(&mut [&mut joining], Some(&tokens)).unwrap();
     step(&mut runner, &first, &[Some(6)]);
     samplers.push(joining);
     asked.push(Some(6));

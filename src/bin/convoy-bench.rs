@@ -123,8 +123,10 @@ struct Args {
     /// (matmul rows padded to what the CPU BLAS runs fastest), exp (softmax and SiLU through
     /// the compiled multiply-add `exp` instead of MLX's CPU `exp`), cache (MLX's default
     /// 32 MiB buffer cache instead of convoy's 256 MiB; not with --interleave), ahead
-    /// (decode-ahead), join (skip the step queued ahead when a group joins or every row
-    /// ends), prefix (the prefix cache; --run-workload only); `all-on` switches nothing off
+    /// (decode-ahead), ajoin (decode-ahead across a join), join (skip the step queued ahead
+    /// when a group joins or every row ends), prefix (the prefix cache), sync (the CPU
+    /// backend's no-decode-ahead default: decode-ahead on), chunk (the 512-token prefill
+    /// budget: 256) (ajoin to chunk: --run-workload only); `all-on` switches nothing off
     /// but labels the run as an ablation baseline.
     #[arg(long, value_delimiter = ',')]
     ablate: Vec<String>,
@@ -646,12 +648,33 @@ fn profile_decode(
         (!v.is_empty()).then(|| v[v.len() / 2] * 1e3)
     };
     let per = times[1].iter().sum::<f64>() / times[1].len() as f64;
+    // How asynchronous `async_eval` is on this backend: the share of a step's time spent
+    // before it returns (decode-ahead overlaps host work only with the rest).
+    let (mut built, mut blocked) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let start = Instant::now();
+        let h = lm.model.forward_last(&input, &mut cache).unwrap();
+        let logits = lm.model.logits(&h).unwrap();
+        let next = argmax_axis(&logits, -1, None).unwrap();
+        let graph = start.elapsed().as_secs_f64();
+        convoy::mlx_rs::transforms::async_eval([&next]).unwrap();
+        let queued = start.elapsed().as_secs_f64();
+        next.eval().unwrap();
+        let total = start.elapsed().as_secs_f64();
+        built.push(graph / total);
+        blocked.push(queued / total);
+        input = next.reshape(&[b as i32, 1]).unwrap();
+    }
+    built.sort_by(f64::total_cmp);
+    blocked.sort_by(f64::total_cmp);
     println!(
         "{}",
         json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "batch": b, "context": t, "prefill_s": prefill,
                "prefill_tok_s": (b * t) as f64 / prefill, "decode_step_ms": per * 1e3,
                "decode_tok_s": b as f64 / per, "median_step_ms": median(&mut times[1]),
-               "interleaved_all_on_median_step_ms": median(&mut times[0])})
+               "interleaved_all_on_median_step_ms": median(&mut times[0]),
+               "graph_built_at": built[built.len() / 2],
+               "async_eval_returns_at": blocked[blocked.len() / 2]})
     );
 }
 

@@ -71,7 +71,7 @@ pub struct convoy_engine_config {
     /// Context length limit; 0 means the model's own. Default 0.
     pub max_context: u32,
     /// Prompt tokens prefilled per step over the admitted group, interleaved with decode
-    /// steps. Default 256.
+    /// steps. Default 512.
     pub prefill_chunk: u32,
     /// Called once per finished request with a log line; NULL for none.
     pub log_callback: convoy_log_callback,

@@ -165,6 +165,9 @@ struct FakeRunner {
     /// The last decode said a step could be queued ahead (all rows go on unchanged).
     promised_ahead: bool,
     aheads: usize,
+    /// The inputs a join said the next decode would have (decode-ahead across the join).
+    promised_inputs: Option<Vec<u32>>,
+    joins_ahead: usize,
     /// Steps a real runner would have queued ahead and then thrown away.
     wasted_aheads: usize,
     /// Prefix-cache entries: the tokens the saved columns held.
@@ -261,7 +264,7 @@ impl Runner for FakeRunner {
         }
         Ok(())
     }
-    fn join(&mut self, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>> {
+    fn join(&mut self, samplers: &mut [&mut Sampler], ahead: Option<&[u32]>) -> Result<Vec<u32>> {
         let Some((kv, tokens)) = self.group.take() else {
             return Ok(Vec::new());
         };
@@ -275,6 +278,12 @@ impl Runner for FakeRunner {
         }
         if std::mem::take(&mut self.promised_ahead) {
             self.wasted_aheads += 1;
+        }
+        if let Some(running) = ahead {
+            assert_eq!(running.len(), self.batch.geom.batch_size());
+            self.promised_ahead = true;
+            self.joins_ahead += 1;
+            self.promised_inputs = Some(running.iter().chain(&first).copied().collect());
         }
         self.batch.extend(kv);
         let g = &self.batch.geom;
@@ -296,6 +305,12 @@ impl Runner for FakeRunner {
         samplers: &mut [&mut Sampler],
         ahead: bool,
     ) -> Result<Vec<u32>> {
+        if let Some(promised) = self.promised_inputs.take() {
+            assert_eq!(
+                promised, inputs,
+                "the step queued at the join had these inputs"
+            );
+        }
         self.promised_ahead = ahead;
         self.aheads += usize::from(ahead);
         let rows = self.batch.geom.batch_size();
@@ -314,6 +329,12 @@ impl Runner for FakeRunner {
         if rows.is_empty() && std::mem::take(&mut self.promised_ahead) {
             self.wasted_aheads += 1;
         }
+        if let Some(p) = self.promised_inputs.take() {
+            // Keeping no rows drops the queued step (as the real runner does).
+            if !rows.is_empty() {
+                self.promised_inputs = Some(rows.iter().map(|&r| p[r]).collect());
+            }
+        }
         self.batch.filter(rows);
         Ok(())
     }
@@ -321,6 +342,8 @@ impl Runner for FakeRunner {
         self.batch = HostKv::new(KvGeometry::default(), self.layout.0.clone());
         self.group = None;
         self.prefixes.clear();
+        self.promised_ahead = false;
+        self.promised_inputs = None;
     }
     fn kv_tokens(&self) -> usize {
         self.batch.geom.tokens() + self.group.as_ref().map_or(0, |g| g.0.geom.tokens())
@@ -1057,7 +1080,7 @@ fn no_step_is_queued_ahead_only_to_be_thrown_away() {
             for id in 1..=9u64 {
                 assert_eq!(h.finished[&id], (FinishReason::Length, 1));
             }
-            assert!(h.runner.aheads > 0);
+            assert!(h.runner.aheads > 0 && h.runner.joins_ahead > 0);
             if skip {
                 assert_eq!(h.runner.wasted_aheads, 0, "{mode:?}");
             } else {

@@ -742,7 +742,7 @@ class Engine:
     * ``mode``: ``"continuous"`` (default) or ``"static"`` (or a :class:`BatchMode`)
     * ``weights``: ``"auto"``, ``"dequantize"`` or ``"keep_quantized"`` (:class:`Weights`)
     * ``max_batch_size`` (default 8), ``max_waiting`` (256), ``max_requests`` (1024),
-      ``max_context`` (0 = the model's), ``prefill_chunk`` (256), ``max_kv_bytes`` (2 GiB)
+      ``max_context`` (0 = the model's), ``prefill_chunk`` (512), ``max_kv_bytes`` (2 GiB)
     * ``mlx_cache_limit_bytes`` (256 MiB; CPU backend only): MLX's process-wide buffer-cache
       limit is raised to at least this while the engine exists (0 leaves it alone)
     * ``prefix_cache_bytes`` (512 MiB; 0 turns the cache off): most bytes of KV the prefix

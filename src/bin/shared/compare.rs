@@ -254,31 +254,47 @@ pub fn run_convoy(
             BatchMode::Continuous
         })
         .max_batch_size(w.batch);
+    const NAMES: [&str; 12] = [
+        "fuse", "attn", "pad", "exp", "cache", "ahead", "ajoin", "join", "prefix", "sync", "chunk",
+        "all-on",
+    ];
+    for a in ablate {
+        assert!(
+            NAMES.contains(&a.as_str()),
+            "--ablate takes {}, not {a}",
+            NAMES.join(", ")
+        );
+    }
+    // Each switch from the library's defaults (what a host gets).
+    let off = |name: &str| ablate.iter().any(|a| a == name);
+    cfg.tuning.fuse_projections &= !off("fuse");
+    cfg.tuning.decode_ahead &= !off("ahead");
+    // `sync`: the CPU backend's policy of no decode-ahead (MLX's CPU `async_eval` runs most
+    // of a step before returning) switched off, i.e. decode-ahead on there too.
+    if off("sync") {
+        cfg.tuning.decode_ahead = true;
+    }
+    cfg.tuning.decode_ahead_at_join &= !off("ajoin");
+    cfg.tuning.copy_free_attention &= !off("attn");
+    cfg.tuning.pad_matmul_rows &= !off("pad");
+    cfg.tuning.fast_exp &= !off("exp");
+    if off("cache") {
+        cfg.tuning.mlx_cache_limit_bytes = 0;
+    }
+    cfg.scheduler.skip_wasted_ahead &= !off("join");
+    if off("prefix") {
+        cfg.scheduler.prefix_cache_bytes = 0;
+    }
+    // `chunk`: the prefill budget of 512 tokens per step switched off (256, the old default).
+    if off("chunk") {
+        cfg.scheduler.prefill_chunk = 256;
+        cfg.scheduler.prefill_chunk_decoding = 256;
+    }
     if let Some(chunk) = prefill_chunk {
         cfg.scheduler.prefill_chunk = chunk;
     }
     if let Some(chunk) = prefill_chunk_decoding {
         cfg.scheduler.prefill_chunk_decoding = chunk;
-    }
-    for a in ablate {
-        assert!(
-            ["fuse", "attn", "pad", "exp", "cache", "ahead", "join", "prefix", "all-on"]
-                .contains(&a.as_str()),
-            "--ablate takes fuse, attn, pad, exp, cache, ahead, join, prefix or all-on, not {a}"
-        );
-    }
-    let off = |name: &str| ablate.iter().any(|a| a == name);
-    cfg.tuning.fuse_projections = !off("fuse");
-    cfg.tuning.decode_ahead = !off("ahead");
-    cfg.tuning.copy_free_attention = !off("attn");
-    cfg.tuning.pad_matmul_rows = !off("pad");
-    cfg.tuning.fast_exp = !off("exp");
-    if off("cache") {
-        cfg.tuning.mlx_cache_limit_bytes = 0;
-    }
-    cfg.scheduler.skip_wasted_ahead = !off("join");
-    if off("prefix") {
-        cfg.scheduler.prefix_cache_bytes = 0;
     }
     let cfg_chunk = cfg.scheduler.prefill_chunk;
     let cfg_chunk_decoding = cfg.scheduler.prefill_chunk_decoding;
