@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
-#                            [--ablate fuse,attn,pad,exp,cache,ahead,ajoin,join,prefix,sync,chunk | --ablate none]
+#                            [--ablate fuse,attn,pad,exp,cache,prefix,sync,chunk | --ablate none]
 #                            [--ablate-on closed-c8,closed-c16,mixed] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
@@ -30,7 +30,9 @@ OUT="$ROOT/bench-results/compare"
 SMOKE=0
 CONCURRENCY=1,2,4,8,16
 ONLY=""
-ABLATE=fuse,attn,pad,exp,cache,ahead,ajoin,join,prefix,sync,chunk
+# (ahead, ajoin and join switch off decode-ahead and its parts, which are off on the CPU
+# backend already; `a+b` switches several off in one run, e.g. sync+ajoin.)
+ABLATE=fuse,attn,pad,exp,cache,prefix,sync,chunk
 ABLATE_GIVEN=0
 ABLATE_ON=closed-c8,closed-c16
 BENCH=""
@@ -136,7 +138,7 @@ run_ablations() {
       --result "$OUT/results.jsonl"
     for a in ${ABLATE//,/ }; do
       say "$(date +%H:%M:%S) convoy without $a $(basename "$wl" .json) continuous"
-      "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate "$a" \
+      "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate "${a//+/,}" \
         --result "$OUT/results.jsonl"
     done
     "$BENCH" --model "$MLX_MODEL" --run-workload "$wl" --mode continuous --ablate all-on \
@@ -148,7 +150,10 @@ if [[ "$ABLATE" != none && "$ONLY" != mlx-lm ]]; then
     run_ablations "$OUT"/workloads/closed-c2.json
   else
     ablate_on=()
-    for w in ${ABLATE_ON//,/ }; do ablate_on+=("$OUT/workloads/$w.json"); done
+    for w in ${ABLATE_ON//,/ }; do
+      [[ -f "$OUT/workloads/$w.json" ]] || die "--ablate-on: no workload $w"
+      ablate_on+=("$OUT/workloads/$w.json")
+    done
     run_ablations "${ablate_on[@]}"
   fi
 fi

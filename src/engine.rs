@@ -43,7 +43,8 @@ pub struct EngineConfig {
     /// answers busy beyond this, so a host that never polls cannot grow memory without
     /// bound. Default 1024.
     pub max_requests: usize,
-    /// Performance switches, all on by default; off only to measure what each buys.
+    /// Performance switches, each at its default for this backend; changed only to measure
+    /// what each buys.
     pub tuning: Tuning,
     /// A prefix cache saved by [`Engine::save_prefix_cache`] (a `.safetensors` file), loaded
     /// when the engine starts, so an app's relaunch keeps its warm system prompt and chats.
@@ -54,7 +55,7 @@ pub struct EngineConfig {
 }
 
 /// Optimizations that can be switched off to measure them (`convoy-bench --ablate`,
-/// docs/benchmarks.md). All on by default. Non-exhaustive: start from `Tuning::default()`
+/// docs/benchmarks.md). All on by default but `decode_ahead` on the CPU backend. Non-exhaustive: start from `Tuning::default()`
 /// and set fields, so later switches do not break callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

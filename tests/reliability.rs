@@ -309,7 +309,7 @@ fn run_sequence(seed: u64, totals: &mut Totals) {
         BatchMode::Continuous
     };
     s.max_batch_size = 1 + rng.below(6);
-    s.prefill_chunk = [8, 16, 48, 128, 256][rng.below(5)];
+    s.prefill_chunk = [8, 16, 48, 128, 256, 512][rng.below(6)];
     s.max_prefill_group = 1 + rng.below(4);
     s.max_waiting = 4 + rng.below(20);
     if rng.chance(30) {
@@ -320,8 +320,18 @@ fn run_sequence(seed: u64, totals: &mut Totals) {
     // Prefix cache: off, room for a few short prefixes (evicting all the time), or the
     // default.
     s.prefix_cache_bytes = [0, 200 * 46_080, s.prefix_cache_bytes][rng.below(3)];
+    // Decode-ahead (off by default on the CPU backend, on for Metal and CUDA), with and
+    // without queuing across joins: the pipelined path meets cancels, leaves and joins too.
+    config.tuning.decode_ahead = rng.chance(50);
+    config.tuning.decode_ahead_at_join = rng.chance(50);
+    let ahead = (
+        config.tuning.decode_ahead,
+        config.tuning.decode_ahead_at_join,
+    );
+    let s = &mut config.scheduler;
     let summary = format!(
-        "seed {seed}: {:?} batch {} chunk {} group {} waiting {} kv {} held {} prefix cache {}",
+        "seed {seed}: {:?} batch {} chunk {} group {} waiting {} kv {} held {} prefix cache {} \
+         ahead {ahead:?}",
         s.mode,
         s.max_batch_size,
         s.prefill_chunk,

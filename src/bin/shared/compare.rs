@@ -582,7 +582,7 @@ pub fn report(results: &Path, out: &Path, slo: &Slo, header: &str) -> String {
         .filter(|r| r.engine.starts_with("convoy-no-"))
         .collect();
     if !ablations.is_empty() {
-        md.push_str("\n### What each optimization buys (convoy with all on, mean of the runs just before and after / with one switched off; same workload, same run)\n\n| switched off | workload | tok/s with | tok/s without | throughput ratio | TTFT mean with / without | ITL p95 with / without |\n|---|---|---:|---:|---:|---:|---:|\n");
+        md.push_str("\n### What each optimization buys (convoy with the library's defaults, mean of the runs just before and after / with one switched off; same workload, same run)\n\n| switched off | workload | tok/s with | tok/s without | throughput ratio | TTFT mean with / without | ITL p95 with / without |\n|---|---|---:|---:|---:|---:|---:|\n");
         for a in ablations {
             // The all-on runs around the ablations (mean), else the main convoy run.
             let around: Vec<&Summary> = runs
