@@ -153,7 +153,7 @@ impl MlxRunner {
     }
 
     /// Decode-ahead across a join (on by default, only with [`set_pipelining`]): when a
-    /// prefilled group joins a greedy batch, the merged batch's first decode step is queued
+    /// prefilled group joins the running batch, the merged batch's first decode step is queued
     /// before the join returns, instead of starting cold in the next engine step.
     pub fn set_pipelining_at_join(&mut self, on: bool) {
         self.pipeline_join = on;
@@ -165,6 +165,14 @@ impl MlxRunner {
         let logits = self.lm.model.logits(&hidden)?;
         let greedy = argmax_axis(&logits, -1, None)?;
         Ok((greedy, logits))
+    }
+
+    /// Queues the decode step for `input` (`[B, 1]`) as the pending step (decode-ahead).
+    fn queue_step(&mut self, input: &Array) -> Result<()> {
+        let (tokens, logits) = self.decode_graph(input)?;
+        mlx_rs::transforms::async_eval([&tokens])?;
+        self.pending = Some(Pending { tokens, logits });
+        Ok(())
     }
 
     /// Waits for all queued device work. MLX runs it on a stream thread that outlives this
@@ -561,13 +569,7 @@ impl Runner for MlxRunner {
             // host (the running rows' from the scheduler, the joining rows' just chosen), so
             // this holds for sampled rows too: their next step samples from its logits.
             let all: Vec<u32> = inputs.iter().chain(&tokens).copied().collect();
-            let input = Array::from_slice(&all, &[all.len() as i32, 1]);
-            let (next_tokens, next_logits) = self.decode_graph(&input)?;
-            mlx_rs::transforms::async_eval([&next_tokens])?;
-            self.pending = Some(Pending {
-                tokens: next_tokens,
-                logits: next_logits,
-            });
+            self.queue_step(&Array::from_slice(&all, &[all.len() as i32, 1]))?;
         }
         Ok(tokens)
     }
@@ -605,13 +607,7 @@ impl Runner for MlxRunner {
             // Every row is greedy (constrained ones included: their masked argmax), so the
             // next inputs are `chosen` itself: queue that step now. A constrained row's mask
             // for it is computed while it runs.
-            let next_input = chosen.reshape(&[tokens.len() as i32, 1])?;
-            let (next_tokens, next_logits) = self.decode_graph(&next_input)?;
-            mlx_rs::transforms::async_eval([&next_tokens])?;
-            self.pending = Some(Pending {
-                tokens: next_tokens,
-                logits: next_logits,
-            });
+            self.queue_step(&chosen.reshape(&[tokens.len() as i32, 1])?)?;
         }
         if self.keep_logits {
             self.last_logits = Some(logits);
