@@ -18,6 +18,7 @@ fn main() {
     }
     let backend = env::var("DEP_MLX_BACKEND").unwrap_or_else(|_| "cpu".into());
     println!("cargo:rustc-env=CONVOY_MLX_BACKEND={backend}");
+    build_rows_matmul(&backend);
     // See mlx-sys/build.rs: OpenBLAS must be a direct dependency of every binary so that
     // libmlx's BLAS/LAPACK calls resolve there instead of the wheel's reference BLAS.
     if let Ok(dir) = env::var("DEP_MLX_OPENBLAS_DIR") {
@@ -86,4 +87,38 @@ fn generate_header(crate_dir: &std::path::Path) {
         }
         Err(e) => println!("cargo:warning=cbindgen could not generate convoy.h: {e}"),
     }
+}
+
+/// convoy's few-rows matmul for MLX's CPU backend (`src/model/rows_matmul.cc`, an MLX
+/// primitive with an AVX2/FMA kernel chosen at run time), on x86-64 only. Compiled with
+/// OpenMP where the compiler is GCC-like (the kernel then shares OpenBLAS's OpenMP team);
+/// sets `cfg(convoy_rows_matmul)` for the Rust side.
+fn build_rows_matmul(backend: &str) {
+    println!("cargo::rustc-check-cfg=cfg(convoy_rows_matmul)");
+    println!("cargo:rerun-if-changed=src/model/rows_matmul.cc");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let Ok(include) = env::var("DEP_MLX_INCLUDE_DIR") else {
+        return;
+    };
+    if backend != "cpu" || arch != "x86_64" {
+        return;
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .file("src/model/rows_matmul.cc")
+        .include(include)
+        // Always optimized: the kernel is the point, debug builds and tests included.
+        .opt_level(3)
+        .warnings(false);
+    let openmp = build.get_compiler().is_like_gnu();
+    if openmp {
+        build.flag("-fopenmp");
+    }
+    build.compile("convoy_rows_matmul");
+    if openmp {
+        println!("cargo:rustc-link-lib=dylib=gomp");
+    }
+    println!("cargo:rustc-cfg=convoy_rows_matmul");
 }

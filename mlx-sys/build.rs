@@ -71,6 +71,8 @@ fn main() {
         if apple { "c++" } else { "stdc++" }
     );
     println!("cargo:lib_dir={}", lib_dir.display());
+    // MLX's C++ headers, for dependents that build C++ against MLX (convoy's CPU kernel).
+    println!("cargo:include_dir={}", prefix.join("include").display());
     println!("cargo:backend={backend}");
     println!("cargo:version={MLX_VERSION}");
 }

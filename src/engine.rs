@@ -85,6 +85,13 @@ pub struct Tuning {
     /// its threads (a decode step 1.06x faster at batch 8 and 1.30x at 12 on 2 cores; see
     /// docs/benchmarks.md). No effect elsewhere.
     pub pad_matmul_rows: bool,
+    /// On the CPU backend on x86-64 (with AVX2 and FMA), float32 matmuls of at most 16 rows
+    /// (a decode step's batch) run convoy's own kernel, which streams each weight row from
+    /// memory once, instead of OpenBLAS's sgemm, which first copies (packs) both operands:
+    /// for so few rows the step is bound by reading the weights, and the copy doubled that
+    /// traffic (see `model/rows_matmul.cc` and docs/benchmarks.md). Each row's result is
+    /// also the same whatever else is in the batch. No effect elsewhere.
+    pub rows_matmul: bool,
     /// On the CPU backend, the attention softmax and the MLP's SiLU compute `exp` with
     /// multiplies and adds in compiled MLX code instead of MLX's CPU `exp`, which calls libm
     /// for every `fma` (see `model/fast_math.rs` and docs/benchmarks.md), for operands of at
@@ -113,6 +120,7 @@ impl Default for Tuning {
             decode_ahead_at_join: true,
             copy_free_attention: true,
             pad_matmul_rows: true,
+            rows_matmul: true,
             fast_exp: true,
             mlx_cache_limit_bytes: DEFAULT_MLX_CACHE_LIMIT_BYTES,
         }
@@ -1174,6 +1182,9 @@ fn engine_thread(
             let mut lm = lm;
             lm.model
                 .set_copy_free_decode_attention(config.tuning.copy_free_attention);
+            if !config.tuning.rows_matmul {
+                lm.model.set_rows_matmul(false);
+            }
             if !config.tuning.pad_matmul_rows {
                 lm.model.set_pad_matmul_rows(false);
             }

@@ -121,7 +121,8 @@ struct Args {
     /// Turn optimizations off to measure what each buys (--profile-decode, --run-workload):
     /// fuse (q/k/v and gate/up as one matmul), attn (copy-free decode attention), pad
     /// (matmul rows padded to what the CPU BLAS runs fastest), exp (softmax and SiLU through
-    /// the compiled multiply-add `exp` instead of MLX's CPU `exp`), cache (MLX's default
+    /// the compiled multiply-add `exp` instead of MLX's CPU `exp`), rows (convoy's few-rows
+    /// matmul kernel: MLX's matmul instead), cache (MLX's default
     /// 32 MiB buffer cache instead of convoy's 256 MiB; not with --interleave), ahead
     /// (decode-ahead), ajoin (decode-ahead across a join), join (skip the step queued ahead
     /// when a group joins or every row ends), prefix (the prefix cache), sync (the CPU
@@ -543,6 +544,7 @@ struct ProfileSwitches {
     attn: bool,
     pad: bool,
     exp: bool,
+    rows: bool,
 }
 
 /// Checks `--ablate`/`--interleave` for a model-alone profile, raises MLX's buffer cache as
@@ -568,6 +570,7 @@ fn profile_setup(
         attn: on("attn"),
         pad: on("pad"),
         exp: on("exp"),
+        rows: on("rows"),
     };
     let cache_limit = on("cache").then(|| {
         convoy::runner::raise_cache_limit(convoy::engine::DEFAULT_MLX_CACHE_LIMIT_BYTES).unwrap()
@@ -581,6 +584,7 @@ fn profile_setup(
     lm.model.set_copy_free_decode_attention(switches.attn);
     lm.model.set_pad_matmul_rows(switches.pad);
     lm.model.set_fast_exp(switches.exp);
+    lm.model.set_rows_matmul(switches.rows);
     (lm, switches, cache_limit)
 }
 
@@ -595,7 +599,7 @@ fn profile_decode(
     interleave: bool,
 ) {
     let (mut lm, on, _cache_limit) = profile_setup(model, ablate, interleave);
-    let (fuse, attn, pad, exp) = (on.fuse, on.attn, on.pad, on.exp);
+    let (fuse, attn, pad, exp, rows) = (on.fuse, on.attn, on.pad, on.exp, on.rows);
     use convoy::mlx_rs::ops::indexing::argmax_axis;
     use convoy::mlx_rs::Array;
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
@@ -639,6 +643,7 @@ fn profile_decode(
         lm.model.set_copy_free_decode_attention(attn || !ablated);
         lm.model.set_pad_matmul_rows(pad || !ablated);
         lm.model.set_fast_exp(exp || !ablated);
+        lm.model.set_rows_matmul(rows || !ablated);
         let (next, secs) = step(&lm.model, &mut cache, &input);
         input = next;
         times[usize::from(ablated)].push(secs);
@@ -669,7 +674,7 @@ fn profile_decode(
     blocked.sort_by(f64::total_cmp);
     println!(
         "{}",
-        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "batch": b, "context": t, "prefill_s": prefill,
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "rows": rows, "batch": b, "context": t, "prefill_s": prefill,
                "prefill_tok_s": (b * t) as f64 / prefill, "decode_step_ms": per * 1e3,
                "decode_tok_s": b as f64 / per, "median_step_ms": median(&mut times[1]),
                "interleaved_all_on_median_step_ms": median(&mut times[0]),
@@ -683,9 +688,9 @@ fn profile_decode(
 fn check_model_ablations(ablate: &[String]) {
     for a in ablate {
         assert!(
-            ["fuse", "attn", "pad", "exp", "cache", "all-on"].contains(&a.as_str()),
-            "--ablate with --profile-decode/--profile-prefill takes fuse, attn, pad, exp, cache \
-             or all-on, not {a}"
+            ["fuse", "attn", "pad", "exp", "rows", "cache", "all-on"].contains(&a.as_str()),
+            "--ablate with --profile-decode/--profile-prefill takes fuse, attn, pad, exp, rows, \
+             cache or all-on, not {a}"
         );
     }
 }
@@ -702,7 +707,7 @@ fn profile_prefill(
     interleave: bool,
 ) {
     let (mut lm, on, _cache_limit) = profile_setup(model, ablate, interleave);
-    let (fuse, attn, pad, exp) = (on.fuse, on.attn, on.pad, on.exp);
+    let (fuse, attn, pad, exp, rows) = (on.fuse, on.attn, on.pad, on.exp, on.rows);
     use convoy::mlx_rs::Array;
     let mut corpus = lm.tokenizer.encode(CORPUS, false).unwrap();
     while corpus.len() < t + chunk {
@@ -727,6 +732,7 @@ fn profile_prefill(
         lm.model.set_copy_free_decode_attention(attn || !ablated);
         lm.model.set_pad_matmul_rows(pad || !ablated);
         lm.model.set_fast_exp(exp || !ablated);
+        lm.model.set_rows_matmul(rows || !ablated);
         let start = Instant::now();
         let h = lm.model.forward_last(&input, &mut cache).unwrap();
         h.eval().unwrap();
@@ -743,7 +749,7 @@ fn profile_prefill(
     let ms = median(&mut times[1]);
     println!(
         "{}",
-        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "chunk": chunk, "context": t,
+        json!({"engine": "convoy", "fuse": fuse, "attn": attn, "pad": pad, "exp": exp, "rows": rows, "chunk": chunk, "context": t,
                "median_chunk_ms": ms, "prefill_tok_s": ms.map(|ms| chunk as f64 / ms * 1e3),
                "interleaved_all_on_median_chunk_ms": median(&mut times[0])})
     );

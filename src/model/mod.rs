@@ -315,6 +315,7 @@ pub struct Model {
     rope_input_scale: Option<Array>,
     copy_free_decode_attention: bool,
     pad_matmul_rows: bool,
+    rows_matmul: bool,
     fast_exp: bool,
     quantized: bool,
 }
@@ -465,6 +466,7 @@ impl Model {
             rope_input_scale,
             copy_free_decode_attention: true,
             pad_matmul_rows: pads_matmul_rows_by_default(),
+            rows_matmul: weights::rows_matmul_available(),
             // Checked once per process: a missing or broken run-time compiler costs speed.
             fast_exp: options.fast_exp && crate::backend() == "cpu" && fast_math::available(),
             quantized,
@@ -607,11 +609,23 @@ impl Model {
         self.fast_exp = on;
     }
 
-    fn matmul_pad(&self, rows: i32) -> Option<i32> {
-        if self.pad_matmul_rows {
-            weights::padded_rows(rows)
+    /// Benchmark switch: dense float32 matmuls of at most [`weights::ROWS_MATMUL_MAX`] rows
+    /// (a decode step's batch) run convoy's kernel ([`weights::MatmulPlan::Rows`]) instead
+    /// of MLX's. On by default where the kernel runs (the CPU backend on x86-64 with AVX2 and
+    /// FMA); switching it on elsewhere has no effect.
+    #[doc(hidden)]
+    pub fn set_rows_matmul(&mut self, on: bool) {
+        self.rows_matmul = on && weights::rows_matmul_available();
+    }
+
+    fn matmul_pad(&self, rows: i32) -> weights::MatmulPlan {
+        use weights::MatmulPlan;
+        if self.rows_matmul && rows <= weights::ROWS_MATMUL_MAX {
+            MatmulPlan::Rows
+        } else if let Some(p) = self.pad_matmul_rows.then(|| weights::padded_rows(rows)).flatten() {
+            MatmulPlan::Pad(p)
         } else {
-            None
+            MatmulPlan::Plain
         }
     }
 

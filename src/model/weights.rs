@@ -173,9 +173,8 @@ impl Linear {
         }
     }
 
-    /// `x @ w.T (+ b)`. `pad`: the rows (all axes but the last, flattened) are zero-padded to
-    /// this many for a dense matmul and the extra rows dropped again (see [`padded_rows`]).
-    pub(crate) fn forward(&self, x: &Array, pad: Option<i32>) -> Result<Array> {
+    /// `x @ w.T (+ b)`, a dense matmul done as `plan` says.
+    pub(crate) fn forward(&self, x: &Array, pad: MatmulPlan) -> Result<Array> {
         let (y, b) = match self {
             Self::Dense { w, b } => (dense_matmul(x, w, pad)?, b),
             Self::Quantized { q, b } => (
@@ -266,7 +265,7 @@ impl Embedding {
         }
     }
 
-    pub(crate) fn as_linear(&self, x: &Array, pad: Option<i32>) -> Result<Array> {
+    pub(crate) fn as_linear(&self, x: &Array, pad: MatmulPlan) -> Result<Array> {
         match self {
             Self::Dense(w) => dense_matmul(x, w, pad),
             Self::Quantized(q) => Ok(quantized_matmul(
@@ -303,26 +302,116 @@ pub(crate) fn padded_rows(rows: i32) -> Option<i32> {
     (rows <= 64 && rem >= 3).then_some(rows - rem + 16)
 }
 
-/// `x @ w.T` with the rows of `x` zero-padded to `pad` (when more than it has) and the
-/// padded rows' outputs dropped. Each output row depends only on its own input row, so the
-/// result is the same computation.
-fn dense_matmul(x: &Array, w: &Array, pad: Option<i32>) -> Result<Array> {
-    let wt = w.transpose_axes(&[1, 0])?;
+/// How a dense float32 matmul with the weights (`x @ w.T`) is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MatmulPlan {
+    /// MLX's matmul as it is.
+    Plain,
+    /// MLX's matmul with the rows of `x` (all axes but the last, flattened) zero-padded to
+    /// this many and the padded rows' outputs dropped (see [`padded_rows`]).
+    Pad(i32),
+    /// convoy's kernel for a few rows ([`rows_matmul`]).
+    Rows,
+}
+
+/// `x @ w.T` as `plan` says (a plan that does not apply to these operands, e.g. to float16
+/// weights, falls back to MLX's matmul). Each output row depends only on its own input row,
+/// so every plan is the same computation.
+fn dense_matmul(x: &Array, w: &Array, plan: MatmulPlan) -> Result<Array> {
     let shape = x.shape();
     let width = shape[shape.len() - 1];
     let rows: i32 = shape[..shape.len() - 1].iter().product();
     let float32 = w.dtype() == mlx_rs::Dtype::Float32 && x.dtype() == mlx_rs::Dtype::Float32;
-    match pad {
-        Some(p) if p > rows && shape.len() >= 2 && float32 => {
+    let mut out = shape[..shape.len() - 1].to_vec();
+    out.push(w.shape()[0]);
+    match plan {
+        MatmulPlan::Rows if float32 && rows >= 1 => {
+            let y = rows_matmul(&x.reshape(&[rows, width])?, w)?;
+            Ok(y.reshape(&out)?)
+        }
+        MatmulPlan::Pad(p) if p > rows && shape.len() >= 2 && float32 => {
+            let wt = w.transpose_axes(&[1, 0])?;
             let flat = x.reshape(&[rows, width])?;
             let zeros = zeros_dtype(&[p - rows, width], x.dtype())?;
             let y = matmul(&concatenate(&[flat, zeros], 0)?, &wt)?;
-            let mut out = shape[..shape.len() - 1].to_vec();
-            out.push(w.shape()[0]);
             Ok(y.try_index((..rows, ..))?.reshape(&out)?)
         }
-        _ => Ok(matmul(x, &wt)?),
+        _ => Ok(matmul(x, &w.transpose_axes(&[1, 0])?)?),
     }
+}
+
+/// The most rows [`MatmulPlan::Rows`] is used for. The kernel reads each weight row once
+/// for all rows of `x`, so it is bound by memory traffic up to about 16 rows and by
+/// arithmetic beyond (where OpenBLAS's packed kernels win). On the project's 2-core EPYC,
+/// against OpenBLAS (rows padded as [`padded_rows`] pads them), a [3072, 576] weight
+/// streamed from memory: 0.4 against 1.0 ms at 1 row, 0.5 against 1.3 ms at 8, 1.0 against
+/// 1.3-1.5 ms at 16, about equal at 24-32 (docs/benchmarks.md).
+pub(crate) const ROWS_MATMUL_MAX: i32 = 16;
+
+#[cfg(convoy_rows_matmul)]
+mod rows_ffi {
+    use std::ffi::{c_char, c_int, c_void};
+    extern "C" {
+        pub fn convoy_rows_matmul_supported() -> c_int;
+        pub fn convoy_rows_matmul(
+            out: *mut *mut c_void,
+            x: *const c_void,
+            w: *const c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+}
+
+/// Whether [`rows_matmul`] can run here: built (the CPU backend on x86-64) and a CPU with
+/// AVX2 and FMA. Checked once.
+pub(crate) fn rows_matmul_available() -> bool {
+    #[cfg(convoy_rows_matmul)]
+    {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        crate::backend() == "cpu"
+            && *SUPPORTED.get_or_init(|| unsafe { rows_ffi::convoy_rows_matmul_supported() } != 0)
+    }
+    #[cfg(not(convoy_rows_matmul))]
+    {
+        false
+    }
+}
+
+/// `x @ w.T` for `x` [M, K] and `w` [N, K], both float32, by convoy's CPU kernel
+/// (`rows_matmul.cc`): an MLX primitive on the default (CPU) stream whose kernel streams
+/// each weight row from memory once, without the packing copy OpenBLAS makes of both
+/// operands, and splits the output columns between the threads of the OpenMP team OpenBLAS
+/// also uses. For a decode step's few rows that copy is most of OpenBLAS's time: the step
+/// is bound by reading the weights. Only called when [`rows_matmul_available`].
+#[cfg(convoy_rows_matmul)]
+fn rows_matmul(x: &Array, w: &Array) -> Result<Array> {
+    let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
+    let mut err = [0 as std::ffi::c_char; 256];
+    // SAFETY: the two pointers are the `mlx::core::array*` inside live mlx-rs arrays; the
+    // function only reads them, and on success hands back a new heap array, which mlx-rs's
+    // `Array` owns and frees (mlx-c's `mlx_array.ctx` is exactly such a pointer).
+    let rc = unsafe {
+        rows_ffi::convoy_rows_matmul(
+            &mut out,
+            x.as_ptr().ctx,
+            w.as_ptr().ctx,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 || out.is_null() {
+        // SAFETY: the C side always NUL-terminates within the buffer.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        return Err(Error::Mlx(msg.to_string_lossy().into_owned()));
+    }
+    // SAFETY: see above.
+    Ok(unsafe { Array::from_ptr(mlx_sys::mlx_array { ctx: out }) })
+}
+
+#[cfg(not(convoy_rows_matmul))]
+fn rows_matmul(x: &Array, w: &Array) -> Result<Array> {
+    Ok(matmul(x, &w.transpose_axes(&[1, 0])?)?)
 }
 
 /// Projections that read the same input (q, k, v; gate, up), stored as one matrix when they
@@ -433,7 +522,7 @@ impl Projections {
     }
 
     /// Each part's output for `x` (`[..., in]` to `[..., out_i]`).
-    pub(crate) fn forward(&self, x: &Array, pad: Option<i32>) -> Result<Vec<Array>> {
+    pub(crate) fn forward(&self, x: &Array, pad: MatmulPlan) -> Result<Vec<Array>> {
         match self {
             Self::Fused { lin, sizes } => {
                 let y = lin.forward(x, pad)?;

@@ -254,8 +254,9 @@ pub fn run_convoy(
             BatchMode::Continuous
         })
         .max_batch_size(w.batch);
-    const NAMES: [&str; 12] = [
-        "fuse", "attn", "pad", "exp", "cache", "ahead", "ajoin", "join", "prefix", "sync", "chunk",
+    const NAMES: [&str; 13] = [
+        "fuse", "attn", "pad", "exp", "rows", "cache", "ahead", "ajoin", "join", "prefix", "sync",
+        "chunk",
         "all-on",
     ];
     for a in ablate {
@@ -277,6 +278,7 @@ pub fn run_convoy(
     cfg.tuning.decode_ahead_at_join &= !off("ajoin");
     cfg.tuning.copy_free_attention &= !off("attn");
     cfg.tuning.pad_matmul_rows &= !off("pad");
+    cfg.tuning.rows_matmul &= !off("rows");
     cfg.tuning.fast_exp &= !off("exp");
     if off("cache") {
         cfg.tuning.mlx_cache_limit_bytes = 0;
