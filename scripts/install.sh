@@ -127,7 +127,8 @@ if [[ "$OS" == Linux ]]; then
   [[ "$(patchelf --print-soname "$LIB/$SONAME"):$(patchelf --print-rpath "$LIB/$SONAME")" == "$SONAME:$RUNPATH" ]] ||
     die "patchelf did not set SONAME/RUNPATH of $LIB/$SONAME"
   ln -sfn "$SONAME" "$LIB/libconvoy.so"
-  STATIC_SYS="-lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl"
+  # libgomp: convoy's CPU matmul kernel runs in OpenMP threads (x86-64 builds).
+  STATIC_SYS="-lstdc++ -lgomp -lgcc_s -lutil -lrt -lpthread -lm -ldl"
 else
   # macOS: written with care but NOT TESTED (no Mac here).
   SONAME="libconvoy.$ABI.dylib"

@@ -59,6 +59,10 @@ fn compile_full(
         }
         cmd.arg(format!("-L{mlx}"))
             .args(["-lmlx", "-lstdc++", "-lm", "-ldl", "-lpthread"]);
+        // convoy's CPU matmul kernel (x86-64 builds) runs in OpenMP threads.
+        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+            cmd.arg("-lgomp");
+        }
     } else {
         cmd.arg(format!("-L{}", lib.display()))
             .arg("-lconvoy")

@@ -343,7 +343,7 @@ fn bad_model_folders() {
 #[test]
 fn tuning_switches_do_not_change_the_logits() {
     use convoy::kv_cache::BatchKvCache;
-    let run = |fuse: bool, copy_free: bool, pad: bool, exp: bool| -> Vec<Vec<f32>> {
+    let run = |fuse: bool, copy_free: bool, pad: bool, exp: bool, rows: bool| -> Vec<Vec<f32>> {
         let mut lm = model::load(
             model_path(),
             LoadOptions {
@@ -355,6 +355,7 @@ fn tuning_switches_do_not_change_the_logits() {
         lm.model.set_copy_free_decode_attention(copy_free);
         lm.model.set_pad_matmul_rows(pad);
         lm.model.set_fast_exp(exp);
+        lm.model.set_rows_matmul(rows);
         let prompts: Vec<Vec<u32>> = QUESTIONS
             .iter()
             .take(3)
@@ -427,17 +428,19 @@ fn tuning_switches_do_not_change_the_logits() {
         forward(&mut cache, &long[300..], 1);
         out
     };
-    let base = run(true, true, true, true);
-    for (fuse, copy_free, pad, exp) in [
-        (false, true, true, true),
-        (true, false, true, true),
-        (false, false, true, true),
-        (true, true, false, true),
-        (true, true, true, false),
-        (true, false, true, false),
-        (false, false, false, false),
+    let base = run(true, true, true, true, true);
+    for (fuse, copy_free, pad, exp, rows) in [
+        (false, true, true, true, true),
+        (true, false, true, true, true),
+        (false, false, true, true, true),
+        (true, true, false, true, true),
+        (true, true, true, false, true),
+        (true, false, true, false, true),
+        (true, true, true, true, false),
+        (true, true, false, true, false),
+        (false, false, false, false, false),
     ] {
-        let other = run(fuse, copy_free, pad, exp);
+        let other = run(fuse, copy_free, pad, exp, rows);
         for (step, (a, b)) in base.iter().zip(&other).enumerate() {
             let diff = a
                 .iter()
@@ -446,7 +449,8 @@ fn tuning_switches_do_not_change_the_logits() {
                 .fold(0f32, f32::max);
             assert!(
                 diff < 1e-3,
-                "fuse={fuse} copy_free={copy_free} pad={pad} exp={exp} step {step}: logits differ by {diff}"
+                "fuse={fuse} copy_free={copy_free} pad={pad} exp={exp} rows={rows} step {step}: \
+                 logits differ by {diff}"
             );
         }
     }

@@ -622,7 +622,11 @@ impl Model {
         use weights::MatmulPlan;
         if self.rows_matmul && rows <= weights::ROWS_MATMUL_MAX {
             MatmulPlan::Rows
-        } else if let Some(p) = self.pad_matmul_rows.then(|| weights::padded_rows(rows)).flatten() {
+        } else if let Some(p) = self
+            .pad_matmul_rows
+            .then(|| weights::padded_rows(rows))
+            .flatten()
+        {
             MatmulPlan::Pad(p)
         } else {
             MatmulPlan::Plain

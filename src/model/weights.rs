@@ -570,3 +570,92 @@ impl Projections {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(a: &Array) -> Vec<f32> {
+        a.eval().unwrap();
+        a.as_slice::<f32>().to_vec()
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_matmul_matches_mlx_and_is_independent_of_the_other_rows() {
+        if !rows_matmul_available() {
+            eprintln!("convoy's rows kernel does not run here; skipped");
+            return;
+        }
+        // Widths with and without a tail past the 8 lanes; N below and above the columns one
+        // thread takes alone; every row count up to the plan's limit.
+        for (k, n) in [(576, 960), (37, 130), (8, 1), (1536, 64), (20, 3)] {
+            let w = Array::from_slice(&values(n * k, 7 + k as u32), &[n as i32, k as i32]);
+            let all = values(ROWS_MATMUL_MAX as usize * k, 3);
+            let alone: Vec<Vec<f32>> = (0..ROWS_MATMUL_MAX as usize)
+                .map(|r| {
+                    let x = Array::from_slice(&all[r * k..(r + 1) * k], &[1, k as i32]);
+                    host(&rows_matmul(&x, &w).unwrap())
+                })
+                .collect();
+            for m in 1..=ROWS_MATMUL_MAX as usize {
+                let x = Array::from_slice(&all[..m * k], &[m as i32, k as i32]);
+                let got = host(&rows_matmul(&x, &w).unwrap());
+                let want = host(&matmul(&x, w.transpose_axes(&[1, 0]).unwrap()).unwrap());
+                assert_eq!(got.len(), m * n);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (k as f32).sqrt() * (1.0 + b.abs());
+                    assert!((a - b).abs() <= tol, "k={k} n={n} m={m} [{i}]: {a} vs {b}");
+                }
+                // Bit for bit what each row gets alone.
+                for r in 0..m {
+                    assert_eq!(
+                        got[r * n..(r + 1) * n],
+                        alone[r][..],
+                        "k={k} n={n} m={m} row {r}"
+                    );
+                }
+            }
+        }
+        // Operands that are views: a transposed x, a slice of rows, and a weight view.
+        let (k, n) = (40, 70);
+        let w = Array::from_slice(&values(n * k, 11), &[n as i32, k as i32]);
+        let xt = Array::from_slice(&values(k * 5, 12), &[k as i32, 5]);
+        let x = xt.transpose_axes(&[1, 0]).unwrap();
+        let want = host(&matmul(&x, w.transpose_axes(&[1, 0]).unwrap()).unwrap());
+        assert_eq!(host(&rows_matmul(&x, &w).unwrap()).len(), want.len());
+        for (a, b) in host(&rows_matmul(&x, &w).unwrap()).iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+        let wide = Array::from_slice(&values(n * 2 * k, 13), &[n as i32, 2 * k as i32]);
+        let wv = wide.try_index((.., ..k as i32)).unwrap();
+        let x = Array::from_slice(&values(3 * k, 14), &[3, k as i32]);
+        let want = host(&matmul(&x, wv.transpose_axes(&[1, 0]).unwrap()).unwrap());
+        for (a, b) in host(&rows_matmul(&x, &wv).unwrap()).iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+        // The plan reshapes leading axes and keeps them.
+        let x3 = Array::from_slice(&values(2 * 3 * k, 15), &[2, 3, k as i32]);
+        let y = dense_matmul(&x3, &w, MatmulPlan::Rows).unwrap();
+        assert_eq!(y.shape(), &[2, 3, n as i32]);
+        let want = host(&dense_matmul(&x3, &w, MatmulPlan::Plain).unwrap());
+        for (a, b) in host(&y).iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+        // Bad operands are an error, not a crash.
+        let bad = Array::from_slice(&values(3 * (k + 1), 16), &[3, k as i32 + 1]);
+        assert!(rows_matmul(&bad, &w).is_err());
+    }
+}

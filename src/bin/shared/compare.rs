@@ -256,8 +256,7 @@ pub fn run_convoy(
         .max_batch_size(w.batch);
     const NAMES: [&str; 13] = [
         "fuse", "attn", "pad", "exp", "rows", "cache", "ahead", "ajoin", "join", "prefix", "sync",
-        "chunk",
-        "all-on",
+        "chunk", "all-on",
     ];
     for a in ablate {
         assert!(
