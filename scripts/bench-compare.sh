@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # convoy against mlx-lm on the same machine, model, MLX and BLAS, in one run (issue 9):
 #   scripts/bench-compare.sh [--out DIR] [--smoke] [--concurrency 1,2,4,8,16] [--only convoy|mlx-lm]
-#                            [--ablate fuse,attn,pad,exp,cache,prefix,sync,chunk | --ablate none]
+#                            [--ablate fuse,attn,pad,exp,rows,cache,prefix,sync,chunk | --ablate none]
 #                            [--ablate-on closed-c8,closed-c16,mixed] [--bench BINARY]
 #
 # 1. A virtual environment in $CONVOY_CACHE_DIR/venv-mlx-lm with pinned mlx-lm 0.32.2 over
@@ -32,7 +32,7 @@ CONCURRENCY=1,2,4,8,16
 ONLY=""
 # (ahead, ajoin and join switch off decode-ahead and its parts, which are off on the CPU
 # backend already; `a+b` switches several off in one run, e.g. sync+ajoin.)
-ABLATE=fuse,attn,pad,exp,cache,prefix,sync,chunk
+ABLATE=fuse,attn,pad,exp,rows,cache,prefix,sync,chunk
 ABLATE_GIVEN=0
 ABLATE_ON=closed-c8,closed-c16
 BENCH=""
