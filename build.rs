@@ -90,9 +90,9 @@ fn generate_header(crate_dir: &std::path::Path) {
 }
 
 /// convoy's few-rows matmul for MLX's CPU backend (`src/model/rows_matmul.cc`, an MLX
-/// primitive with an AVX2/FMA kernel chosen at run time), on x86-64 only. Compiled with
-/// OpenMP where the compiler is GCC-like (the kernel then shares OpenBLAS's OpenMP team);
-/// sets `cfg(convoy_rows_matmul)` for the Rust side.
+/// primitive with an AVX2/FMA kernel chosen at run time), on x86-64 only, with GCC's OpenMP
+/// (the kernel then shares the OpenMP team of OpenBLAS's OpenMP build); sets
+/// `cfg(convoy_rows_matmul)` for the Rust side.
 fn build_rows_matmul(backend: &str) {
     println!("cargo::rustc-check-cfg=cfg(convoy_rows_matmul)");
     println!("cargo:rerun-if-changed=src/model/rows_matmul.cc");
@@ -112,13 +112,17 @@ fn build_rows_matmul(backend: &str) {
         // Always optimized: the kernel is the point, debug builds and tests included.
         .opt_level(3)
         .warnings(false);
-    let openmp = build.get_compiler().is_like_gnu();
-    if openmp {
-        build.flag("-fopenmp");
+    // Without OpenMP the kernel would run on one core, slower than a multi-threaded
+    // OpenBLAS: then it is not built, and MLX's matmul is used.
+    if !build.get_compiler().is_like_gnu() {
+        println!(
+            "cargo:warning=convoy's CPU matmul kernel needs GCC's OpenMP (libgomp); this C++ \
+             compiler is not GCC-like, so decode steps use MLX's matmul"
+        );
+        return;
     }
+    build.flag("-fopenmp");
     build.compile("convoy_rows_matmul");
-    if openmp {
-        println!("cargo:rustc-link-lib=dylib=gomp");
-    }
+    println!("cargo:rustc-link-lib=dylib=gomp");
     println!("cargo:rustc-cfg=convoy_rows_matmul");
 }

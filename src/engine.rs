@@ -80,17 +80,19 @@ pub struct Tuning {
     /// With [`fast_exp`](Self::fast_exp) also prefill attention, the only form that can use
     /// convoy's `exp`; off, both take MLX's fused op.
     pub copy_free_attention: bool,
-    /// On the CPU backend over a multi-threaded OpenBLAS, float32 matmuls with a few rows (a
-    /// decode step's batch) are zero-padded to the row count OpenBLAS splits evenly between
-    /// its threads (a decode step 1.06x faster at batch 8 and 1.30x at 12 on 2 cores; see
-    /// docs/benchmarks.md). No effect elsewhere.
+    /// On the CPU backend over a multi-threaded OpenBLAS, float32 matmuls with a few rows are
+    /// zero-padded to the row count OpenBLAS splits evenly between its threads (a decode
+    /// step 1.06x faster at batch 8 and 1.30x at 12 on 2 cores; see docs/benchmarks.md).
+    /// With [`rows_matmul`](Self::rows_matmul) (where it runs) this applies to 17-64 rows
+    /// only. No effect elsewhere.
     pub pad_matmul_rows: bool,
     /// On the CPU backend on x86-64 (with AVX2 and FMA), float32 matmuls of at most 16 rows
     /// (a decode step's batch) run convoy's own kernel, which streams each weight row from
     /// memory once, instead of OpenBLAS's sgemm, which first copies (packs) both operands:
     /// for so few rows the step is bound by reading the weights, and the copy doubled that
-    /// traffic (see `model/rows_matmul.cc` and docs/benchmarks.md). Each row's result is
-    /// also the same whatever else is in the batch. No effect elsewhere.
+    /// traffic (see `model/rows_matmul.cc` and docs/benchmarks.md). This matmul's output for a
+    /// row is also bit-identical whatever else is in the batch. Built with GCC's OpenMP
+    /// (link `-lgomp` with the static library); no effect elsewhere.
     pub rows_matmul: bool,
     /// On the CPU backend, the attention softmax and the MLP's SiLU compute `exp` with
     /// multiplies and adds in compiled MLX code instead of MLX's CPU `exp`, which calls libm

@@ -4,14 +4,16 @@
 //
 // y[m, n] = sum_k x[m, k] * w[n, k]   (x: [M, K], w: [N, K], y: [M, N], all float32)
 //
-// Every output element is accumulated in the same order whatever M is and whichever rows
-// share a call (8 lanes over k, then the same horizontal sum, then the k tail), so a row's
-// result does not depend on what else is in the batch.
+// Every output element is accumulated in the same order whatever M is, whichever rows share
+// a call and however many threads run (8 lanes over k, then the same horizontal sum, then
+// the k tail), so this matmul's output for a row is bit-identical in any batch it runs in.
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -64,8 +66,10 @@ dot_rows(const float* x, size_t ldx, const float* w, int k, float* y, size_t ldy
   int i = 0;
   for (; i + 8 <= k; i += 8) {
     if ((i & 15) == 0) {
-      // A prefetch never faults, so running past the matrix's end is harmless.
-      _mm_prefetch(reinterpret_cast<const char*>(w + i + kPrefetch), _MM_HINT_T0);
+      // A prefetch never faults, so an address past the matrix's end is harmless (formed
+      // as an integer: a pointer past the end of the allocation would not be valid C++).
+      auto ahead = reinterpret_cast<std::uintptr_t>(w + i) + kPrefetch * sizeof(float);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
     }
     __m256 wv = _mm256_loadu_ps(w + i);
     for (int m = 0; m < MR; m++) {
@@ -113,8 +117,26 @@ __attribute__((target("avx2,fma"))) void columns(
   }
 }
 
-// The columns split between the threads of the OpenMP team (the same team OpenBLAS's OpenMP
-// build runs its sgemm threads in, so the two never compete for cores).
+// Threads for the kernel: OpenMP's count (OMP_NUM_THREADS or the cores), capped by
+// OPENBLAS_NUM_THREADS when that is set, so a host that limits its BLAS threads limits these
+// too.
+int max_threads() {
+#ifdef _OPENMP
+  static const int cap = [] {
+    const char* v = std::getenv("OPENBLAS_NUM_THREADS");
+    int n = v != nullptr ? std::atoi(v) : 0;
+    return n > 0 ? n : 0;
+  }();
+  int n = omp_get_max_threads();
+  return cap > 0 ? std::min(n, cap) : n;
+#else
+  return 1;
+#endif
+}
+
+// The columns split between the threads of this thread's OpenMP team. With OpenBLAS's OpenMP
+// build (the one convoy links when it is installed), that is the team OpenBLAS runs its sgemm
+// threads in, from the same MLX stream thread, so the two never compete for cores.
 void rows_matmul_kernel(
     const float* x,
     size_t ldx,
@@ -124,7 +146,7 @@ void rows_matmul_kernel(
     int n,
     int k) {
 #ifdef _OPENMP
-  int threads = std::max(1, std::min(omp_get_max_threads(), n / kMinColumnsPerThread));
+  int threads = std::max(1, std::min(max_threads(), n / kMinColumnsPerThread));
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num();
@@ -146,7 +168,9 @@ class RowsMatmul : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
-    if (x.strides().back() != 1 || !w.flags().row_contiguous) {
+    // Both operands come through `contiguous` (or are row-contiguous already), so x is
+    // dense row-major: its row stride is K (whatever strides MLX keeps for size-1 axes).
+    if (!x.flags().row_contiguous || !w.flags().row_contiguous) {
       throw std::runtime_error("convoy rows_matmul: operands must be row-contiguous");
     }
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -155,7 +179,7 @@ class RowsMatmul : public mx::UnaryPrimitive {
     encoder.set_input_array(w);
     encoder.set_output_array(out);
     encoder.dispatch([xp = x.data<float>(),
-                      ldx = static_cast<size_t>(x.strides()[0]),
+                      ldx = static_cast<size_t>(x.shape(1)),
                       wp = w.data<float>(),
                       yp = out.data<float>(),
                       m = static_cast<int>(x.shape(0)),
@@ -194,7 +218,7 @@ void write_error(char* buf, size_t len, const char* what) {
 extern "C" {
 
 // Whether this CPU runs the kernel (AVX2 and FMA).
-int convoy_rows_matmul_supported(void) {
+int convoy_internal_rows_matmul_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -202,13 +226,19 @@ int convoy_rows_matmul_supported(void) {
 // `*out` = x @ w.T as a new `mlx::core::array*` (what mlx-c's `mlx_array.ctx` holds), on the
 // default stream of the default device, which must be the CPU. x: [M, K] float32, w: [N, K]
 // float32. Returns 0, or 1 with a message in `err` and `*out` untouched.
-int convoy_rows_matmul(
+int convoy_internal_rows_matmul(
     void** out,
     const void* x,
     const void* w,
     char* err,
     size_t err_len) {
   try {
+    if (out == nullptr || x == nullptr || w == nullptr) {
+      throw std::invalid_argument("convoy rows_matmul: null argument");
+    }
+    if (!convoy_internal_rows_matmul_supported()) {
+      throw std::invalid_argument("convoy rows_matmul: this CPU lacks AVX2 or FMA");
+    }
     const auto& xa = *static_cast<const mx::array*>(x);
     const auto& wa = *static_cast<const mx::array*>(w);
     if (xa.ndim() != 2 || wa.ndim() != 2 || xa.shape(1) != wa.shape(1)) {
@@ -222,7 +252,10 @@ int convoy_rows_matmul(
       throw std::invalid_argument("convoy rows_matmul: the default device is not the CPU");
     }
     mx::array xc = mx::contiguous(xa, false, s);
-    mx::array wc = mx::contiguous(wa, false, s);
+    // Weights are evaluated and row-contiguous: no `contiguous` node for them every step
+    // (it would copy a view of a larger buffer each time).
+    mx::array wc =
+        wa.is_available() && wa.flags().row_contiguous ? wa : mx::contiguous(wa, false, s);
     mx::Shape shape = {xa.shape(0), wa.shape(0)};
     auto result = mx::array(
         std::move(shape),

@@ -316,7 +316,8 @@ pub(crate) enum MatmulPlan {
 
 /// `x @ w.T` as `plan` says (a plan that does not apply to these operands, e.g. to float16
 /// weights, falls back to MLX's matmul). Each output row depends only on its own input row,
-/// so every plan is the same computation.
+/// so every plan computes the same product (rounded differently: the sums run in another
+/// order).
 fn dense_matmul(x: &Array, w: &Array, plan: MatmulPlan) -> Result<Array> {
     let shape = x.shape();
     let width = shape[shape.len() - 1];
@@ -352,8 +353,8 @@ pub(crate) const ROWS_MATMUL_MAX: i32 = 16;
 mod rows_ffi {
     use std::ffi::{c_char, c_int, c_void};
     extern "C" {
-        pub fn convoy_rows_matmul_supported() -> c_int;
-        pub fn convoy_rows_matmul(
+        pub fn convoy_internal_rows_matmul_supported() -> c_int;
+        pub fn convoy_internal_rows_matmul(
             out: *mut *mut c_void,
             x: *const c_void,
             w: *const c_void,
@@ -370,7 +371,8 @@ pub(crate) fn rows_matmul_available() -> bool {
     {
         static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         crate::backend() == "cpu"
-            && *SUPPORTED.get_or_init(|| unsafe { rows_ffi::convoy_rows_matmul_supported() } != 0)
+            && *SUPPORTED
+                .get_or_init(|| unsafe { rows_ffi::convoy_internal_rows_matmul_supported() } != 0)
     }
     #[cfg(not(convoy_rows_matmul))]
     {
@@ -381,9 +383,11 @@ pub(crate) fn rows_matmul_available() -> bool {
 /// `x @ w.T` for `x` [M, K] and `w` [N, K], both float32, by convoy's CPU kernel
 /// (`rows_matmul.cc`): an MLX primitive on the default (CPU) stream whose kernel streams
 /// each weight row from memory once, without the packing copy OpenBLAS makes of both
-/// operands, and splits the output columns between the threads of the OpenMP team OpenBLAS
-/// also uses. For a decode step's few rows that copy is most of OpenBLAS's time: the step
-/// is bound by reading the weights. Only called when [`rows_matmul_available`].
+/// operands, and splits the output columns between the threads of the calling thread's
+/// OpenMP team (with OpenBLAS's OpenMP build, the team its sgemm uses). For a decode step's
+/// few rows that copy is most of OpenBLAS's time: the step is bound by reading the weights.
+/// A row's output is bit-identical whatever other rows share the call. Only called when
+/// [`rows_matmul_available`].
 #[cfg(convoy_rows_matmul)]
 fn rows_matmul(x: &Array, w: &Array) -> Result<Array> {
     let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -392,7 +396,7 @@ fn rows_matmul(x: &Array, w: &Array) -> Result<Array> {
     // function only reads them, and on success hands back a new heap array, which mlx-rs's
     // `Array` owns and frees (mlx-c's `mlx_array.ctx` is exactly such a pointer).
     let rc = unsafe {
-        rows_ffi::convoy_rows_matmul(
+        rows_ffi::convoy_internal_rows_matmul(
             &mut out,
             x.as_ptr().ctx,
             w.as_ptr().ctx,
@@ -629,7 +633,8 @@ mod tests {
                 }
             }
         }
-        // Operands that are views: a transposed x, a slice of rows, and a weight view.
+        // Operands that are views: a transposed x, a column slice of the weights, and a
+        // [M, 1]-shaped x whose strides are those of a transposed row.
         let (k, n) = (40, 70);
         let w = Array::from_slice(&values(n * k, 11), &[n as i32, k as i32]);
         let xt = Array::from_slice(&values(k * 5, 12), &[k as i32, 5]);
@@ -645,6 +650,13 @@ mod tests {
         let want = host(&matmul(&x, wv.transpose_axes(&[1, 0]).unwrap()).unwrap());
         for (a, b) in host(&rows_matmul(&x, &wv).unwrap()).iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+        let row = Array::from_slice(&values(6, 17), &[1, 6]);
+        let col = row.transpose_axes(&[1, 0]).unwrap();
+        let w1 = Array::from_slice(&values(9, 18), &[9, 1]);
+        let want = host(&matmul(&col, w1.transpose_axes(&[1, 0]).unwrap()).unwrap());
+        for (a, b) in host(&rows_matmul(&col, &w1).unwrap()).iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
         }
         // The plan reshapes leading axes and keeps them.
         let x3 = Array::from_slice(&values(2 * 3 * k, 15), &[2, 3, k as i32]);

@@ -129,10 +129,21 @@ static void cancel_mid_prefill_does_not_hang_the_group_mate(const char *model) {
       st = convoy_engine_poll(e, decoding, 1000, &ev);
     } while (st == CONVOY_STATUS_TIMEOUT);
     CHECK(st == CONVOY_STATUS_OK && ev.kind == CONVOY_EVENT_KIND_TOKEN);
-    CHECK(convoy_engine_submit_tokens(e, short_prompt, 20, &p, &short_id) == CONVOY_STATUS_OK);
-    CHECK(convoy_engine_submit_tokens(e, long_prompt, 1000, &p, &long_id) == CONVOY_STATUS_OK);
-    /* Both in one prefill group, then a varying moment inside its prefill (16 prompt tokens
-     * per step over two rows: the long prompt needs about 125 steps). */
+    /* Both in one prefill group (one batch: two separate submits could straddle a step
+     * boundary and start two groups), then a varying moment inside its prefill (16 prompt
+     * tokens per step over two rows: the long prompt needs about 125 steps). */
+    convoy_batch_request both[2];
+    for (int r = 0; r < 2; r++) convoy_batch_request_init(&both[r], sizeof both[r]);
+    both[0].tokens = short_prompt;
+    both[0].n_tokens = 20;
+    both[0].params = &p;
+    both[1].tokens = long_prompt;
+    both[1].n_tokens = 1000;
+    both[1].params = &p;
+    uint64_t both_ids[2] = {0, 0};
+    CHECK(convoy_engine_submit_batch(e, both, 2, both_ids) == CONVOY_STATUS_OK);
+    short_id = both_ids[0];
+    long_id = both_ids[1];
     convoy_engine_stats s;
     convoy_engine_stats_init(&s, sizeof s);
     int in_prefill = 0;
