@@ -85,34 +85,37 @@ dot_rows(const float* x, size_t ldx, const float* w, int k, float* y, size_t ldy
   }
 }
 
-// Output columns [n0, n1): each weight row is read from memory once and used for all M rows
+// One product y = x @ w.T: x [m, k] and y [m, n] dense row-major, w [n, k] row-major.
+struct Product {
+  const float* x;
+  const float* w;
+  float* y;
+  int m;
+  int n;
+  int k;
+};
+
+// Output columns [n0, n1): each weight row is read from memory once and used for all m rows
 // of x (in groups of 8, then 4, 2, 1) while it is in L1.
-__attribute__((target("avx2,fma"))) void columns(
-    const float* x,
-    size_t ldx,
-    const float* w,
-    float* y,
-    int m_rows,
-    int n,
-    int k,
-    int n0,
-    int n1) {
+__attribute__((target("avx2,fma"))) void columns(const Product& p, int n0, int n1) {
+  const size_t k = static_cast<size_t>(p.k);
+  const size_t n = static_cast<size_t>(p.n);
   for (int c = n0; c < n1; c++) {
-    const float* wr = w + static_cast<size_t>(c) * k;
+    const float* wr = p.w + c * k;
     int m = 0;
-    for (; m + 8 <= m_rows; m += 8) {
-      dot_rows<8>(x + m * ldx, ldx, wr, k, y + static_cast<size_t>(m) * n + c, n);
+    for (; m + 8 <= p.m; m += 8) {
+      dot_rows<8>(p.x + m * k, k, wr, p.k, p.y + m * n + c, n);
     }
-    if (m_rows - m >= 4) {
-      dot_rows<4>(x + m * ldx, ldx, wr, k, y + static_cast<size_t>(m) * n + c, n);
+    if (p.m - m >= 4) {
+      dot_rows<4>(p.x + m * k, k, wr, p.k, p.y + m * n + c, n);
       m += 4;
     }
-    if (m_rows - m >= 2) {
-      dot_rows<2>(x + m * ldx, ldx, wr, k, y + static_cast<size_t>(m) * n + c, n);
+    if (p.m - m >= 2) {
+      dot_rows<2>(p.x + m * k, k, wr, p.k, p.y + m * n + c, n);
       m += 2;
     }
-    if (m_rows - m == 1) {
-      dot_rows<1>(x + m * ldx, ldx, wr, k, y + static_cast<size_t>(m) * n + c, n);
+    if (p.m - m == 1) {
+      dot_rows<1>(p.x + m * k, k, wr, p.k, p.y + m * n + c, n);
     }
   }
 }
@@ -137,27 +140,20 @@ int max_threads() {
 // The columns split between the threads of this thread's OpenMP team. With OpenBLAS's OpenMP
 // build (the one convoy links when it is installed), that is the team OpenBLAS runs its sgemm
 // threads in, from the same MLX stream thread, so the two never compete for cores.
-void rows_matmul_kernel(
-    const float* x,
-    size_t ldx,
-    const float* w,
-    float* y,
-    int m_rows,
-    int n,
-    int k) {
+void rows_matmul_kernel(const Product& p) {
 #ifdef _OPENMP
-  int threads = std::max(1, std::min(max_threads(), n / kMinColumnsPerThread));
+  int threads = std::max(1, std::min(max_threads(), p.n / kMinColumnsPerThread));
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num();
     int nt = omp_get_num_threads();
-    int per = (n + nt - 1) / nt;
-    int n0 = std::min(n, t * per);
-    int n1 = std::min(n, n0 + per);
-    columns(x, ldx, w, y, m_rows, n, k, n0, n1);
+    int per = (p.n + nt - 1) / nt;
+    int n0 = std::min(p.n, t * per);
+    int n1 = std::min(p.n, n0 + per);
+    columns(p, n0, n1);
   }
 #else
-  columns(x, ldx, w, y, m_rows, n, k, 0, n);
+  columns(p, 0, p.n);
 #endif
 }
 
@@ -169,7 +165,7 @@ class RowsMatmul : public mx::UnaryPrimitive {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
     // Both operands come through `contiguous` (or are row-contiguous already), so x is
-    // dense row-major: its row stride is K (whatever strides MLX keeps for size-1 axes).
+    // dense row-major: its row stride is k (whatever strides MLX keeps for size-1 axes).
     if (!x.flags().row_contiguous || !w.flags().row_contiguous) {
       throw std::runtime_error("convoy rows_matmul: operands must be row-contiguous");
     }
@@ -178,15 +174,14 @@ class RowsMatmul : public mx::UnaryPrimitive {
     encoder.set_input_array(x);
     encoder.set_input_array(w);
     encoder.set_output_array(out);
-    encoder.dispatch([xp = x.data<float>(),
-                      ldx = static_cast<size_t>(x.shape(1)),
-                      wp = w.data<float>(),
-                      yp = out.data<float>(),
-                      m = static_cast<int>(x.shape(0)),
-                      n = static_cast<int>(w.shape(0)),
-                      k = static_cast<int>(w.shape(1))]() {
-      rows_matmul_kernel(xp, ldx, wp, yp, m, n, k);
-    });
+    Product p{
+        x.data<float>(),
+        w.data<float>(),
+        out.data<float>(),
+        static_cast<int>(x.shape(0)),
+        static_cast<int>(w.shape(0)),
+        static_cast<int>(w.shape(1))};
+    encoder.dispatch([p]() { rows_matmul_kernel(p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
