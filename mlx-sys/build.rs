@@ -51,7 +51,7 @@ fn main() {
     );
 
     let shim = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("shim");
-    build_mlx_c(&mlx_c, &prefix, &shim, apple);
+    build_mlx_c(&mlx_c, &prefix, &shim, apple, backend == "cuda");
     generate_bindings(&mlx_c, &shim, apple, &target_arch);
 
     if !apple {
@@ -159,15 +159,25 @@ fn mlx_prefix(backend: &str) -> PathBuf {
     );
     let staging = root.with_extension(format!("partial-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
+    // The CPU and Metal wheels need nothing else. The CUDA wheel's libmlx.so finds the CUDA
+    // libraries it links (cuBLAS, cuDNN, cuFFT, NVRTC, NCCL) through an RPATH into the
+    // `nvidia/*/lib` folders of the site-packages it was installed into, so those wheels
+    // (its declared dependencies, ~2 GB) go into the same folder; without them the link
+    // fails unless every one of them is on the system's library path.
+    let deps: &[&str] = if backend == "cuda" {
+        &[]
+    } else {
+        &["--no-deps"]
+    };
     let status = Command::new(&python)
         .args([
             "-m",
             "pip",
             "install",
             "--quiet",
-            "--no-deps",
             "--disable-pip-version-check",
         ])
+        .args(deps)
         .args(["--only-binary", ":all:", "--target"])
         .arg(&staging)
         .arg(format!("{wheel}=={MLX_VERSION}"))
@@ -264,7 +274,7 @@ fn check_tool(program: &str, args: &[&str], what: &str) {
     }
 }
 
-fn build_mlx_c(mlx_c: &Path, prefix: &Path, shim: &Path, apple: bool) {
+fn build_mlx_c(mlx_c: &Path, prefix: &Path, shim: &Path, apple: bool, cuda: bool) {
     let cxx = env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     check_tool(
         &cxx,
@@ -284,11 +294,48 @@ fn build_mlx_c(mlx_c: &Path, prefix: &Path, shim: &Path, apple: bool) {
             shim.join("linux_compat.h").display()
         ));
     }
+    if cuda {
+        cuda_find_modules(&mut config, prefix);
+    }
     let dst = config.build();
     for lib in ["lib", "lib64"] {
         println!("cargo:rustc-link-search=native={}", dst.join(lib).display());
     }
     println!("cargo:rustc-link-lib=static=mlxc");
+}
+
+/// The CUDA build's `MLXConfig.cmake` requires CMake to find the CUDA toolkit (CMake before
+/// 3.27 finds it only through `nvcc`) and cuDNN, although the `mlx` target it exports links
+/// nothing from either: libmlx.so carries its own references to the CUDA libraries, and mlx-c
+/// compiles against MLX's headers alone. So that a machine with only the NVIDIA driver builds
+/// convoy (as a Python user installs the wheel), mlx-c's configure step gets a stand-in
+/// `FindCUDAToolkit` pointing at the CUDA wheels installed beside MLX, and cuDNN is looked for
+/// there first.
+fn cuda_find_modules(config: &mut cmake::Config, prefix: &Path) {
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("cmake-cuda");
+    let site = prefix.join("..");
+    let cu13 = site.join("nvidia/cu13");
+    let module = format!(
+        "# Written by mlx-sys/build.rs: mlx-c uses nothing from the CUDA toolkit.\n\
+         set(CUDAToolkit_FOUND TRUE)\n\
+         set(CUDAToolkit_VERSION_MAJOR 13)\n\
+         set(CUDAToolkit_INCLUDE_DIRS \"{}\")\n\
+         set(CUDAToolkit_LIBRARY_DIR \"{}\")\n",
+        cu13.join("include").display(),
+        cu13.join("lib").display()
+    );
+    if let Err(e) =
+        fs::create_dir_all(&out).and_then(|()| fs::write(out.join("FindCUDAToolkit.cmake"), module))
+    {
+        fail(&format!("cannot write {}: {e}", out.display()));
+    }
+    config.define("CMAKE_MODULE_PATH", &out);
+    let cudnn = site.join("nvidia/cudnn");
+    if cudnn.is_dir() {
+        config
+            .define("CUDNN_INCLUDE_PATH", cudnn.join("include"))
+            .define("CUDNN_LIBRARY_PATH", cudnn.join("lib"));
+    }
 }
 
 fn generate_bindings(mlx_c: &Path, shim: &Path, apple: bool, arch: &str) {

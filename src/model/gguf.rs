@@ -179,20 +179,28 @@ impl Metadata for MlxMetadata<'_> {
             .map_err(|e| corrupt(self.path, format!("{key}: {e}")))
     }
     fn number(&self, key: &str) -> Result<Option<f64>> {
+        let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
         match self.file.get_metadata_array(key) {
-            Ok(Some(a)) => Ok(Some(
-                a.try_item_cast::<f64>()
-                    .map_err(|e| corrupt(self.path, format!("{key}: {e}")))?,
-            )),
+            Ok(Some(a)) => match host_numbers(&a).map_err(bad)?.as_slice() {
+                [n] => Ok(Some(n.as_f64())),
+                more => Err(bad(format!(
+                    "{} values where one number belongs",
+                    more.len()
+                ))),
+            },
             Ok(None) => Ok(None),
-            Err(e) => Err(corrupt(self.path, format!("{key}: {e}"))),
+            Err(e) => Err(bad(e.to_string())),
         }
     }
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
         let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
         match self.file.get_metadata_array(key) {
             Ok(Some(a)) => Ok(Some(
-                a.to_vec_cast::<i64>().map_err(|e| bad(e.to_string()))?,
+                host_numbers(&a)
+                    .map_err(bad)?
+                    .into_iter()
+                    .map(HostNumber::as_i64)
+                    .collect(),
             )),
             Ok(None) => Ok(None),
             Err(e) => Err(bad(e.to_string())),
@@ -202,11 +210,74 @@ impl Metadata for MlxMetadata<'_> {
         let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
         match self.file.get_metadata_array(key) {
             Ok(Some(a)) => Ok(Some(
-                a.to_vec_cast::<f64>().map_err(|e| bad(e.to_string()))?,
+                host_numbers(&a)
+                    .map_err(bad)?
+                    .into_iter()
+                    .map(HostNumber::as_f64)
+                    .collect(),
             )),
             Ok(None) => Ok(None),
             Err(e) => Err(bad(e.to_string())),
         }
+    }
+}
+
+/// A numeric metadata value, read in the type it was stored in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HostNumber {
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+}
+
+impl HostNumber {
+    fn as_f64(self) -> f64 {
+        match self {
+            Self::Int(v) => v as f64,
+            Self::Uint(v) => v as f64,
+            Self::Float(v) => v,
+        }
+    }
+    /// As MLX's cast to int64 would: floats truncate toward zero (saturating), unsigned values
+    /// wrap.
+    fn as_i64(self) -> i64 {
+        match self {
+            Self::Int(v) => v,
+            Self::Uint(v) => v as i64,
+            Self::Float(v) => v as i64,
+        }
+    }
+}
+
+/// A metadata array's values, converted on the host. MLX's casts (`astype`) run on the default
+/// device, and its GPU backends have no float64: on CUDA, casting a metadata value to float64
+/// failed for every GGUF file. The arrays MLX's reader returns are already in memory, so they
+/// are read in their own type instead.
+fn host_numbers(a: &Array) -> std::result::Result<Vec<HostNumber>, String> {
+    fn read<T: mlx_rs::ArrayElement + Copy>(
+        a: &Array,
+        f: impl Fn(T) -> HostNumber,
+    ) -> std::result::Result<Vec<HostNumber>, String> {
+        Ok(a.try_as_slice::<T>()
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|&v| f(v))
+            .collect())
+    }
+    use mlx_rs::Dtype;
+    match a.dtype() {
+        Dtype::Bool => read(a, |v: bool| HostNumber::Uint(v.into())),
+        Dtype::Uint8 => read(a, |v: u8| HostNumber::Uint(v.into())),
+        Dtype::Uint16 => read(a, |v: u16| HostNumber::Uint(v.into())),
+        Dtype::Uint32 => read(a, |v: u32| HostNumber::Uint(v.into())),
+        Dtype::Uint64 => read(a, HostNumber::Uint),
+        Dtype::Int8 => read(a, |v: i8| HostNumber::Int(v.into())),
+        Dtype::Int16 => read(a, |v: i16| HostNumber::Int(v.into())),
+        Dtype::Int32 => read(a, |v: i32| HostNumber::Int(v.into())),
+        Dtype::Int64 => read(a, HostNumber::Int),
+        Dtype::Float32 => read(a, |v: f32| HostNumber::Float(v.into())),
+        Dtype::Float64 => read(a, HostNumber::Float),
+        other => Err(format!("a metadata value of type {other:?}, not a number")),
     }
 }
 
@@ -627,4 +698,42 @@ fn validate_reader(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_numbers_are_read_in_their_stored_type() {
+        let ints = |a: Array| -> Vec<i64> {
+            host_numbers(&a)
+                .unwrap()
+                .into_iter()
+                .map(HostNumber::as_i64)
+                .collect()
+        };
+        let floats = |a: Array| -> Vec<f64> {
+            host_numbers(&a)
+                .unwrap()
+                .into_iter()
+                .map(HostNumber::as_f64)
+                .collect()
+        };
+        assert_eq!(
+            ints(Array::from_slice(&[1u32, 7, 49152], &[3])),
+            [1, 7, 49152]
+        );
+        assert_eq!(ints(Array::from_slice(&[-3i32, 4], &[2])), [-3, 4]);
+        assert_eq!(ints(Array::from_slice(&[u64::MAX >> 1], &[1])), [i64::MAX]);
+        assert_eq!(ints(Array::from_slice(&[true, false], &[2])), [1, 0]);
+        assert_eq!(ints(Array::from_slice(&[2.9f32, -2.9], &[2])), [2, -2]);
+        assert_eq!(
+            floats(Array::from_slice(&[1e-5f32], &[1])),
+            [1e-5f32 as f64]
+        );
+        assert_eq!(floats(Array::from_slice(&[100000i64], &[1])), [100000.0]);
+        // A scalar (MLX's reader returns single values as 0-d arrays).
+        assert_eq!(floats(Array::from_f32(0.5)), [0.5]);
+    }
 }
