@@ -142,7 +142,13 @@ fn mlx_prefix(backend: &str) -> PathBuf {
     let wheel = wheel_name(backend);
     let root = cache_dir().join(format!("{wheel}-{MLX_VERSION}"));
     let prefix = root.join("mlx");
-    if prefix.join("share/cmake/MLX/MLXConfig.cmake").is_file() {
+    // A CUDA install is complete with the CUDA library wheels beside MLX (an install by an
+    // earlier convoy had only MLX).
+    let complete = |root: &Path| {
+        root.join("mlx/share/cmake/MLX/MLXConfig.cmake").is_file()
+            && (backend != "cuda" || root.join("nvidia/cudnn/lib").is_dir())
+    };
+    if complete(&root) {
         return prefix;
     }
 
@@ -154,8 +160,13 @@ fn mlx_prefix(backend: &str) -> PathBuf {
          python3-pip; or set MLX_DIR to an existing MLX install)",
     );
     println!(
-        "cargo:warning=installing {wheel}=={MLX_VERSION} into {}",
-        root.display()
+        "cargo:warning=installing {wheel}=={MLX_VERSION} into {}{}",
+        root.display(),
+        if backend == "cuda" {
+            " with the CUDA library wheels it needs (about 2.3 GB; this takes minutes)"
+        } else {
+            ""
+        }
     );
     let staging = root.with_extension(format!("partial-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
@@ -165,7 +176,7 @@ fn mlx_prefix(backend: &str) -> PathBuf {
     // (its declared dependencies, ~2 GB) go into the same folder; without them the link
     // fails unless every one of them is on the system's library path.
     let deps: &[&str] = if backend == "cuda" {
-        &[]
+        &["--no-cache-dir"]
     } else {
         &["--no-deps"]
     };
@@ -184,21 +195,34 @@ fn mlx_prefix(backend: &str) -> PathBuf {
         .status();
     match status {
         Ok(s) if s.success() => {}
-        other => fail(&format!(
+        other => {
+            let _ = fs::remove_dir_all(&staging);
+            fail(&format!(
             "`{python} -m pip install {wheel}=={MLX_VERSION}` failed ({other:?}). Check that PyPI \
              is reachable, or install MLX yourself and set MLX_DIR to its prefix."
-        )),
+            ))
+        }
     }
-    // Rename into place so an interrupted install never looks complete.
+    // Rename into place so an interrupted install never looks complete. Another build may
+    // have finished the same install meanwhile: then its copy is kept (it may be linking
+    // against it now) and this one is dropped.
+    if complete(&root) {
+        let _ = fs::remove_dir_all(&staging);
+        return prefix;
+    }
     let _ = fs::remove_dir_all(&root);
     if let Err(e) = fs::rename(&staging, &root) {
+        let _ = fs::remove_dir_all(&staging);
+        if complete(&root) {
+            return prefix;
+        }
         fail(&format!(
             "cannot move {} to {}: {e}",
             staging.display(),
             root.display()
         ));
     }
-    if !prefix.join("share/cmake/MLX/MLXConfig.cmake").is_file() {
+    if !complete(&root) {
         fail(&format!(
             "the {wheel} wheel installed into {} does not have the expected layout \
              (mlx/share/cmake/MLX/MLXConfig.cmake)",
@@ -315,12 +339,20 @@ fn cuda_find_modules(config: &mut cmake::Config, prefix: &Path) {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("cmake-cuda");
     let site = prefix.join("..");
     let cu13 = site.join("nvidia/cu13");
+    // An MLX of the user's own (`MLX_DIR`) without the wheels beside it: CMake's own modules
+    // find the toolkit and cuDNN it was built with.
+    if !cu13.join("lib").is_dir() {
+        return;
+    }
     let module = format!(
         "# Written by mlx-sys/build.rs: mlx-c uses nothing from the CUDA toolkit.\n\
          set(CUDAToolkit_FOUND TRUE)\n\
          set(CUDAToolkit_VERSION_MAJOR 13)\n\
          set(CUDAToolkit_INCLUDE_DIRS \"{}\")\n\
-         set(CUDAToolkit_LIBRARY_DIR \"{}\")\n",
+         set(CUDAToolkit_LIBRARY_DIR \"{}\")\n\
+         if(NOT TARGET CUDA::cuda_driver)\n\
+           add_library(CUDA::cuda_driver INTERFACE IMPORTED)\n\
+         endif()\n",
         cu13.join("include").display(),
         cu13.join("lib").display()
     );

@@ -95,9 +95,12 @@ impl Server {
 
     /// A streaming request through curl, as a child process writing SSE to its stdout.
     fn stream(&self, path: &str, body: &Value) -> Child {
+        // A stream that never ends fails the test (curl exits non-zero) instead of hanging it.
         Command::new("curl")
             .args([
                 "-sSN",
+                "--max-time",
+                "900",
                 "-H",
                 "Content-Type: application/json",
                 "-d",

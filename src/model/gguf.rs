@@ -238,8 +238,8 @@ impl HostNumber {
             Self::Float(v) => v,
         }
     }
-    /// As MLX's cast to int64 would: floats truncate toward zero (saturating), unsigned values
-    /// wrap.
+    /// As an integer: floats truncate toward zero (saturating at the ends; NaN gives 0),
+    /// unsigned values above `i64::MAX` wrap, as MLX's cast did.
     fn as_i64(self) -> i64 {
         match self {
             Self::Int(v) => v,
@@ -451,6 +451,16 @@ fn scalar_size(ty: u32) -> Option<u64> {
 }
 
 /// Decodes a little-endian scalar metadata value of type `ty` (see [`scalar_size`]) to f64.
+/// GGUF bools are one byte, 0 or 1.
+fn check_bools(b: &[u8]) -> std::io::Result<()> {
+    match b.iter().find(|&&x| x > 1) {
+        Some(x) => Err(std::io::Error::other(format!(
+            "a bool metadata value of {x} (not 0 or 1)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn scalar_value(ty: u32, b: &[u8]) -> f64 {
     let mut x = [0u8; 8];
     x[..b.len()].copy_from_slice(b);
@@ -548,6 +558,19 @@ impl<R: Read> Reader<R> {
                     return Err(eof(&format!("an array of {n} elements")));
                 }
                 match (scalar_size(elem), keep) {
+                    // MLX's reader copies bool bytes as they are: anything but 0 or 1 would be
+                    // an invalid `bool` once read back.
+                    (Some(_), false) if elem == 7 => {
+                        let mut buf = [0u8; 4096];
+                        let mut left = n;
+                        while left > 0 {
+                            let b = &mut buf[..left.min(4096) as usize];
+                            self.r.read_exact(b)?;
+                            self.pos += b.len() as u64;
+                            left -= b.len() as u64;
+                            check_bools(b)?;
+                        }
+                    }
                     (Some(size), false) => self.skip(n * size)?,
                     (Some(size), true) => {
                         let mut v = Vec::with_capacity(n as usize);
@@ -556,6 +579,9 @@ impl<R: Read> Reader<R> {
                             let b = &mut b[..size as usize];
                             self.r.read_exact(b)?;
                             self.pos += size;
+                            if elem == 7 {
+                                check_bools(b)?;
+                            }
                             v.push(scalar_value(elem, b));
                         }
                         return Ok((None, Some(MetaValue::Numbers(v))));
@@ -585,6 +611,9 @@ impl<R: Read> Reader<R> {
                     }
                     self.r.read_exact(b)?;
                     self.pos += size;
+                    if t == 7 {
+                        check_bools(b)?;
+                    }
                     let int = match t {
                         4 => Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64),
                         10 => Some(u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))),
@@ -706,26 +735,21 @@ mod tests {
 
     #[test]
     fn metadata_numbers_are_read_in_their_stored_type() {
-        let ints = |a: Array| -> Vec<i64> {
-            host_numbers(&a)
-                .unwrap()
-                .into_iter()
-                .map(HostNumber::as_i64)
-                .collect()
-        };
-        let floats = |a: Array| -> Vec<f64> {
-            host_numbers(&a)
-                .unwrap()
-                .into_iter()
-                .map(HostNumber::as_f64)
-                .collect()
-        };
+        fn read<T>(a: Array, f: fn(HostNumber) -> T) -> Vec<T> {
+            host_numbers(&a).unwrap().into_iter().map(f).collect()
+        }
+        let ints = |a| read(a, HostNumber::as_i64);
+        let floats = |a| read(a, HostNumber::as_f64);
         assert_eq!(
             ints(Array::from_slice(&[1u32, 7, 49152], &[3])),
             [1, 7, 49152]
         );
         assert_eq!(ints(Array::from_slice(&[-3i32, 4], &[2])), [-3, 4]);
         assert_eq!(ints(Array::from_slice(&[u64::MAX >> 1], &[1])), [i64::MAX]);
+        assert_eq!(ints(Array::from_slice(&[u64::MAX], &[1])), [-1]);
+        assert_eq!(ints(Array::from_slice(&[255u8, 0], &[2])), [255, 0]);
+        assert_eq!(ints(Array::from_slice(&[-128i8, 127], &[2])), [-128, 127]);
+        assert_eq!(ints(Array::from_slice(&[-32768i16, 7], &[2])), [-32768, 7]);
         assert_eq!(ints(Array::from_slice(&[true, false], &[2])), [1, 0]);
         assert_eq!(ints(Array::from_slice(&[2.9f32, -2.9], &[2])), [2, -2]);
         assert_eq!(
@@ -735,5 +759,39 @@ mod tests {
         assert_eq!(floats(Array::from_slice(&[100000i64], &[1])), [100000.0]);
         // A scalar (MLX's reader returns single values as 0-d arrays).
         assert_eq!(floats(Array::from_f32(0.5)), [0.5]);
+    }
+
+    /// A GGUF header with one metadata key holding `value` (type id `ty`) and no tensors.
+    fn header(ty: u32, value: &[u8]) -> Vec<u8> {
+        let mut h = b"GGUF".to_vec();
+        h.extend(3u32.to_le_bytes());
+        h.extend(0u64.to_le_bytes());
+        h.extend(1u64.to_le_bytes());
+        h.extend(3u64.to_le_bytes());
+        h.extend(b"key");
+        h.extend(ty.to_le_bytes());
+        h.extend(value);
+        h
+    }
+
+    #[test]
+    fn bools_other_than_0_and_1_are_rejected() {
+        let path = Path::new("t.gguf");
+        let array = |bytes: &[u8]| {
+            let mut v = 7u32.to_le_bytes().to_vec();
+            v.extend((bytes.len() as u64).to_le_bytes());
+            v.extend(bytes);
+            header(9, &v)
+        };
+        assert!(validate_bytes(&header(7, &[1]), path, None).is_ok());
+        assert!(validate_bytes(&array(&[0, 1, 1]), path, None).is_ok());
+        let mut meta = CollectedMetadata::default();
+        assert!(validate_bytes(&array(&[0, 1, 1]), path, Some(&mut meta)).is_ok());
+        for bad in [header(7, &[2]), array(&[0, 1, 255])] {
+            let e = validate_bytes(&bad, path, None).unwrap_err().to_string();
+            assert!(e.contains("bool"), "{e}");
+            let mut meta = CollectedMetadata::default();
+            assert!(validate_bytes(&bad, path, Some(&mut meta)).is_err());
+        }
     }
 }
