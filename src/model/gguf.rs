@@ -179,43 +179,34 @@ impl Metadata for MlxMetadata<'_> {
             .map_err(|e| corrupt(self.path, format!("{key}: {e}")))
     }
     fn number(&self, key: &str) -> Result<Option<f64>> {
-        let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
-        match self.file.get_metadata_array(key) {
-            Ok(Some(a)) => match host_numbers(&a).map_err(bad)?.as_slice() {
-                [n] => Ok(Some(n.as_f64())),
-                more => Err(bad(format!(
-                    "{} values where one number belongs",
-                    more.len()
-                ))),
-            },
-            Ok(None) => Ok(None),
-            Err(e) => Err(bad(e.to_string())),
-        }
+        self.numbers(key)?
+            .map(|v| match v.as_slice() {
+                [n] => Ok(n.as_f64()),
+                more => Err(corrupt(
+                    self.path,
+                    format!("{key}: {} values where one number belongs", more.len()),
+                )),
+            })
+            .transpose()
     }
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
-        match self.file.get_metadata_array(key) {
-            Ok(Some(a)) => Ok(Some(
-                host_numbers(&a)
-                    .map_err(bad)?
-                    .into_iter()
-                    .map(HostNumber::as_i64)
-                    .collect(),
-            )),
-            Ok(None) => Ok(None),
-            Err(e) => Err(bad(e.to_string())),
-        }
+        Ok(self
+            .numbers(key)?
+            .map(|v| v.into_iter().map(HostNumber::as_i64).collect()))
     }
     fn floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        Ok(self
+            .numbers(key)?
+            .map(|v| v.into_iter().map(HostNumber::as_f64).collect()))
+    }
+}
+
+impl MlxMetadata<'_> {
+    /// A numeric value or array as stored; `None` when absent.
+    fn numbers(&self, key: &str) -> Result<Option<Vec<HostNumber>>> {
         let bad = |e: String| corrupt(self.path, format!("{key}: {e}"));
         match self.file.get_metadata_array(key) {
-            Ok(Some(a)) => Ok(Some(
-                host_numbers(&a)
-                    .map_err(bad)?
-                    .into_iter()
-                    .map(HostNumber::as_f64)
-                    .collect(),
-            )),
+            Ok(Some(a)) => host_numbers(&a).map(Some).map_err(bad),
             Ok(None) => Ok(None),
             Err(e) => Err(bad(e.to_string())),
         }
